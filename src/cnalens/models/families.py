@@ -1,0 +1,172 @@
+"""Architecture families as small tables from uniform names to Hugging Face module paths.
+
+A family is data, not code: adding one means adding a table here and its invariant test.
+Paths of per-layer modules are relative to one decoder layer; the others are relative to
+the ``*ForCausalLM`` model.
+
+Uniform names:
+  ``attn``        the attention module (its output, first element if a tuple, is the
+                  attention output unless ``attn_out`` names a post-attention norm)
+  ``o_proj``      attention output projection; its INPUT is the concatenation of the
+                  heads' outputs (``z``), split by head
+  ``down_proj``   FFN down projection; its INPUT holds the FFN coefficients ``m``, its
+                  weight the value vectors
+  ``attn_out``    module whose output is what attention adds to the residual stream
+  ``mlp_out``     module whose output is what the FFN adds to the residual stream
+  ``ln_attn``     norm before attention
+  ``ln_attn_post`` norm applied to the attention output before it is added (Gemma 2/3)
+  ``ln_ffn``      norm before the FFN (``None`` for parallel blocks sharing ``ln_attn``)
+  ``ln_ffn_post`` norm applied to the FFN output before it is added (Gemma 2/3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cnalens.errors import CnaError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture family maps onto the uniform names."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    embed: str
+    final_norm: str
+    attn: str
+    o_proj: str
+    down_proj: str
+    attn_out: str
+    mlp_out: str
+    ln_attn: str
+    ln_ffn: str | None
+    ln_attn_post: str | None = None
+    ln_ffn_post: str | None = None
+    pos_embed: str | None = None
+    norm_kind: str = "rms"  # "rms": x/rms*w, "rms1p": x/rms*(1+w) (Gemma), "layer": LayerNorm
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
+    parallel: bool = False  # attention and FFN both read the block input (GPT-J, NeoX)
+
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3"),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    down_proj="mlp.down_proj",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    ln_attn="input_layernorm",
+    ln_ffn="post_attention_layernorm",  # in Llama this norm comes BEFORE the FFN
+)
+
+GEMMA = Family(
+    name="gemma",
+    model_types=("gemma",),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    down_proj="mlp.down_proj",
+    attn_out="self_attn",
+    mlp_out="mlp",
+    ln_attn="input_layernorm",
+    ln_ffn="post_attention_layernorm",
+    norm_kind="rms1p",
+)
+
+GEMMA2 = Family(
+    name="gemma2",
+    model_types=("gemma2", "gemma3_text"),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    down_proj="mlp.down_proj",
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    ln_attn="input_layernorm",
+    ln_ffn="pre_feedforward_layernorm",
+    ln_attn_post="post_attention_layernorm",
+    ln_ffn_post="post_feedforward_layernorm",
+    norm_kind="rms1p",
+)
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    layers="transformer.h",
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    final_norm="transformer.ln_f",
+    attn="attn",
+    o_proj="attn.c_proj",
+    down_proj="mlp.c_proj",
+    attn_out="attn",
+    mlp_out="mlp",
+    ln_attn="ln_1",
+    ln_ffn="ln_2",
+    norm_kind="layer",
+    conv1d=True,
+)
+
+GPTJ = Family(
+    name="gptj",
+    model_types=("gptj",),
+    layers="transformer.h",
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    attn="attn",
+    o_proj="attn.out_proj",
+    down_proj="mlp.fc_out",
+    attn_out="attn",
+    mlp_out="mlp",
+    ln_attn="ln_1",
+    ln_ffn=None,
+    norm_kind="layer",
+    parallel=True,
+)
+
+NEOX = Family(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    layers="gpt_neox.layers",
+    embed="gpt_neox.embed_in",
+    final_norm="gpt_neox.final_layer_norm",
+    attn="attention",
+    o_proj="attention.dense",
+    down_proj="mlp.dense_4h_to_h",
+    attn_out="attention",
+    mlp_out="mlp",
+    ln_attn="input_layernorm",
+    ln_ffn="post_attention_layernorm",
+    norm_kind="layer",
+    parallel=True,  # overridden by config.use_parallel_residual
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA2, GPT2, GPTJ, NEOX)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for(config) -> Family:
+    """The family table for a transformers config; CnaError for an unsupported one."""
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            if fam is NEOX and not getattr(config, "use_parallel_residual", True):
+                return Family(**{**fam.__dict__, "parallel": False})
+            return fam
+    raise CnaError(
+        f"unsupported model family '{model_type}': supported are "
+        + ", ".join(supported_model_types())
+    )

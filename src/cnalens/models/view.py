@@ -1,0 +1,378 @@
+"""ModelView: the one place that knows architectures.
+
+Everything above this module speaks uniform names (layers, heads ``L.H``, FFN neurons
+``L.N``, capture points ``resid_pre``/``resid_mid``/``resid_post``/``attn_out``/
+``mlp_out``/``z``/``coef``) and never touches Hugging Face module names.
+
+Residual-stream decomposition (what the invariant tests check, for every family):
+``resid_post[l] = resid_pre[l] + attn_out[l] + mlp_out[l]`` where
+``attn_out = P_attn(sum_h W_O[h] z_h + b_O)`` and ``mlp_out = P_ffn(sum_k m_k v_k + b_down)``,
+``P`` being the identity, or for Gemma 2/3 the post-sublayer RMS norm, which is linear
+once its scale (the RMS of the real sum) is frozen: ``frozen_norm`` applies it so.
+``resid_pre[0]`` is the embedding output (Gemma's sqrt(d) scale and GPT-2's position
+embeddings included), and the final residual is ``resid_post[n_layers - 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnalens.errors import CnaError
+from cnalens.models.families import Family, family_for
+
+CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef")
+
+
+def _get(root: nn.Module, path: str | None) -> nn.Module | None:
+    if path is None:
+        return None
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class ActivationCache(dict):
+    """Captured activations keyed by ``(point, layer)``; tensors are detached."""
+
+    def stack(self, point: str) -> torch.Tensor:
+        """All captured layers of one point stacked on a new first dimension."""
+        layers = sorted(k[1] for k in self if k[0] == point)
+        return torch.stack([self[(point, layer)] for layer in layers])
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids with the matching mask and position ids."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+class ModelView:
+    """A causal LM seen through uniform names: sizes, weights by head and neuron, hooks."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, info: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = dict(info or {})
+        self.config = model.config.get_text_config()
+        self.family: Family = family_for(self.config)
+        fam = self.family
+        self.layers: list[nn.Module] = list(_get(model, fam.layers))
+        self.n_layers = len(self.layers)
+        self.n_heads = int(getattr(self.config, "num_attention_heads", None)
+                           or self.config.n_head)
+        self.n_kv_heads = int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+        o_in = self._in_features(self.module(0, "o_proj"))
+        if o_in % self.n_heads:
+            raise CnaError(f"cannot split heads: o_proj input {o_in} is not a multiple of "
+                           f"{self.n_heads} heads")
+        self.head_dim = o_in // self.n_heads
+        self.d_model = self._out_features(self.module(0, "o_proj"))
+        self.ffn_widths = [self._in_features(self.module(layer, "down_proj"))
+                           for layer in range(self.n_layers)]
+        self.d_ffn = max(self.ffn_widths)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.final_norm = _get(model, fam.final_norm)
+        self.unembed: nn.Module = model.get_output_embeddings()
+        self.embed = _get(model, fam.embed)
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self._hooks: list = []
+
+    # ----------------------------------------------------------------- structure
+    def module(self, layer: int, role: str) -> nn.Module | None:
+        """A layer's module by uniform name (see ``families``); None if the family lacks it."""
+        return _get(self.layers[layer], getattr(self.family, role))
+
+    def _in_features(self, mod: nn.Module) -> int:
+        w = mod.weight
+        return int(w.shape[0] if self.family.conv1d else w.shape[1])
+
+    def _out_features(self, mod: nn.Module) -> int:
+        w = mod.weight
+        return int(w.shape[1] if self.family.conv1d else w.shape[0])
+
+    def _weight_out_in(self, mod: nn.Module) -> torch.Tensor:
+        """A projection's weight as (out, in), whatever its storage."""
+        return mod.weight.t() if self.family.conv1d else mod.weight
+
+    def ffn_width(self, layer: int) -> int:
+        return self.ffn_widths[layer]
+
+    def o_proj_by_head(self, layer: int) -> torch.Tensor:
+        """W_O split by head: (n_heads, d_model, head_dim); head h adds W_O[h] @ z_h."""
+        w = self._weight_out_in(self.module(layer, "o_proj"))
+        return w.reshape(self.d_model, self.n_heads, self.head_dim).permute(1, 0, 2)
+
+    def o_proj_bias(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.module(layer, "o_proj"), "bias", None)
+
+    def value_vectors(self, layer: int) -> torch.Tensor:
+        """FFN value vectors (columns of the down projection) as rows: (d_ffn, d_model)."""
+        return self._weight_out_in(self.module(layer, "down_proj")).t()
+
+    def down_bias(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.module(layer, "down_proj"), "bias", None)
+
+    def norm(self, layer: int, which: str) -> nn.Module | None:
+        """``which`` in ln_attn, ln_attn_post, ln_ffn, ln_ffn_post."""
+        return self.module(layer, which)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed.weight.dtype
+
+    def summary(self) -> dict:
+        return {
+            "spec": self.info.get("spec"),
+            "family": self.family.name,
+            "model_type": self.config.model_type,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "d_model": self.d_model,
+            "d_ffn": self.d_ffn,
+            "ffn_widths_equal": len(set(self.ffn_widths)) == 1,
+            "vocab_size": self.vocab_size,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "norm": self.family.norm_kind,
+            "post_sublayer_norms": self.family.ln_attn_post is not None,
+            "parallel_blocks": self.family.parallel,
+            "tied_embeddings": self.unembed.weight is self.embed.weight,
+            "final_logit_softcapping": self.softcap,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "source": self.info.get("source"),
+            "gguf_sha256": self.info.get("gguf_sha256"),
+        }
+
+    # ----------------------------------------------------------------- checks
+    def check_layers(self, layers: Iterable[int]) -> None:
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise CnaError(f"layer {layer} out of range: the model has layers "
+                               f"0..{self.n_layers - 1}")
+
+    def check_heads(self, heads: Iterable[tuple[int, int]]) -> None:
+        for layer, h in heads:
+            self.check_layers([layer])
+            if not 0 <= h < self.n_heads:
+                raise CnaError(f"head {layer}.{h} out of range: layer {layer} has heads "
+                               f"0..{self.n_heads - 1}")
+
+    def check_neurons(self, neurons: Iterable[tuple[int, int]]) -> None:
+        for layer, n in neurons:
+            self.check_layers([layer])
+            if not 0 <= n < self.ffn_widths[layer]:
+                raise CnaError(f"neuron {layer}.{n} out of range: layer {layer} has FFN "
+                               f"neurons 0..{self.ffn_widths[layer] - 1}")
+
+    # ----------------------------------------------------------------- norms and lens
+    def frozen_norm(self, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
+                    center: bool = True, bias: bool = True) -> torch.Tensor:
+        """Apply norm ``mod`` to ``x`` with its scale frozen at the real input ``ref``.
+
+        ``frozen_norm(mod, ref, ref) == mod(ref)``, and the map is affine in ``x`` (linear
+        with ``bias=False``), so contributions that sum to ``ref`` map to parts that sum
+        to ``mod(ref)``. ``ref`` broadcasts against ``x`` over the last dimension.
+        """
+        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        x, ref = x.to(dt), ref.to(dt)
+        w = mod.weight.to(dt)
+        if self.family.norm_kind == "layer":
+            if center:
+                x = x - x.mean(-1, keepdim=True)
+            scale = torch.sqrt(ref.var(-1, keepdim=True, unbiased=False) + eps)
+            out = x / scale * w
+            if bias and mod.bias is not None:
+                out = out + mod.bias.to(dt)
+            return out
+        scale = torch.sqrt(ref.pow(2).mean(-1, keepdim=True) + eps)
+        w = (1.0 + w) if self.family.norm_kind == "rms1p" else w
+        return x / scale * w
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final-normed hidden states (unembedding and soft-capping)."""
+        out = self.unembed(hidden)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    # ----------------------------------------------------------------- running
+    def batch(self, seqs: Sequence[Sequence[int]]) -> Batch:
+        """Left-pad token id lists into one batch on the model's device."""
+        if not seqs:
+            raise CnaError("empty batch")
+        pad = self.pad_id
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+                mask[i, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        return Batch(ids.to(dev), mask.to(dev), pos.to(dev))
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
+                     getattr(self.config, "pad_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """Final-normed hidden states of every position (no unembedding)."""
+        base = self.model.base_model
+        out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def last_logits(self, batch: Batch, n_last: int = 1) -> torch.Tensor:
+        """Logits at the last ``n_last`` positions only: (batch, n_last, vocab)."""
+        return self.logits(self.hidden(batch)[:, -n_last:])
+
+    # ----------------------------------------------------------------- hooks
+    @contextmanager
+    def _hooked(self, registrations: list) -> Iterator[None]:
+        handles = []
+        try:
+            for mod, kind, fn in registrations:
+                if kind == "pre":
+                    handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
+                else:
+                    handles.append(mod.register_forward_hook(fn, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _point_module(self, point: str, layer: int) -> tuple[nn.Module, str]:
+        if point == "z":
+            return self.module(layer, "o_proj"), "pre"
+        if point == "coef":
+            return self.module(layer, "down_proj"), "pre"
+        raise CnaError(f"cannot intervene at '{point}'")
+
+    @contextmanager
+    def intervene(self, *interventions) -> Iterator[list[dict]]:
+        """Apply interventions (see ``cnalens.interventions``) while the block runs.
+
+        Yields their JSON-able descriptions. Hooks come off on exit, also on exceptions.
+        """
+        regs = []
+        for iv in interventions:
+            for edit in iv.edits(self):
+                mod, kind = self._point_module(edit.point, edit.layer)
+                regs.append((mod, kind, _edit_hook(edit)))
+        with self._hooked(regs):
+            yield [iv.describe() for iv in interventions]
+
+    @contextmanager
+    def capture(self, points: Iterable[str] = CAPTURE_POINTS,
+                layers: Iterable[int] | None = None,
+                position: int | slice | None = None) -> Iterator[ActivationCache]:
+        """Record activations at uniform points while the block runs.
+
+        ``position``: None keeps every position, an int or slice selects positions
+        (left padding puts every prompt's last token at -1). ``resid_mid`` is
+        ``resid_pre + attn_out`` (the FFN's residual input in sequential blocks).
+        """
+        points = tuple(points)
+        for p in points:
+            if p not in CAPTURE_POINTS:
+                raise CnaError(f"unknown capture point '{p}': use {', '.join(CAPTURE_POINTS)}")
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        self.check_layers(layers)
+        cache = ActivationCache()
+        if position is None or isinstance(position, slice):
+            sel = position or slice(None)
+        else:
+            sel = slice(position, position + 1 if position != -1 else None)
+
+        def store(key):
+            def put(t):
+                cache[key] = t[:, sel].detach()
+            return put
+
+        need = set(points)
+        if "resid_mid" in need:
+            need |= {"resid_pre", "attn_out"}
+        regs = []
+        for layer in layers:
+            blk = self.layers[layer]
+            if "resid_pre" in need:
+                regs.append((blk, "pre", _pre_reader(store(("resid_pre", layer)))))
+            if "resid_post" in need:
+                regs.append((blk, "fwd", _out_reader(store(("resid_post", layer)))))
+            if "attn_out" in need:
+                regs.append((self.module(layer, "attn_out"), "fwd",
+                             _out_reader(store(("attn_out", layer)))))
+            if "mlp_out" in need:
+                regs.append((self.module(layer, "mlp_out"), "fwd",
+                             _out_reader(store(("mlp_out", layer)))))
+            if "z" in need:
+                regs.append((self.module(layer, "o_proj"), "pre",
+                             _pre_reader(store(("z", layer)))))
+            if "coef" in need:
+                regs.append((self.module(layer, "down_proj"), "pre",
+                             _pre_reader(store(("coef", layer)))))
+        with self._hooked(regs):
+            yield cache
+        if "resid_mid" in points:
+            for layer in layers:
+                if ("resid_pre", layer) in cache:
+                    cache[("resid_mid", layer)] = (cache[("resid_pre", layer)]
+                                                   + cache[("attn_out", layer)])
+        for key in [k for k in cache if k[0] not in points]:
+            del cache[key]
+
+
+def _pre_reader(put):
+    def hook(mod, args, kwargs):
+        put(args[0] if args else kwargs["hidden_states"])
+    return hook
+
+
+def _out_reader(put):
+    def hook(mod, args, kwargs, output):
+        put(_first(output))
+    return hook
+
+
+def _edit_hook(edit):
+    def hook(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x = x.clone()
+        idx = edit.idx.to(x.device)
+        at = (Ellipsis, idx) if edit.position is None else (slice(None), edit.position, idx)
+        new = x[at] * edit.factor
+        if edit.value is not None:
+            new = new + edit.value.to(device=x.device, dtype=x.dtype)
+        x[at] = new
+        if args:
+            return (x, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = x
+        return args, kwargs
+    return hook

@@ -1,0 +1,73 @@
+"""Tiny random models of every supported family, built from a config (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 61
+
+
+def _configs() -> dict:
+    common_llama = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2)
+    return {
+        "llama": tf.LlamaConfig(**common_llama),
+        "mistral": tf.MistralConfig(**common_llama),
+        "qwen2": tf.Qwen2Config(**common_llama),
+        "qwen3": tf.Qwen3Config(**common_llama, head_dim=12),
+        "gemma": tf.GemmaConfig(**common_llama, head_dim=8),
+        "gemma2": tf.Gemma2Config(**common_llama, head_dim=8, final_logit_softcapping=5.0,
+                                  attn_logit_softcapping=None, sliding_window=4),
+        "gemma3": tf.Gemma3TextConfig(**common_llama, head_dim=16, sliding_window=4),
+        "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                              bos_token_id=1, eos_token_id=2),
+        "gptj": tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                              rotary_dim=4, bos_token_id=1, eos_token_id=2),
+        "neox": tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                                 num_hidden_layers=3, num_attention_heads=4,
+                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+        "neox_seq": tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
+                                     num_hidden_layers=3, num_attention_heads=4,
+                                     max_position_embeddings=64, use_parallel_residual=False,
+                                     bos_token_id=1, eos_token_id=2),
+    }
+
+
+FAMILY_NAMES = list(_configs())
+
+
+def tiny_model(name: str, dtype=torch.float64, seed: int = 0):
+    """A random causal LM with every weight, norms included, perturbed away from init."""
+    torch.manual_seed(seed)
+    cfg = _configs()[name]
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3 if "emb" not in pname and "wte" not in pname else 1.0)
+    return model
+
+
+class TinyTokenizer:
+    """Just enough of a tokenizer for the view and the evaluator: one char, one token."""
+
+    pad_token_id = 0
+    eos_token_id = 2
+    bos_token_id = 1
+    padding_side = "left"
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        return type("Enc", (), {"input_ids": ([1] if add_special_tokens else []) + ids})()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [chr(i) for i in ids]
