@@ -5,9 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILY_NAMES, TinyTokenizer, tiny_model  # noqa: E402
-
 from cnalens.models import ModelView  # noqa: E402
+from tiny import FAMILY_NAMES, TinyTokenizer, tiny_model  # noqa: E402
 
 
 @pytest.fixture(params=FAMILY_NAMES)

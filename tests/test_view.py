@@ -3,11 +3,11 @@
 import pytest
 import torch
 import transformers as tf
-from tiny import tiny_model
 
 from cnalens.errors import CnaError
 from cnalens.interventions import KeepOnlyNeurons, ReplaceHeads, ZeroHeads, ZeroNeurons
 from cnalens.models import ModelView
+from tiny import tiny_model
 
 # Equal lengths: transformers' eager attention (Gemma 2) turns fully masked left-pad rows
 # into NaN in float64; padding has its own test below.
@@ -30,8 +30,8 @@ def test_residual_decomposition(tiny_view):
     total = c[("resid_pre", 0)].clone()
     for layer in range(v.n_layers):
         z = c[("z", layer)]
-        heads = torch.einsum("bthd,hmd->bthm",
-                             z.reshape(*z.shape[:2], v.n_heads, v.head_dim), v.o_proj_by_head(layer))
+        zh = z.reshape(*z.shape[:2], v.n_heads, v.head_dim)
+        heads = torch.einsum("bthd,hmd->bthm", zh, v.o_proj_by_head(layer))
         raw = heads.sum(2)
         if v.o_proj_bias(layer) is not None:
             raw = raw + v.o_proj_bias(layer)

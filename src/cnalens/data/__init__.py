@@ -1,0 +1,7 @@
+"""Datasets: arithmetic generators and user case files, as lists of ``Case``."""
+
+from cnalens.data.arithmetic import OPS, TEMPLATES, arithmetic_cases
+from cnalens.data.cases import Case, Encoded, encode, encode_all, load_cases
+
+__all__ = ["OPS", "TEMPLATES", "Case", "Encoded", "arithmetic_cases", "encode", "encode_all",
+           "load_cases"]

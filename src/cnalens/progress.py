@@ -1,0 +1,40 @@
+"""Progress bars on stderr (rich); silent when disabled or when stderr is not a terminal
+and CNALENS_PROGRESS=0."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def enabled(flag: bool = True) -> bool:
+    return flag and os.environ.get("CNALENS_PROGRESS", "1") != "0"
+
+
+def track(items: Iterable[T], description: str, total: int | None = None,
+          show: bool = True) -> Iterator[T]:
+    """Iterate with a progress bar (elapsed and remaining time)."""
+    if not enabled(show):
+        yield from items
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total if total is not None else len(items))
+        for item in items:
+            yield item
+            bar.advance(task)

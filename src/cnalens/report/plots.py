@@ -1,0 +1,152 @@
+"""Figures for the report.
+
+Every figure is drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas, so
+nothing here touches pyplot's global state or needs a display. :func:`embed` saves the figure
+as ``DIR/plots/<name>.png`` and returns it as a ``data:image/png;base64,...`` URI, which keeps
+the HTML page one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cnalens.io import write_bytes
+
+PLOTS_DIR = "plots"
+DPI = 144
+
+# Muted, colour-blind-friendly palette (Okabe-Ito, minus yellow which is hard on white).
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#555555"]
+
+OP_NAMES = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+OP_ORDER = ["+", "-", "*", "/", "custom"]
+TEMPLATE_ORDER = ["eq", "nl", "qa", "verbal", "custom"]
+
+
+def new_figure(width: float = 8.0, height: float = 3.2) -> Figure:
+    """A figure with the report's look, attached to an Agg canvas."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def style_axes(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.spines[["left", "bottom"]].set_color("#888888")
+    ax.tick_params(colors="#333333", labelsize=9)
+    ax.yaxis.grid(True, color="#e6e6e6", linewidth=0.8)
+    ax.set_axisbelow(True)
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def embed(fig: Figure, dir: Path, name: str) -> str:
+    """Save ``fig`` as ``DIR/plots/<name>.png`` and return it as a base64 PNG data URI."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"bad plot name {name!r}")
+    png = png_bytes(fig)
+    write_bytes(Path(dir) / PLOTS_DIR / f"{name}.png", png)
+    return data_uri(png)
+
+
+def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    """Unique ``values``: those in ``preferred`` first in that order, the rest sorted."""
+    seen = list(dict.fromkeys(values))
+    return [v for v in preferred if v in seen] + sorted(v for v in seen if v not in preferred)
+
+
+def op_label(op: str) -> str:
+    name = OP_NAMES.get(op)
+    return f"{op}  {name}" if name else op
+
+
+def eval_accuracy_chart(df: pd.DataFrame) -> Figure | None:
+    """Grouped bars: one panel per op, digits on x, one bar per template, 95% CI whiskers.
+
+    ``df`` holds eval.csv rows; pooled rows (op or template ``"all"``) are ignored here.
+    """
+    df = df[(df["op"] != "all") & (df["template"] != "all")]
+    df = df[df["acc"].notna()]
+    if df.empty:
+        return None
+    ops = ordered(df["op"].tolist(), OP_ORDER)
+    templates = ordered(df["template"].tolist(), TEMPLATE_ORDER)
+    colors = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(templates)}
+
+    widths = []
+    for op in ops:
+        n_digits = df.loc[df["op"] == op, "digits"].nunique()
+        widths.append(max(1.0, n_digits * (0.35 + 0.12 * len(templates))))
+    fig = new_figure(width=min(11.0, max(6.0, 1.2 + 1.0 * sum(widths))), height=3.3)
+    axes = fig.subplots(
+        1, len(ops), sharey=True, squeeze=False, gridspec_kw={"width_ratios": widths}
+    )[0]
+
+    bar_w = 0.8 / len(templates)
+    for ax, op in zip(axes, ops, strict=True):
+        sub = df[df["op"] == op]
+        digits = sorted(sub["digits"].dropna().unique().tolist())
+        xpos = {d: i for i, d in enumerate(digits)}
+        for j, tpl in enumerate(templates):
+            rows = sub[sub["template"] == tpl]
+            if rows.empty:
+                continue
+            x = [xpos[d] - 0.4 + bar_w * (j + 0.5) for d in rows["digits"]]
+            acc = rows["acc"].to_numpy(dtype=float)
+            lo = rows["acc_lo"].to_numpy(dtype=float) if "acc_lo" in rows else acc
+            hi = rows["acc_hi"].to_numpy(dtype=float) if "acc_hi" in rows else acc
+            lo = [a if math.isnan(v) else v for a, v in zip(acc, lo, strict=True)]
+            hi = [a if math.isnan(v) else v for a, v in zip(acc, hi, strict=True)]
+            yerr = [
+                [max(0.0, a - v) * 100 for a, v in zip(acc, lo, strict=True)],
+                [max(0.0, v - a) * 100 for a, v in zip(acc, hi, strict=True)],
+            ]
+            ax.bar(
+                x,
+                acc * 100,
+                width=bar_w * 0.92,
+                color=colors[tpl],
+                label=tpl,
+                yerr=yerr,
+                error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#333333"},
+            )
+        ax.set_xticks(range(len(digits)))
+        ax.set_xticklabels(["—" if d == 0 else f"{int(d)}-digit" for d in digits])
+        ax.set_xlim(-0.6, len(digits) - 0.4)
+        ax.set_title(op_label(op), fontsize=10, color="#222222")
+        style_axes(ax)
+    axes[0].set_ylim(0, 105)
+    axes[0].set_yticks(range(0, 101, 20))
+    axes[0].set_ylabel("accuracy (%)", fontsize=9)
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="outside upper center",
+        ncols=len(handles),
+        fontsize=9,
+        frameon=False,
+        title="template",
+        title_fontsize=9,
+    )
+    return fig
