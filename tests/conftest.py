@@ -12,3 +12,23 @@ from tiny import FAMILY_NAMES, TinyTokenizer, tiny_model  # noqa: E402
 @pytest.fixture(params=FAMILY_NAMES)
 def tiny_view(request):
     return ModelView(tiny_model(request.param), TinyTokenizer(), {"spec": request.param})
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from cnalens import load_model
+
+    return load_model("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from cnalens import load_model
+
+    return load_model("smollm2-135m", progress=False)
+
+
+def near_tie_mask(logits):
+    """design.md: float32 disagreements are allowed only where the top-2 margin < 1e-4."""
+    top2 = logits.float().topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]) < 1e-4

@@ -67,7 +67,4 @@ class TinyTokenizer:
         return type("Enc", (), {"input_ids": ([1] if add_special_tokens else []) + ids})()
 
     def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def convert_ids_to_tokens(self, ids):
-        return [chr(i) for i in ids]
+        return "".join(chr(i - 3) if 3 <= i < VOCAB else "?" for i in ids)

@@ -347,6 +347,91 @@ class ModelView:
         for key in [k for k in cache if k[0] not in points]:
             del cache[key]
 
+    # ----------------------------------------------------------------- reuse (for scans)
+    # Used by the head scan (cnalens.heads) to share computation between interventions:
+    # run from a key/value cache, copy/expand caches, skip layers whose output is known,
+    # and edit one point of one layer with an arbitrary tensor function.
+    def run_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+        """Final-normed hidden states of ``input_ids`` continuing ``cache`` (None: a fresh one).
+
+        ``attention_mask`` covers the cached tokens and the new ones; returns the hidden
+        states and the (extended, in place) transformers ``DynamicCache``.
+        """
+        if cache is None:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.config)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, cache=cache, use_cache=True)
+        return out.last_hidden_state, cache
+
+    @staticmethod
+    def expand_cache(cache, repeats: int, base=None, below: int = 0):
+        """A new cache with every row of ``cache`` repeated ``repeats`` times (interleaved).
+
+        Layers ``< below`` are taken from ``base`` instead (e.g. a one-row reference cache),
+        each of its rows repeated so the batch matches. Neither input is modified.
+        """
+        import copy
+        rows = cache.layers[below].keys.shape[0] * repeats
+        layers = []
+        for layer, own in enumerate(cache.layers):
+            src = base.layers[layer] if layer < below else own
+            dst = copy.copy(src)
+            dst.keys = src.keys.repeat_interleave(rows // src.keys.shape[0], 0)
+            dst.values = src.values.repeat_interleave(rows // src.values.shape[0], 0)
+            layers.append(dst)
+        new = copy.copy(cache)
+        new.layers = layers
+        return new
+
+    @contextmanager
+    def reuse_layers(self, outputs: Sequence[torch.Tensor], below: int,
+                     repeat: int = 1) -> Iterator[None]:
+        """Decoder layers ``< below`` skip their work and return ``outputs[layer]``.
+
+        ``outputs[layer]`` is the layer's recorded output (``capture(["resid_post"])``),
+        tiled ``repeat`` times along the batch. Every decoder layer of the supported
+        families returns its hidden states as a plain tensor (transformers >= 5). The
+        original ``forward`` is restored on exit, also on exceptions.
+        """
+        self.check_layers(range(below))
+        saved = []
+        try:
+            for layer in range(below):
+                out = outputs[layer]
+                out = out.repeat(repeat, *([1] * (out.dim() - 1))) if repeat > 1 else out
+                mod = self.layers[layer]
+                saved.append((mod, mod.__dict__.get("forward")))
+                mod.forward = _constant(out)
+            yield
+        finally:
+            for mod, fwd in saved:
+                if fwd is None:
+                    del mod.forward
+                else:
+                    mod.forward = fwd
+
+    @contextmanager
+    def edit(self, point: str, layer: int, fn) -> Iterator[None]:
+        """Replace the input of ``point`` (``z`` or ``coef``) of one layer by ``fn(input)``."""
+        self.check_layers([layer])
+        mod, kind = self._point_module(point, layer)
+
+        def hook(m, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        with self._hooked([(mod, kind, hook)]):
+            yield
+
+
+def _constant(out: torch.Tensor):
+    def forward(*args, **kwargs):
+        return out
+    return forward
+
 
 def _pre_reader(put):
     def hook(mod, args, kwargs):

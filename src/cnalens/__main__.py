@@ -1,0 +1,3 @@
+from cnalens.cli import entry
+
+entry()

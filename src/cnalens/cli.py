@@ -1,0 +1,180 @@
+"""The ``cnalens`` command line (typer). Errors become one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cnalens.errors import CnaError
+from cnalens.names import parse_ints, parse_list
+from cnalens.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find where an ability lives inside a causal LM (heads, FFN neurons).")
+run_app = typer.Typer(no_args_is_help=True, help="Run a whole study and write its report.")
+app.add_typer(run_app, name="run")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
+    "alias (gemma3-270m, smollm2-135m), model directory, .gguf file, or hub id"))]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, float64 or auto")]
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="'auto' shards a large model over GPUs (accelerate)")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="results folder")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+BatchOpt = Annotated[int, typer.Option(help="prompts per forward pass")]
+
+
+def _view(model: str, device: str, dtype: str, device_map: str | None, quiet: bool = False):
+    from cnalens.models import load_model
+    from cnalens.models.load import resolve_device
+
+    return load_model(model, device=resolve_device(device), dtype=dtype,
+                      device_map=device_map, progress=not quiet)
+
+
+def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in df.columns:
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fiu" else "left")
+    for row in df.itertuples(index=False):
+        cells = []
+        for col, val in zip(df.columns, row, strict=True):
+            if col in pct:
+                cells.append(f"{100 * val:.1f}")
+            elif isinstance(val, float):
+                cells.append(f"{val:.3f}")
+            else:
+                cells.append(str(val))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def print_accuracy(table) -> None:
+    cols = ["op", "digits", "template", "n", "acc", "acc_lo", "acc_hi", "acc_first", "logp"]
+    _print_table(table[cols], "accuracy (%; acc_lo/acc_hi: Wilson 95%)",
+                 pct=("acc", "acc_lo", "acc_hi", "acc_first"))
+
+
+@app.command()
+def info(model: ModelOpt = "gemma3-270m", device: DeviceOpt = "cpu",
+         dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None) -> None:
+    """Architecture summary of a model, as the model view sees it."""
+    view = _view(model, device, dtype, device_map)
+    table = Table(title=f"{model}", show_header=False)
+    for k, v in view.summary().items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "gemma3-270m",
+    ops: Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")] = "+,-,*,/",
+    digits: Annotated[str, typer.Option(help="operand digits, e.g. 1,2")] = "1",
+    templates: Annotated[str, typer.Option(help="eq,nl,qa,verbal")] = "eq",
+    cases: Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")] = None,
+    n: Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")] = None,
+    seed: int = 0,
+    split: Annotated[str, typer.Option(help="all, train or test")] = "all",
+    words: Annotated[bool, typer.Option(help="operands as English words")] = False,
+    negative: Annotated[bool, typer.Option(help="allow negative differences")] = False,
+    shots: Annotated[int, typer.Option(help="few-shot examples in the prefix")] = 3,
+    out: OutOpt = Path("results/eval"),
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Accuracy (acc, acc_first, logp with 95% intervals) on arithmetic or a case file."""
+    from cnalens.data import arithmetic_cases, encode_all, load_cases
+    from cnalens.pipeline import eval_stage
+
+    if cases is not None:
+        data = load_cases(cases)
+        settings = {"cases": str(cases)}
+    else:
+        op_list, dig = parse_list(ops, "ops"), parse_ints(digits, "digits")
+        tmpl = parse_list(templates, "templates")
+        data = arithmetic_cases(op_list, dig, tmpl, n=n, seed=seed, split=split,
+                                negative=negative, words=words, shots=shots)
+        settings = {"ops": op_list, "digits": dig, "templates": tmpl, "n": n, "seed": seed,
+                    "split": split, "words": words, "negative": negative, "shots": shots}
+    view = _view(model, device, dtype, device_map, quiet)
+    encode_all(view.tokenizer, data)
+    table = eval_stage(view, data, out, settings, batch_size, progress=not quiet)
+    print_accuracy(table)
+    console.print(f"wrote {out}/eval.csv")
+
+
+@run_app.command("arithmetic")
+def run_arithmetic_cmd(
+    model: ModelOpt = "gemma3-270m",
+    out: OutOpt = Path("results/arithmetic"),
+    profile: Annotated[str, typer.Option(help="quick (15 min on 2 CPU cores) or full")] = "quick",
+    ops: Annotated[str, typer.Option(help="operations")] = "+,-,*,/",
+    seed: int = 0,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job: every stage on arithmetic, then DIR/report.html."""
+    from cnalens.pipeline import PROFILES, read_stage, run_arithmetic
+
+    if profile not in PROFILES:
+        raise CnaError(f"unknown profile '{profile}': use {', '.join(PROFILES)}")
+    t0 = time.perf_counter()
+    view = _view(model, device, dtype, device_map, quiet)
+    report = run_arithmetic(view, out, profile, parse_list(ops, "ops"), seed, batch_size,
+                            progress=not quiet, command=" ".join(["cnalens", *sys.argv[1:]]))
+    table, _ = read_stage(out, "eval")
+    print_accuracy(table[table["template"] == "all"])
+    console.print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
+
+
+@app.command()
+def report(dir: Annotated[Path, typer.Argument(help="results folder")]) -> None:
+    """Re-render DIR/report.html from the files in DIR (no recomputation)."""
+    from cnalens.report import render_report
+
+    console.print(f"report: {render_report(dir)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one error line and a non-zero exit instead of a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except CnaError as exc:
+        print(f"cnalens: error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("cnalens: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("cnalens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - unexpected: one line unless debugging
+        if hasattr(exc, "format_message"):  # usage errors of typer's click
+            print(f"cnalens: error: {exc.format_message()}", file=sys.stderr)
+            return int(getattr(exc, "exit_code", 2) or 2)
+        if os.environ.get("CNALENS_DEBUG"):
+            raise
+        print(f"cnalens: error: {type(exc).__name__}: {exc} (CNALENS_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
