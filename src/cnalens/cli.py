@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list
-from cnalens.progress import console
 
+console = Console()  # results on stdout; progress and errors on stderr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where an ability lives inside a causal LM (heads, FFN neurons).")
 run_app = typer.Typer(no_args_is_help=True, help="Run a whole study and write its report.")

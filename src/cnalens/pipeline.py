@@ -37,6 +37,7 @@ class Profile:
 PROFILES = {
     "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 40}),
     "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500}),
+    "smoke": Profile("smoke", (1,), ("eq",), {1: 8}),  # for tests: seconds, not minutes
 }
 
 

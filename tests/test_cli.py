@@ -1,0 +1,81 @@
+"""The command line: one error line and a non-zero exit on bad input; real runs."""
+
+import pandas as pd
+import pytest
+
+from cnalens.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["eval", "--model", "/no/such/dir"], "does not exist"),
+    (["eval", "--ops", ",", "--model", "smollm2-135m"], "--ops: empty list"),
+    (["eval", "--digits", "x"], "--digits: 'x' is not an integer"),
+    (["eval", "--cases", "/no/such.jsonl"], "case file not found"),
+    (["eval", "--device", "tpu"], "tpu"),
+    (["eval", "--dtype", "int3"], "int3"),
+    (["eval", "--no-such-option"], "No such option"),
+    (["run", "arithmetic", "--profile", "huge"], "unknown profile 'huge'"),
+    (["report", "/no/such/results"], "run.json missing"),
+])
+def test_bad_input_one_line(capsys, tmp_path, argv, msg):
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, *argv, *(["--out", str(out)] if argv[0] != "report" else []))
+    assert rc != 0
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    rc, _, err = run(capsys, "info", "--model", str(bad))
+    assert rc == 2 and "cannot read GGUF" in err and len(err.strip().splitlines()) == 1
+
+
+def test_multi_token_answers_are_flagged(capsys, tmp_path):
+    cases = tmp_path / "c.jsonl"
+    cases.write_text('{"prompt": "The capital of France is", "target": " Paris, France"}\n')
+    rc, out, err = run(capsys, "eval", "--model", "smollm2-135m", "--cases", str(cases),
+                       "--out", str(tmp_path / "o"), "-q")
+    assert rc == 0, err
+    per_case = pd.read_csv(tmp_path / "o" / "eval_cases.csv")
+    assert per_case.n_answer_tokens.iloc[0] > 1
+
+
+@pytest.mark.real
+def test_eval_and_run_real(capsys, tmp_path):
+    out = tmp_path / "ev"
+    rc, stdout, err = run(capsys, "eval", "--model", "smollm2-135m", "--ops", "+,-",
+                          "--digits", "1", "--n", "12", "--out", str(out), "-q")
+    assert rc == 0, err
+    table = pd.read_csv(out / "eval.csv")
+    for col in ["op", "digits", "template", "n", "acc", "acc_lo", "acc_hi", "acc_first",
+                "logp"]:
+        assert col in table.columns
+    assert set(table.op) == {"+", "-", "all"} and (table.n > 0).all()
+    assert "accuracy" in stdout or "accuracy" in err
+
+    res = tmp_path / "run"
+    rc, _, err = run(capsys, "run", "arithmetic", "--model", "smollm2-135m", "--profile",
+                     "smoke", "--out", str(res), "-q")
+    assert rc == 0, err
+    html = (res / "report.html").read_text()
+    assert "smollm2-135m" in html and "data:image/png;base64," in html
+    (res / "report.html").unlink()
+    rc, _, err = run(capsys, "report", str(res))
+    assert rc == 0 and (res / "report.html").exists()
+
+
+@pytest.mark.real
+def test_info_real(capsys):
+    rc, out, err = run(capsys, "info", "--model", "smollm2-135m")
+    assert rc == 0, err
+    assert "n_kv_heads" in out and "30" in out
