@@ -1,0 +1,71 @@
+"""CNA ranking, masks and per-case ablation runs, against direct computations."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cnalens.cna import compare, frequency, random_like, run_with_row_masks, topk_mask
+from cnalens.data import encode_all
+from cnalens.data.cases import Case
+from cnalens.errors import CnaError
+from cnalens.evaluate import evaluate
+from cnalens.interventions import ZeroNeurons
+from cnalens.models import ModelView
+from tiny import TinyTokenizer, tiny_model
+
+
+def fake_scores(imp, coef, ids):
+    return SimpleNamespace(imp=imp, coef=coef, case_ids=ids, meta={})
+
+
+def test_compare_rank_and_frame():
+    g = torch.Generator().manual_seed(0)
+    imp_a, imp_b = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    coef_a, coef_b = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    ids = ["x", "y", "z"]
+    comp = compare(fake_scores(imp_a, coef_a, ids), fake_scores(imp_b, coef_b, ids))
+    df = comp.frame(6)
+    for case_i, case in enumerate(ids):
+        d = (imp_a[case_i] - imp_b[case_i]).flatten()
+        order = d.argsort(descending=True)[:6]
+        sub = df[df.case == case].sort_values("rank")
+        assert list(sub.layer * 5 + sub.neuron) == order.tolist()
+        assert torch.allclose(torch.tensor(sub.imp_a.values), imp_a[case_i].flatten()[order])
+    inc = comp.frame(2, by="increase")
+    assert (inc.imp_b - inc.imp_a >= 0).sum() >= 1
+    deep = comp.frame(3, layers=[2, 3])
+    assert set(deep.layer) <= {2, 3}
+    freq = frequency(df, 6)
+    assert freq["count"].sum() == 18 and freq["freq"].max() <= 1
+    with pytest.raises(CnaError, match="different shapes"):
+        compare(fake_scores(imp_a, coef_a, ids), fake_scores(imp_b[:, :2], coef_b, ids))
+    with pytest.raises(CnaError, match="exceeds"):
+        comp.topk(100)
+
+
+def test_masks():
+    idx = torch.tensor([[0, 7, 13], [1, 2, 3]])
+    m = topk_mask(idx, 3, 5)
+    assert m.sum() == 6 and m[0, 1, 2] and m[0, 2, 3] and m[1, 0, 1]
+    r = random_like(m, torch.Generator().manual_seed(1))
+    assert torch.equal(r.sum(-1), m.sum(-1))
+
+
+def test_row_masks_equal_per_case_interventions():
+    view = ModelView(tiny_model("gemma3"), TinyTokenizer())
+    cases = [Case("3+5=", "8"), Case("12+30=", "42"), Case("7*8=", "56")]
+    enc = encode_all(view.tokenizer, cases)
+    factor = torch.ones(3, view.n_layers, view.d_ffn)
+    zero = {0: [(1, 3), (2, 0)], 1: [(0, 5)], 2: []}
+    for i, ns in zero.items():
+        for layer, n in ns:
+            factor[i, layer, n] = 0
+    got = run_with_row_masks(view, enc, factor, batch_size=2, capture_coef=True)
+    for i, ns in zero.items():
+        want = evaluate(view, [enc[i]], *([ZeroNeurons(ns)] if ns else []), progress=False)
+        assert abs(got["logp"][i].item() - want.logp.iloc[0]) < 1e-6
+        with torch.no_grad(), view.intervene(*([ZeroNeurons(ns)] if ns else [])), \
+                view.capture(["coef"], position=-1) as c:
+            view.hidden(view.batch([list(enc[i].prompt_ids)]))
+        assert torch.allclose(got["coef"][i, 1], c[("coef", 1)][0, 0].float(), atol=1e-6)
