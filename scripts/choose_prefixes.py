@@ -61,7 +61,9 @@ def main() -> None:
     doc["examples"] = table
     doc["chosen_by"] = (f"scripts/choose_prefixes.py --models {args.models} --candidates "
                         f"{args.candidates} --n {args.n}: best mean acc over the models")
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    items = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items()))
+    path.write_text(f'{{\n "note": {json.dumps(doc["note"])},\n "chosen_by": '
+                    f'{json.dumps(doc["chosen_by"])},\n "examples": {{\n{items}\n }}\n}}\n')
     print(best.to_string())
 
 

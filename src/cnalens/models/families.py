@@ -82,7 +82,7 @@ GEMMA = Family(
 )
 
 GEMMA2 = Family(
-    name="gemma2",
+    name="gemma2/3",
     model_types=("gemma2", "gemma3_text"),
     layers="model.layers",
     embed="model.embed_tokens",
