@@ -39,9 +39,14 @@ RANKINGS = ("decrease", "increase", "abs")
 
 @dataclass
 class Comparison:
-    """Two runs' scores of the same neurons on the same cases."""
+    """Two runs' scores of the same neurons on the same cases.
 
-    imp_a: torch.Tensor  # (n_cases, n_layers, d_ffn)
+    ``diff`` = imp_a - imp_b; entries never scored (certified top-K scores only what the
+    ranking needs) are NaN in ``diff``, ``imp_a`` and ``imp_b``; coefficients are complete.
+    """
+
+    diff: torch.Tensor  # (n_cases, n_layers, d_ffn)
+    imp_a: torch.Tensor
     imp_b: torch.Tensor
     coef_a: torch.Tensor
     coef_b: torch.Tensor
@@ -52,7 +57,7 @@ class Comparison:
         """Ranking key per neuron (higher ranks first); -inf outside ``layers`` or NaN."""
         if by not in RANKINGS:
             raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
-        d = self.imp_a - self.imp_b
+        d = self.diff
         key = d if by == "decrease" else -d if by == "increase" else d.abs()
         key = torch.nan_to_num(key, nan=float("-inf"))
         if layers is not None:
@@ -92,14 +97,30 @@ class Comparison:
 
 
 def compare(a, b, meta: dict | None = None) -> Comparison:
-    """CNA of two ``NeuronScores`` over the same cases and neurons."""
+    """CNA of two exhaustive ``NeuronScores`` over the same cases and neurons."""
     if a.imp.shape != b.imp.shape:
         raise CnaError(f"runs of different shapes cannot be compared: {tuple(a.imp.shape)} "
                        f"vs {tuple(b.imp.shape)}")
     if list(a.case_ids) != list(b.case_ids):
         raise CnaError("runs cover different cases")
-    return Comparison(a.imp, b.imp, a.coef, b.coef, list(a.case_ids),
-                      {"a": a.meta, "b": b.meta, **(meta or {})})
+    return Comparison(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef,
+                      list(a.case_ids), {"a": a.meta, "b": b.meta, **(meta or {})})
+
+
+def from_certified(frame: pd.DataFrame, coef_a: torch.Tensor, coef_b: torch.Tensor,
+                   case_ids: Sequence[str], meta: dict | None = None) -> Comparison:
+    """A Comparison from ``certified_topk_diff``'s frame; unscored neurons are NaN."""
+    shape = coef_a.shape
+    pos = {c: i for i, c in enumerate(case_ids)}
+    flat = (torch.as_tensor(frame["case"].map(pos).to_numpy()) * shape[1] * shape[2]
+            + torch.as_tensor(frame["layer"].to_numpy()) * shape[2]
+            + torch.as_tensor(frame["neuron"].to_numpy()))
+    out = []
+    for col in ("diff", "imp_a", "imp_b"):
+        t = torch.full(shape, float("nan"), dtype=torch.float64)
+        t.view(-1)[flat] = torch.as_tensor(frame[col].to_numpy(), dtype=torch.float64)
+        out.append(t)
+    return Comparison(*out, coef_a, coef_b, list(case_ids), dict(meta or {}))
 
 
 def frequency(frame: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -114,3 +114,73 @@ def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int =
 
 def read_stage(out: Path, stage: str) -> tuple[pd.DataFrame, dict]:
     return pd.read_csv(out / f"{stage}.csv"), read_json(out / f"{stage}.json")
+
+
+def correct_cases(view, cases: list[Case], batch_size: int = 64, progress: bool = True):
+    """The encoded cases the (unmodified) model answers correctly, and how many were not."""
+    from cnalens.evaluate import evaluate
+
+    enc = encode_all(view.tokenizer, cases)
+    res = evaluate(view, enc, batch_size=batch_size, progress=progress,
+                   description="selecting correct cases")
+    keep = [e for e, ok in zip(enc, res["correct"], strict=True) if ok]
+    return keep, len(enc) - len(keep)
+
+
+def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
+              heads_by_op: dict[str, tuple[int, int]], ks: list[int], seeds: int = 3,
+              by: str = "decrease", certified: bool = True, batch_size: int = 32,
+              progress: bool = True, settings: dict | None = None) -> pd.DataFrame:
+    """CNA of the original model (A) against each op's head zeroed (B), then verification.
+
+    Writes cna_neurons.csv (each case's top-K), verification.csv and cna.json.
+    """
+    from cnalens.cna import compare, from_certified, verify
+    from cnalens.interventions import ZeroHeads
+    from cnalens.scores import case_states, certified_topk_diff, score_pair
+
+    t0 = time.perf_counter()
+    frames, vers, per_op = [], [], {}
+    for op, cases in cases_by_op.items():
+        head = heads_by_op[op]
+        view.check_heads([head])
+        deep = list(range(head[0], view.n_layers))
+        enc, skipped = correct_cases(view, cases, batch_size, progress)
+        if not enc:
+            console.print(f"[yellow]cna {op}: no correctly answered case; skipped[/]")
+            per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": 0, "skipped_wrong": skipped}
+            continue
+        iv = ZeroHeads([head])
+        console.print(f"[bold]cna[/] {op}: head {head[0]}.{head[1]}, {len(enc)} correct cases"
+                      f" ({skipped} wrong ones skipped)")
+        if certified:
+            frame, stats = certified_topk_diff(view, enc, max(ks), [iv], layers=deep, rank=by,
+                                               batch_size=batch_size, progress=progress)
+            sa, sb = case_states(view, enc), case_states(view, enc, iv)
+            comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids)
+        else:
+            a, b = score_pair(view, enc, [iv], layers=deep, progress=progress)
+            comp, stats = compare(a, b), {"method": "exhaustive"}
+        labels = [{"op": op, "head": f"{head[0]}.{head[1]}", "prompt": e.case.question,
+                   "target": e.case.target} for e in enc]
+        frames.append(comp.frame(max(ks), by, deep, labels))
+        ver = verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
+                     progress=progress)
+        ver.insert(0, "op", op)
+        ver.insert(0, "head", f"{head[0]}.{head[1]}")
+        ver.insert(0, "model", view.info.get("spec"))
+        vers.append(ver)
+        per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": len(enc), "skipped_wrong": skipped,
+                      "deep_layers": [deep[0], deep[-1]],
+                      "scoring": {k: v for k, v in stats.items() if k != "n_exact"}}
+    ver_df = pd.concat(vers, ignore_index=True) if vers else pd.DataFrame()
+    neurons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_csv(out / "cna_neurons.csv", neurons)
+    write_csv(out / "verification.csv", ver_df)
+    meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,
+            "seeds": seeds, "ranking": by, "lens": "frozen", "target": "prediction of run A",
+            "per_op": per_op, "runs": {"a": "original model", "b": "head zeroed"},
+            "seconds": round(time.perf_counter() - t0, 2), "finished": now()}
+    write_json(out / "cna.json", meta)
+    write_json(out / "verification.json", {**meta, "stage": "verification"})
+    return ver_df

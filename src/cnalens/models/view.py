@@ -426,6 +426,72 @@ class ModelView:
         with self._hooked([(mod, kind, hook)]):
             yield
 
+    # --- lens (scores): helpers for cnalens.scores -------------------------------------
+    def norm_affine(self, mod: nn.Module, ref: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Norm ``mod`` frozen at ``ref`` as parts ``(gain, scale, bias, centred)``.
+
+        ``frozen_norm(mod, x, ref) == C(x) / scale * gain + bias`` where ``C`` subtracts the
+        mean when ``centred`` (LayerNorm) and is the identity otherwise; ``scale`` has
+        ``ref``'s shape with last dimension 1; ``bias`` is None for RMS norms.
+        """
+        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
+        dt = torch.promote_types(ref.dtype, torch.float32)
+        ref = ref.to(dt)
+        w = mod.weight.to(dt)
+        if self.family.norm_kind == "layer":
+            scale = torch.sqrt(ref.var(-1, keepdim=True, unbiased=False) + eps)
+            bias = mod.bias.to(dt) if getattr(mod, "bias", None) is not None else None
+            return w, scale, bias, True
+        scale = torch.sqrt(ref.pow(2).mean(-1, keepdim=True) + eps)
+        return ((1.0 + w) if self.family.norm_kind == "rms1p" else w), scale, None, False
+
+    def norm_eps(self, mod: nn.Module) -> float:
+        """The epsilon a norm adds to its variance / mean square."""
+        return float(getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6))
+
+    @contextmanager
+    def attention_record(self, layers: Iterable[int] | None = None
+                         ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Record attention weights and values while the block runs (eager attention).
+
+        Yields ``{layer: (weights (b, n_heads, q, k), values (b, n_kv_heads, k, head_dim))}``;
+        head ``h`` reads value head ``h // (n_heads // n_kv_heads)``, and its output (its
+        slice of ``z``) is ``weights[:, h] @ values[:, h // groups]``. The model's attention
+        implementation is switched to eager for the block and restored on exit.
+        """
+        import sys
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        self.check_layers(layers)
+        owners = {id(self.module(layer, "attn")): layer for layer in layers}
+        record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def eager(module, query, key, value, attention_mask, **kwargs):
+            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if fn is None:
+                raise CnaError(f"{self.family.name}: no eager attention to record weights from")
+            out, weights = fn(module, query, key, value, attention_mask, **kwargs)
+            if id(module) in owners:
+                record[owners[id(module)]] = (weights.detach(), value.detach())
+            return out, weights
+
+        before = self.config._attn_implementation
+        had = "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping
+        old = ALL_ATTENTION_FUNCTIONS._local_mapping.get("eager")
+        try:
+            self.model.set_attn_implementation("eager")
+            ALL_ATTENTION_FUNCTIONS["eager"] = eager
+            yield record
+        finally:
+            if had:
+                ALL_ATTENTION_FUNCTIONS["eager"] = old
+            elif "eager" in ALL_ATTENTION_FUNCTIONS._local_mapping:
+                del ALL_ATTENTION_FUNCTIONS["eager"]
+            self.model.set_attn_implementation(before)
+
 
 def _constant(out: torch.Tensor):
     def forward(*args, **kwargs):

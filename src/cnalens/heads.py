@@ -1,0 +1,536 @@
+"""Head scan: how much accuracy drops when one attention head is zeroed (or mean-ablated).
+
+``scan_heads(view, cases)`` gives one row per (layer, head, op, digits) with ``acc_orig``,
+``acc_ablated``, ``drop`` (absolute, with a paired bootstrap 95% interval over cases),
+``drop_rel`` and ``dlogp`` (mean change of the gold first token's log-probability).
+The intervention is the paper's: the head's slice of the attention output projection's
+input (``z``) is zeroed, at every position; ``method="mean"`` replaces it by its mean
+over the dataset instead (``head_means``).
+
+The fast scan gives the same per-case results as the naive loop (one full forward pass
+of every batch per head under ``ZeroHeads``), computed with less work:
+
+* several heads per pass: the batch is tiled once per head of one layer, and a hook on
+  that layer's ``z`` zeroes head ``h`` in replica ``h`` only;
+* layers below the intervened layer are not recomputed: a reference pass records every
+  decoder layer's output and ``view.reuse_layers`` returns it (tiled over replicas);
+* the few-shot prefix shared by a group of cases is computed once per intervention, as a
+  key/value cache expanded over the batch; suffixes are right-padded after it;
+* logits only at the scored positions (the answer tokens), in chunks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.errors import CnaError
+from cnalens.evaluate import batches
+from cnalens.interventions import ReplaceHeads, ZeroHeads
+from cnalens.io import write_csv, write_json
+from cnalens.models.view import Batch
+from cnalens.names import parse_ints, parse_units
+from cnalens.progress import track
+
+Head = tuple[int, int]
+METHODS = ("zero", "mean")
+METRICS = ("acc", "acc_first")
+MEAN_OVER = ("all", "last")
+COLUMNS = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "drop",
+           "drop_rel", "drop_lo", "drop_hi", "dlogp")
+FIELDS = ("correct", "correct_first", "logp", "pred", "margin")
+LOGIT_CHUNK = 128
+
+
+# ----------------------------------------------------------------- names and selection
+def parse_heads(text: str) -> list[Head]:
+    """``"17.22,15.9"`` -> ``[(17, 22), (15, 9)]`` (0-based ``L.H``)."""
+    return parse_units(text, "heads")
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"10-17"`` or ``"3,5"`` -> layer indices."""
+    return parse_ints(text, "layers")
+
+
+def select_heads(view, heads: Sequence[Head] | None = None,
+                 layers: Sequence[int] | None = None) -> list[Head]:
+    """The heads to scan, sorted and unique: ``heads`` if given, else every head of
+    ``layers`` (default: all layers). Out-of-range names raise CnaError."""
+    if heads is not None:
+        out = sorted({(int(a), int(b)) for a, b in heads})
+        if not out:
+            raise CnaError("no heads to scan")
+        view.check_heads(out)
+        if layers is not None:
+            out = [x for x in out if x[0] in set(layers)]
+        return out
+    layers = list(range(view.n_layers)) if layers is None else sorted(set(layers))
+    if not layers:
+        raise CnaError("no layers to scan")
+    view.check_layers(layers)
+    return [(layer, h) for layer in layers for h in range(view.n_heads)]
+
+
+# ----------------------------------------------------------------- scoring
+@dataclass
+class Scan:
+    """Per-case results: ``orig[f]`` is (n,), ``ablated[f]`` is (len(heads), n), for each
+    field of ``FIELDS`` (correct, correct_first, logp of the first answer token, pred =
+    first-token prediction, margin = smallest top-2 logit gap over the scored tokens)."""
+
+    heads: list[Head]
+    orig: dict[str, torch.Tensor]
+    ablated: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Layout:
+    """Where a chunk's scored tokens sit in a (rows, width) batch of its B cases."""
+
+    pos: torch.Tensor  # (N,) flat index into rows * width
+    target: torch.Tensor  # (N,)
+    case: torch.Tensor  # (N,) case index within the chunk
+    first: torch.Tensor  # (N,) bool, the answer's first token
+    n: int  # cases in the chunk
+    width: int
+
+
+def _layout(items: Sequence[Encoded], width: int, starts: Sequence[int]) -> _Layout:
+    """``starts[i]``: index in row i of the position that predicts the first answer token."""
+    pos, tgt, case, first = [], [], [], []
+    for i, (e, s) in enumerate(zip(items, starts, strict=True)):
+        k = len(e.answer_ids)
+        pos += range(i * width + s, i * width + s + k)
+        tgt += e.answer_ids
+        case += [i] * k
+        first += [True] + [False] * (k - 1)
+    t = torch.as_tensor
+    return _Layout(t(pos), t(tgt), t(case), t(first), len(items), width)
+
+
+def _score(view, hidden: torch.Tensor, lay: _Layout, reps: int = 1) -> dict[str, torch.Tensor]:
+    """Scores of ``reps`` stacked copies of a chunk: each field (reps, n). Logits only at
+    the scored positions, in chunks; float32 like ``cnalens.evaluate.score_batch``."""
+    d = hidden.shape[-1]
+    off = torch.arange(reps)[:, None]
+    pos = (off * lay.n * lay.width + lay.pos[None]).reshape(-1).to(hidden.device)
+    h = hidden.reshape(-1, d)[pos]
+    target = lay.target.repeat(reps).to(hidden.device)
+    first = lay.first.repeat(reps)
+    preds, margins, logps = [], [], []
+    for i in range(0, len(h), LOGIT_CHUNK):
+        lg = view.logits(h[i:i + LOGIT_CHUNK]).float()
+        top2 = lg.topk(2, -1)
+        preds.append(top2.indices[:, 0])
+        margins.append(top2.values[:, 0] - top2.values[:, 1])
+        f = first[i:i + LOGIT_CHUNK].to(lg.device)  # log-probs at first answer tokens only
+        lf = lg[f]
+        logps.append(lf.gather(-1, target[i:i + LOGIT_CHUNK][f, None])[:, 0]
+                     - torch.logsumexp(lf, -1))
+    pred, margin, logp = (torch.cat(x).cpu() for x in (preds, margins, logps))
+    target = target.cpu()
+    case = (off * lay.n + lay.case[None]).reshape(-1)
+    rows = reps * lay.n
+    wrong = torch.zeros(rows).index_add_(0, case, (pred != target).float())
+    out = {"correct": wrong == 0,
+           "margin": torch.full((rows,), float("inf")).scatter_reduce(
+               0, case, margin, "amin")}
+    fc = case[first]
+    out["correct_first"] = torch.zeros(rows, dtype=torch.bool)
+    out["correct_first"][fc] = pred[first] == target[first]
+    out["logp"] = torch.zeros(rows)
+    out["logp"][fc] = logp
+    out["pred"] = torch.zeros(rows, dtype=torch.long)
+    out["pred"][fc] = pred[first]
+    return {k: v.reshape(reps, lay.n) for k, v in out.items()}
+
+
+def _empty(n: int, reps: int | None = None) -> dict[str, torch.Tensor]:
+    shape = (n,) if reps is None else (reps, n)
+    types = {"correct": torch.bool, "correct_first": torch.bool, "logp": torch.float32,
+             "pred": torch.long, "margin": torch.float32}
+    return {k: torch.zeros(shape, dtype=t) for k, t in types.items()}
+
+
+# ----------------------------------------------------------------- interventions
+def head_means(view, enc: Sequence[Encoded], over: str = "all",
+               batch_size: int = 64) -> torch.Tensor:
+    """Mean output ``z`` of every head over the dataset: (n_layers, n_heads, head_dim).
+
+    ``over="all"``: every real token of every case's input (few-shot prefix included);
+    ``"last"``: the position that predicts the first answer token.
+    """
+    if over not in MEAN_OVER:
+        raise CnaError(f"unknown mean position '{over}': use {', '.join(MEAN_OVER)}")
+    total = torch.zeros(view.n_layers, view.n_heads * view.head_dim, dtype=torch.float64)
+    count = 0
+    with torch.inference_mode():
+        for idx in batches(enc, batch_size):
+            items = [enc[i] for i in idx]
+            b = view.batch([e.input_ids for e in items])
+            width = b.input_ids.shape[1]
+            if over == "all":
+                w = b.attention_mask.to(torch.float64)
+            else:
+                w = torch.zeros(b.input_ids.shape, dtype=torch.float64)
+                for i, e in enumerate(items):
+                    w[i, width - len(e.input_ids) + len(e.prompt_ids) - 1] = 1
+            w = w.to(view.device)
+            with view.capture(["z"]) as cache:
+                view.hidden(b)
+            for layer in range(view.n_layers):
+                z = cache[("z", layer)].to(torch.float64)
+                total[layer] += torch.einsum("bt,btd->d", w, z).cpu()
+            count += float(w.sum())
+    return (total / count).to(view.dtype).reshape(view.n_layers, view.n_heads, view.head_dim)
+
+
+def _single(view, head: Head, means: torch.Tensor | None):
+    if means is None:
+        return ZeroHeads([head])
+    return ReplaceHeads((head,), means[head[0], head[1]][None], label="mean_heads")
+
+
+def _replica_edit(view, heads: Sequence[int], fill: torch.Tensor | None):
+    """z -> z with head ``heads[r]`` zeroed (or set to ``fill[head]``) in replica r."""
+    r, nh, hd = len(heads), view.n_heads, view.head_dim
+    keep = torch.ones(r, nh, dtype=view.dtype)
+    keep[torch.arange(r), torch.as_tensor(heads)] = 0
+    add = None if fill is None else ((1 - keep)[:, :, None] * fill[None])[:, None]
+    keep = keep[:, None, :, None].to(view.device)
+    add = None if add is None else add.to(view.device)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = x.reshape(r, -1, nh, hd) * keep
+        if add is not None:
+            y = y + add
+        return y.reshape(x.shape)
+    return fn
+
+
+# ----------------------------------------------------------------- the naive loop
+@torch.inference_mode()
+def scan_naive(view, enc: Sequence[Encoded], heads: Sequence[Head],
+               means: torch.Tensor | None = None, batch_size: int = 64,
+               progress: bool = False) -> Scan:
+    """The loop people write: per head, one full forward pass of every batch (left-padded,
+    logits at the last positions only) under ``ZeroHeads`` / mean replacement."""
+    groups = batches(enc, batch_size)
+    runs = [None, *heads]
+    res = [_empty(len(enc)) for _ in runs]
+    for j, head in enumerate(track(runs, "head scan (naive)", show=progress)):
+        ivs = [] if head is None else [_single(view, head, means)]
+        with view.intervene(*ivs):
+            for idx in groups:
+                items = [enc[i] for i in idx]
+                k = max(len(e.answer_ids) for e in items)
+                hidden = view.hidden(view.batch([e.input_ids for e in items]))[:, -k:]
+                lay = _layout(items, k, [k - len(e.answer_ids) for e in items])
+                out = _score(view, hidden, lay)
+                for f in FIELDS:
+                    res[j][f][torch.as_tensor(idx)] = out[f][0]
+    return Scan(list(heads), res[0], {f: torch.stack([r[f] for r in res[1:]]) for f in FIELDS})
+
+
+# ----------------------------------------------------------------- the fast scan
+@dataclass
+class _Chunk:
+    """Cases sharing ``prefix`` (P tokens, maybe 0), their suffixes right-padded."""
+
+    idx: list[int]
+    prefix: torch.Tensor  # (1, P)
+    suffix: torch.Tensor  # (B, S)
+    mask: torch.Tensor  # (B, P + S)
+    pos: torch.Tensor  # (B, S)
+    layout: _Layout
+
+
+def _chunks(view, enc: Sequence[Encoded], batch_size: int, share_prefix: bool) -> list[_Chunk]:
+    """Group cases by their few-shot prefix; P = their longest common token prefix, kept
+    shorter than every prompt so each case scores suffix tokens only."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(enc):
+        groups[e.case.prefix if share_prefix else ""].append(i)
+    out = []
+    for idx in groups.values():
+        p = min(len(enc[i].prompt_ids) for i in idx) - 1 if share_prefix else 0
+        first = enc[idx[0]].prompt_ids
+        for i in idx:
+            ids = enc[i].prompt_ids
+            p = next((j for j in range(p) if ids[j] != first[j]), p)
+        idx = sorted(idx, key=lambda i: len(enc[i].input_ids))
+        for c in range(0, len(idx), batch_size):
+            out.append(_chunk(view, enc, idx[c:c + batch_size], p))
+    return out
+
+
+def _chunk(view, enc: Sequence[Encoded], idx: list[int], p: int) -> _Chunk:
+    items = [enc[i] for i in idx]
+    tails = [e.input_ids[p:] for e in items]
+    s = max(len(t) for t in tails)
+    suffix = torch.full((len(items), s), view.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), p + s), dtype=torch.long)
+    mask[:, :p] = 1
+    for i, t in enumerate(tails):
+        suffix[i, :len(t)] = torch.as_tensor(t)
+        mask[i, p:p + len(t)] = 1
+    pos = (p + torch.arange(s)).expand(len(items), s)
+    lay = _layout(items, s, [len(e.prompt_ids) - 1 - p for e in items])
+    prefix = torch.as_tensor(items[0].prompt_ids[:p], dtype=torch.long)[None]
+    dev = view.device
+    return _Chunk(idx, prefix.to(dev), suffix.to(dev), mask.to(dev), pos.to(dev), lay)
+
+
+def _tile(x: torch.Tensor, r: int) -> torch.Tensor:
+    return x.repeat(r, *([1] * (x.dim() - 1))) if r > 1 else x
+
+
+class _Runner:
+    """Runs one chunk: the reference pass, then passes with heads of one layer ablated."""
+
+    def __init__(self, view, ch: _Chunk, reuse: bool):
+        self.view, self.ch, self.reuse = view, ch, reuse
+        p = ch.prefix.shape[1]
+        self.p = p
+        self.prefix_out: list[torch.Tensor] = []
+        self.prefix_cache = None
+        if p:
+            with view.capture(["resid_post"]) as c:
+                _, self.prefix_cache = view.run_cached(ch.prefix, torch.ones_like(ch.prefix),
+                                                       self._prefix_pos(1))
+            self.prefix_out = [c[("resid_post", i)] for i in range(view.n_layers)]
+        cache = (view.expand_cache(self.prefix_cache, len(ch.idx)) if p else None)
+        with view.capture(["resid_post"]) as c:
+            hidden = self._run(ch.suffix, ch.mask, ch.pos, cache)
+        self.suffix_out = [c[("resid_post", i)] for i in range(view.n_layers)]
+        self.orig = _score(view, hidden, ch.layout)
+
+    def _prefix_pos(self, rows: int) -> torch.Tensor:
+        return torch.arange(self.p, device=self.view.device).expand(rows, self.p)
+
+    def _run(self, ids, mask, pos, cache):
+        if cache is None:
+            return self.view.hidden(Batch(ids, mask, pos))
+        return self.view.run_cached(ids, mask, pos, cache)[0]
+
+    def ablate(self, layer: int, heads: Sequence[int], fill: torch.Tensor | None):
+        view, ch, r = self.view, self.ch, len(heads)
+        below = layer if self.reuse else 0
+        fn = _replica_edit(view, heads, fill)
+        cache = None
+        if self.p:  # the prefix once per replica; rows below `below` come from the reference
+            with view.edit("z", layer, fn), view.reuse_layers(self.prefix_out, below, r):
+                pre = _tile(ch.prefix, r)
+                _, c = view.run_cached(pre, torch.ones_like(pre), self._prefix_pos(r))
+            cache = view.expand_cache(c, len(ch.idx), self.prefix_cache, below)
+        with view.edit("z", layer, fn), view.reuse_layers(self.suffix_out, below, r):
+            hidden = self._run(_tile(ch.suffix, r), _tile(ch.mask, r), _tile(ch.pos, r), cache)
+        return _score(view, hidden, ch.layout, r)
+
+
+@torch.inference_mode()
+def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
+              means: torch.Tensor | None = None, batch_size: int = 128,
+              heads_per_pass: int | None = None, reuse: bool = True,
+              share_prefix: bool = True, progress: bool = False) -> Scan:
+    """The same results as ``scan_naive``, with shared work (module docstring).
+
+    ``batch_size``: cases per chunk; ``heads_per_pass``: replicas per pass (default: all
+    heads of a layer). ``reuse`` and ``share_prefix`` switch the two reuse steps off, for
+    measuring them.
+    """
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for j, (layer, _) in enumerate(heads):
+        by_layer[layer].append(j)
+    r_max = heads_per_pass or view.n_heads
+    passes = [(layer, js[i:i + r_max]) for layer, js in sorted(by_layer.items())
+              for i in range(0, len(js), r_max)]
+    chunks = _chunks(view, enc, batch_size, share_prefix)
+    orig, abl = _empty(len(enc)), _empty(len(enc), len(heads))
+    work = [(c, ps) for c in range(len(chunks)) for ps in [None, *passes]]
+    runner = None
+    for c, ps in track(work, "head scan", show=progress):
+        ch = chunks[c]
+        ix = torch.as_tensor(ch.idx)
+        if ps is None:
+            runner = _Runner(view, ch, reuse)
+            for f in FIELDS:
+                orig[f][ix] = runner.orig[f][0]
+            continue
+        layer, js = ps
+        fill = None if means is None else means[layer]
+        out = runner.ablate(layer, [heads[j][1] for j in js], fill)
+        for f in FIELDS:
+            abl[f][torch.as_tensor(js)[:, None], ix[None]] = out[f]
+    return Scan(list(heads), orig, abl)
+
+
+# ----------------------------------------------------------------- the table
+def _boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """How often each case is drawn in each resample (the draws of ``stats.bootstrap_diff``)."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(float)
+
+
+def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
+               n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per (layer, head, op, digits); the drop's interval is a paired bootstrap."""
+    if metric not in METRICS:
+        raise CnaError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
+    field = "correct" if metric == "acc" else "correct_first"
+    labels = pd.DataFrame([{"op": e.case.labels.get("op", "custom"),
+                            "digits": int(e.case.labels.get("digits", 0))} for e in enc])
+    a_orig = scan.orig[field].numpy().astype(float)
+    a_abl = scan.ablated[field].numpy().astype(float)
+    dl = (scan.ablated["logp"] - scan.orig["logp"][None]).numpy().astype(float)
+    layer = np.array([h[0] for h in scan.heads])
+    head = np.array([h[1] for h in scan.heads])
+    parts = []
+    for (op, digits), g in labels.groupby(["op", "digits"], sort=True):
+        ix = g.index.to_numpy()
+        n = len(ix)
+        acc_o = a_orig[ix].mean()
+        acc_a = a_abl[:, ix].mean(1)
+        diff = a_orig[ix][None] - a_abl[:, ix]  # (heads, n)
+        boot = _boot_counts(n, n_boot, seed) @ diff.T / n  # (n_boot, heads)
+        lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+        drop = acc_o - acc_a
+        parts.append(pd.DataFrame({
+            "layer": layer, "head": head, "op": op, "digits": digits, "n": n,
+            "acc_orig": acc_o, "acc_ablated": acc_a, "drop": drop,
+            "drop_rel": drop / acc_o if acc_o > 0 else np.nan,
+            "drop_lo": lo, "drop_hi": hi, "dlogp": dl[:, ix].mean(1)}))
+    df = pd.concat(parts, ignore_index=True)
+    return df.sort_values(["layer", "head", "op", "digits"], ignore_index=True)[list(COLUMNS)]
+
+
+def top_heads(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """The ``k`` heads with the largest drop per op (digits pooled, weighted by n), and
+    over all ops (op ``"all"``). Columns: op, rank, name (``L.H``), layer, head, n,
+    acc_orig, acc_ablated, drop, drop_rel, dlogp."""
+    d = df.assign(w_o=df["acc_orig"] * df["n"], w_a=df["acc_ablated"] * df["n"],
+                  w_l=df["dlogp"] * df["n"])
+    pooled = pd.concat([d, d.assign(op="all")])
+    g = pooled.groupby(["op", "layer", "head"], sort=False)[["n", "w_o", "w_a", "w_l"]].sum()
+    g = g.reset_index()
+    g["acc_orig"] = g["w_o"] / g["n"]
+    g["acc_ablated"] = g["w_a"] / g["n"]
+    g["drop"] = g["acc_orig"] - g["acc_ablated"]
+    g["drop_rel"] = g["drop"] / g["acc_orig"].where(g["acc_orig"] > 0)
+    g["dlogp"] = g["w_l"] / g["n"]
+    g = g.sort_values(["op", "drop", "dlogp"], ascending=[True, False, True], kind="stable")
+    g = g.groupby("op", sort=False).head(k).copy()
+    g["rank"] = g.groupby("op").cumcount() + 1
+    g["name"] = g["layer"].astype(str) + "." + g["head"].astype(str)
+    order = {op: i for i, op in enumerate(["+", "-", "*", "/"])}
+    g = g.sort_values(["op", "rank"], key=lambda s: s.map(lambda v: order.get(v, 9))
+                      if s.name == "op" else s, kind="stable")
+    return g[["op", "rank", "name", "layer", "head", "n", "acc_orig", "acc_ablated", "drop",
+              "drop_rel", "dlogp"]].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------- attribution pre-scan
+def _attribution_batch(view, items: Sequence[Encoded]) -> torch.Tensor:
+    """First-order estimate of each head's zeroing effect on the gold first token's
+    log-prob, per case: ``sum_t (0 - z_h,t) . d logp / d z_h,t`` -> (B, layers, heads)."""
+    from contextlib import ExitStack
+
+    zs: dict[int, torch.Tensor] = {}
+    deltas: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def fn(x):  # z + 0: d logp / d delta is d logp / d z, through every later path
+            zs[layer] = x.detach()
+            deltas[layer] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[layer]
+        return fn
+
+    k = max(len(e.answer_ids) for e in items)
+    b = view.batch([e.input_ids for e in items])
+    rows = torch.arange(len(items), device=view.device)
+    first = torch.as_tensor([k - len(e.answer_ids) for e in items], device=view.device)
+    gold = torch.as_tensor([e.answer_ids[0] for e in items], device=view.device)
+    layers = range(view.n_layers)
+    with torch.enable_grad(), ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(view.edit("z", layer, keep(layer)))
+        hidden = view.hidden(b)[:, -k:][rows, first]
+        logp = torch.log_softmax(view.logits(hidden).float(), -1)[rows, gold]
+        grads = torch.autograd.grad(logp.sum(), [deltas[layer] for layer in layers])
+    mask = b.attention_mask[:, :, None, None].to(view.dtype)
+    out = []
+    for layer in layers:
+        z = zs[layer].reshape(*b.input_ids.shape, view.n_heads, view.head_dim)
+        out.append(-(z * grads[layer].reshape(z.shape) * mask).sum((1, 3)))
+    return torch.stack(out, 1).float().cpu()
+
+
+def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
+                           batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Attribution patching: every head's estimated ``dlogp`` from one forward and one
+    backward pass per batch (columns layer, head, op, digits, n, dlogp_est). A cheap
+    pre-scan for large models; confirm its top heads with ``scan_heads``."""
+    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
+           else encode_all(view.tokenizer, cases))
+    est = torch.zeros(len(enc), view.n_layers, view.n_heads)
+    for idx in track(batches(enc, batch_size), "attribution", show=progress):
+        est[torch.as_tensor(idx)] = _attribution_batch(view, [enc[i] for i in idx])
+    labels = pd.DataFrame([{"op": e.case.labels.get("op", "custom"),
+                            "digits": int(e.case.labels.get("digits", 0))} for e in enc])
+    layer, head = np.meshgrid(np.arange(view.n_layers), np.arange(view.n_heads),
+                              indexing="ij")
+    parts = [pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "op": op,
+                           "digits": d, "n": len(g),
+                           "dlogp_est": est[list(g.index)].mean(0).numpy().ravel()})
+             for (op, d), g in labels.groupby(["op", "digits"], sort=True)]
+    return pd.concat(parts, ignore_index=True)
+
+
+# ----------------------------------------------------------------- entry point
+def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
+               heads: Sequence[Head] | None = None, method: str = "zero",
+               metric: str = "acc", batch_size: int = 128, progress: bool = True,
+               fast: bool = True, layers: Sequence[int] | None = None,
+               mean_over: str = "all", heads_per_pass: int | None = None) -> pd.DataFrame:
+    """Scan heads (all, those of ``layers``, or ``heads``) and tabulate (``COLUMNS``).
+
+    ``method``: ``zero`` (the paper's) or ``mean`` (the head's mean ``z`` over the
+    dataset, ``mean_over`` = all positions or the last prompt position; ``head_means``).
+    ``metric``: ``acc`` or ``acc_first``. ``fast=False`` runs the naive loop (same
+    numbers, slower). ``df.attrs["meta"]`` says what was run.
+    """
+    if method not in METHODS:
+        raise CnaError(f"unknown method '{method}': use {', '.join(METHODS)}")
+    if metric not in METRICS:
+        raise CnaError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
+    chosen = select_heads(view, heads, layers)
+    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
+           else encode_all(view.tokenizer, cases))
+    means = head_means(view, enc, mean_over) if method == "mean" else None
+    if fast:
+        scan = scan_fast(view, enc, chosen, means, batch_size, heads_per_pass,
+                         progress=progress)
+    else:
+        scan = scan_naive(view, enc, chosen, means, batch_size, progress)
+    df = head_table(scan, enc, metric)
+    df.attrs["meta"] = {"method": method, "metric": metric, "n_cases": len(enc),
+                        "n_heads": len(chosen), "mean_over": mean_over if means is not None
+                        else None, "fast": fast, "position": "all"}
+    return df
+
+
+def write_heads(dir: Path, df: pd.DataFrame, meta: dict, top_k: int = 10) -> None:
+    """``DIR/heads.csv`` (the table) and ``DIR/heads.json`` (meta, top heads), atomically."""
+    top = top_heads(df, top_k)
+    write_csv(Path(dir) / "heads.csv", df)
+    write_json(Path(dir) / "heads.json", {**df.attrs.get("meta", {}), **meta, "top_k": top_k,
+                                          "top": top.to_dict("records")})
