@@ -93,12 +93,11 @@ def eval_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Accuracy (acc, acc_first, logp with 95% intervals) on arithmetic or a case file."""
-    from cnalens.data import arithmetic_cases, encode_all, load_cases
+    from cnalens.data import arithmetic_cases, encode_all
     from cnalens.pipeline import eval_stage
 
     if cases is not None:
-        data = load_cases(cases)
-        settings = {"cases": str(cases)}
+        data, settings = _cases(cases, ops, digits, templates, n, seed)
     else:
         op_list, dig = parse_list(ops, "ops"), parse_ints(digits, "digits")
         tmpl = parse_list(templates, "templates")
@@ -111,6 +110,107 @@ def eval_cmd(
     table = eval_stage(view, data, out, settings, batch_size, progress=not quiet)
     print_accuracy(table)
     console.print(f"wrote {out}/eval.csv")
+
+
+def _cases(cases: Path | None, ops: str, digits: str, templates: str, n: int | None,
+           seed: int):
+    from cnalens.data import arithmetic_cases, load_cases
+
+    if cases is not None:
+        return load_cases(cases), {"cases": str(cases)}
+    op_list, dig = parse_list(ops, "ops"), parse_ints(digits, "digits")
+    tmpl = parse_list(templates, "templates")
+    return (arithmetic_cases(op_list, dig, tmpl, n=n, seed=seed),
+            {"ops": op_list, "digits": dig, "templates": tmpl, "n": n, "seed": seed})
+
+
+@app.command()
+def heads(
+    model: ModelOpt = "gemma3-270m",
+    ops: Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")] = "+,-,*,/",
+    digits: Annotated[str, typer.Option(help="operand digits, e.g. 1,2")] = "1",
+    templates: Annotated[str, typer.Option(help="eq,nl,qa,verbal")] = "eq",
+    cases: Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")] = None,
+    n: Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")] = None,
+    seed: int = 0,
+    layers: Annotated[str | None, typer.Option(help="layers to scan, e.g. 10-17")] = None,
+    heads_: Annotated[str | None, typer.Option("--heads", help="heads, e.g. 17.22,15.9")] = None,
+    method: Annotated[str, typer.Option(help="zero, mean or attribution")] = "zero",
+    metric: Annotated[str, typer.Option(help="acc or acc_first")] = "acc",
+    top: Annotated[int, typer.Option(help="top heads printed per op")] = 5,
+    out: OutOpt = Path("results/heads"),
+    batch_size: BatchOpt = 128,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Zero each attention head and measure the accuracy drop (the arithmetic heads)."""
+    from cnalens.heads import parse_heads, parse_layers, top_heads
+    from cnalens.pipeline import heads_stage
+
+    if method not in ("zero", "mean", "attribution"):
+        raise CnaError(f"unknown method '{method}': use zero, mean or attribution")
+    data, settings = _cases(cases, ops, digits, templates, n, seed)
+    hl = parse_heads(heads_) if heads_ else None
+    ll = parse_layers(layers) if layers else None
+    view = _view(model, device, dtype, device_map, quiet)
+    from cnalens.heads import select_heads
+
+    select_heads(view, hl, ll)  # range errors before any work
+    df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_}, method,
+                     metric, hl, ll, batch_size, progress=not quiet)
+    if method != "attribution":
+        _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
+                                          "drop", "dlogp"]],
+                     "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
+    console.print(f"wrote {out}/heads.csv")
+
+
+@app.command()
+def cna(
+    model: ModelOpt = "gemma3-270m",
+    head: Annotated[str | None, typer.Option(
+        help="head to zero (L.H); default: each op's top head in DIR/heads.csv")] = None,
+    ops: Annotated[str, typer.Option(help="operations")] = "+,-",
+    n: Annotated[int, typer.Option(help="sampled 1-digit cases per op")] = 20,
+    top_k: Annotated[str, typer.Option("--top-k", help="K values")] = "10,20,30,50,100",
+    seeds: Annotated[int, typer.Option(help="random baselines")] = 3,
+    by: Annotated[str, typer.Option(help="rank by decrease, increase or abs")] = "decrease",
+    seed: int = 0,
+    out: OutOpt = Path("results/cna"),
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """CNA: original model (A) vs the head zeroed (B), and the verification experiments."""
+    import pandas as pd
+
+    from cnalens.data import arithmetic_cases
+    from cnalens.heads import parse_heads
+    from cnalens.pipeline import cna_stage, top_head_per_op
+
+    op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
+    if head:
+        hs = parse_heads(head)
+        if len(hs) != 1:
+            raise CnaError("--head takes one head, e.g. 17.22")
+        heads_by_op = {op: hs[0] for op in op_list}
+    elif (out / "heads.csv").is_file():
+        heads_by_op = top_head_per_op(pd.read_csv(out / "heads.csv", dtype={"op": str}),
+                                      op_list)
+        missing = [op for op in op_list if op not in heads_by_op]
+        if missing:
+            raise CnaError(f"{out}/heads.csv has no head scan for {','.join(missing)}")
+    else:
+        raise CnaError(f"no --head and no {out}/heads.csv: run 'cnalens heads --out {out}' "
+                       "first or pass --head L.H")
+    view = _view(model, device, dtype, device_map, quiet)
+    view.check_heads(heads_by_op.values())
+    by_op = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed) for op in op_list}
+    ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
+                    progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed})
+    _print_table(ver[["op", "head", "experiment", "k", "value", "random_mean", "n"]],
+                 "verification (drops as fractions)")
+    console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv")
 
 
 @run_app.command("arithmetic")

@@ -19,6 +19,7 @@ import torch
 from cnalens import __version__
 from cnalens.data.arithmetic import OPS, TEMPLATES, arithmetic_cases
 from cnalens.data.cases import Case, encode_all
+from cnalens.errors import CnaError
 from cnalens.evaluate import accuracy_table, evaluate
 from cnalens.io import read_json, write_csv, write_json
 from cnalens.progress import console
@@ -32,12 +33,22 @@ class Profile:
     eval_digits: tuple[int, ...]
     eval_templates: tuple[str, ...]
     eval_n: dict[int, int | None] = field(default_factory=dict)  # pairs per (op, digits)
+    heads_digits: tuple[int, ...] = (1,)
+    heads_n: int | None = None  # operand pairs per op for the head scan (None: all)
+    cna_ops: tuple[str, ...] = ("+", "-")
+    cna_n: int = 20  # sampled cases per op (the correctly answered ones are kept)
+    cna_ks: tuple[int, ...] = (10, 20, 50)
+    cna_seeds: int = 2
 
 
 PROFILES = {
-    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 40}),
-    "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500}),
-    "smoke": Profile("smoke", (1,), ("eq",), {1: 8}),  # for tests: seconds, not minutes
+    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}),
+    "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500},
+                    heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=100,
+                    cna_ks=(10, 20, 30, 50, 100), cna_seeds=5),
+    # for tests: seconds, not minutes
+    "smoke": Profile("smoke", (1,), ("eq",), {1: 8}, heads_n=6, cna_ops=("+",), cna_n=8,
+                     cna_ks=(5,), cna_seeds=1),
 }
 
 
@@ -72,6 +83,38 @@ def eval_stage(view, cases: list[Case], out: Path, settings: dict, batch_size: i
     return table
 
 
+def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str = "zero",
+                metric: str = "acc", heads=None, layers=None, batch_size: int = 64,
+                progress: bool = True) -> pd.DataFrame:
+    """Zero (or mean-ablate) every head, measure the accuracy drop; heads.csv/.json."""
+    from cnalens.heads import scan_heads, scan_heads_attribution, write_heads
+
+    t0 = time.perf_counter()
+    enc = encode_all(view.tokenizer, cases)
+    if method == "attribution":
+        df = scan_heads_attribution(view, enc)
+    else:
+        df = scan_heads(view, enc, heads=heads, layers=layers, method=method, metric=metric,
+                        batch_size=batch_size, progress=progress)
+    write_heads(out, df, {"stage": "heads", "model": view.summary(), "settings": settings,
+                          "n_cases": len(enc), "method": method, "metric": metric,
+                          "seconds": round(time.perf_counter() - t0, 2), "finished": now()})
+    return df
+
+
+def top_head_per_op(heads: pd.DataFrame, ops) -> dict[str, tuple[int, int]]:
+    """Each operation's head with the largest accuracy drop (digits pooled)."""
+    from cnalens.heads import top_heads
+
+    top = top_heads(heads, 1)
+    out = {}
+    for op in ops:
+        row = top[top["op"] == op]
+        if len(row):
+            out[op] = (int(row["layer"].iloc[0]), int(row["head"].iloc[0]))
+    return out
+
+
 def start_run(out: Path, view, command: str, profile: str, settings: dict,
               stages: list[str]) -> dict:
     run = {
@@ -92,22 +135,40 @@ def finish_run(out: Path, run: dict, t0: float) -> None:
 
 def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int = 0,
                    batch_size: int = 64, progress: bool = True,
-                   command: str = "cnalens run arithmetic") -> Path:
+                   command: str = "cnalens run arithmetic",
+                   stages: tuple[str, ...] = ("eval", "heads", "cna")) -> Path:
     """The main job: every stage of the profile, then ``DIR/report.html``."""
     from cnalens.report import render_report
 
     prof = PROFILES[profile]
     t0 = time.perf_counter()
     cases = [c for d in prof.eval_digits for c in arithmetic_cases(
-        ops, (d,), prof.eval_templates, n=prof.eval_n.get(d), seed=seed)]
+        ops, (d,), prof.eval_templates if d == 1 else ("eq",), n=prof.eval_n.get(d),
+        seed=seed)]
+    head_cases = arithmetic_cases(ops, prof.heads_digits, ("eq",), n=prof.heads_n, seed=seed)
     encode_all(view.tokenizer, cases)  # fail on bad input before writing anything
-    settings = {"ops": list(ops), "digits": list(prof.eval_digits),
-                "templates": list(prof.eval_templates), "seed": seed,
-                "pairs_per_op_digits": {str(k): v for k, v in prof.eval_n.items()}}
-    stages = ["eval"]
-    run = start_run(out, view, command, profile, settings, stages)
-    console.print(f"[bold]eval[/]: {len(cases)} cases")
-    eval_stage(view, cases, out, settings, batch_size, progress)
+    settings = {"ops": list(ops), "eval_digits": list(prof.eval_digits),
+                "eval_templates": list(prof.eval_templates), "seed": seed,
+                "eval_pairs_per_op_digits": {str(k): v for k, v in prof.eval_n.items()},
+                "heads_digits": list(prof.heads_digits), "heads_template": "eq",
+                "cna_ops": [o for o in prof.cna_ops if o in ops], "cna_cases_per_op": prof.cna_n,
+                "cna_ks": list(prof.cna_ks), "cna_seeds": prof.cna_seeds}
+    run = start_run(out, view, command, profile, settings, list(stages))
+    if "eval" in stages:
+        console.print(f"[bold]eval[/]: {len(cases)} cases")
+        eval_stage(view, cases, out, settings, batch_size, progress)
+    if "heads" in stages or "cna" in stages:
+        console.print(f"[bold]heads[/]: {view.n_layers * view.n_heads} heads x "
+                      f"{len(head_cases)} cases")
+        heads = heads_stage(view, head_cases, out, settings, batch_size=batch_size,
+                            progress=progress)
+    if "cna" in stages:
+        cna_ops = [o for o in prof.cna_ops if o in ops]
+        by_op = {op: arithmetic_cases([op], (1,), ("eq",), n=prof.cna_n, seed=seed)
+                 for op in cna_ops}
+        cna_stage(view, out, by_op, top_head_per_op(heads, cna_ops), list(prof.cna_ks),
+                  prof.cna_seeds, batch_size=min(batch_size, 32), progress=progress,
+                  settings=settings, require=False)
     finish_run(out, run, t0)
     return render_report(out)
 
@@ -129,57 +190,77 @@ def correct_cases(view, cases: list[Case], batch_size: int = 64, progress: bool 
 
 def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
               heads_by_op: dict[str, tuple[int, int]], ks: list[int], seeds: int = 3,
-              by: str = "decrease", certified: bool = True, batch_size: int = 32,
-              progress: bool = True, settings: dict | None = None) -> pd.DataFrame:
+              by: str = "decrease", batch_size: int = 32, progress: bool = True,
+              settings: dict | None = None, require: bool = True) -> pd.DataFrame | None:
     """CNA of the original model (A) against each op's head zeroed (B), then verification.
 
-    Writes cna_neurons.csv (each case's top-K), verification.csv and cna.json.
+    With no correctly answered case at all: CnaError, or (``require=False``) a warning and
+    None, with nothing written.
+
+    Both runs of every operation are scored in ONE exhaustive pass over the deep layers
+    (the frozen lens's value-vector projections are case-independent), run B with run A's
+    target (A's prediction) and frozen scale. Writes cna_neurons.csv (each case's top-K),
+    verification.csv and cna.json.
     """
-    from cnalens.cna import compare, from_certified, verify
+    from cnalens.cna import Comparison, verify
     from cnalens.interventions import ZeroHeads
-    from cnalens.scores import case_states, certified_topk_diff, score_pair
+    from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
 
     t0 = time.perf_counter()
-    frames, vers, per_op = [], [], {}
+    per_op: dict[str, dict] = {}
+    encs, runs_a, runs_b = {}, [], []
     for op, cases in cases_by_op.items():
         head = heads_by_op[op]
         view.check_heads([head])
-        deep = list(range(head[0], view.n_layers))
         enc, skipped = correct_cases(view, cases, batch_size, progress)
+        per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": len(enc), "skipped_wrong": skipped,
+                      "deep_layers": [head[0], view.n_layers - 1]}
         if not enc:
             console.print(f"[yellow]cna {op}: no correctly answered case; skipped[/]")
-            per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": 0, "skipped_wrong": skipped}
             continue
-        iv = ZeroHeads([head])
-        console.print(f"[bold]cna[/] {op}: head {head[0]}.{head[1]}, {len(enc)} correct cases"
-                      f" ({skipped} wrong ones skipped)")
-        if certified:
-            frame, stats = certified_topk_diff(view, enc, max(ks), [iv], layers=deep, rank=by,
-                                               batch_size=batch_size, progress=progress)
-            sa, sb = case_states(view, enc), case_states(view, enc, iv)
-            comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids)
-        else:
-            a, b = score_pair(view, enc, [iv], layers=deep, progress=progress)
-            comp, stats = compare(a, b), {"method": "exhaustive"}
-        labels = [{"op": op, "head": f"{head[0]}.{head[1]}", "prompt": e.case.question,
+        encs[op] = enc
+        runs_a.append(case_states(view, enc, batch_size=batch_size))
+        runs_b.append(case_states(view, enc, ZeroHeads([head]), batch_size=batch_size))
+    if not encs:
+        msg = "CNA: the model answers none of the selected cases correctly"
+        if require:
+            raise CnaError(msg)
+        console.print(f"[yellow]{msg}; stage skipped[/]")
+        return None
+    a, b = concat_states(runs_a), concat_states(runs_b)
+    n = len(a)
+    target, scale = a.pred, frozen_scale(view, a)
+    first = min(heads_by_op[op][0] for op in encs)
+    console.print(f"[bold]cna[/]: scoring {n} cases x 2 runs, layers {first}-{view.n_layers - 1}")
+    sc = score_neurons(view, None, states=concat_states([a, b]),
+                       target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
+                       layers=range(first, view.n_layers), progress=progress)
+    frames, vers, i0 = [], [], 0
+    for op, enc in encs.items():
+        head = heads_by_op[op]
+        deep = list(range(head[0], view.n_layers))
+        rows = slice(i0, i0 + len(enc))
+        rows_b = slice(n + i0, n + i0 + len(enc))
+        i0 += len(enc)
+        comp = Comparison(sc.imp[rows] - sc.imp[rows_b], sc.imp[rows], sc.imp[rows_b],
+                          sc.coef[rows], sc.coef[rows_b], [e.case.case_id for e in enc],
+                          {"op": op, "head": per_op[op]["head"]})
+        labels = [{"op": op, "head": per_op[op]["head"], "prompt": e.case.question,
                    "target": e.case.target} for e in enc]
         frames.append(comp.frame(max(ks), by, deep, labels))
         ver = verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
                      progress=progress)
         ver.insert(0, "op", op)
-        ver.insert(0, "head", f"{head[0]}.{head[1]}")
+        ver.insert(0, "head", per_op[op]["head"])
         ver.insert(0, "model", view.info.get("spec"))
         vers.append(ver)
-        per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": len(enc), "skipped_wrong": skipped,
-                      "deep_layers": [deep[0], deep[-1]],
-                      "scoring": {k: v for k, v in stats.items() if k != "n_exact"}}
-    ver_df = pd.concat(vers, ignore_index=True) if vers else pd.DataFrame()
-    neurons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_csv(out / "cna_neurons.csv", neurons)
+    write_csv(out / "cna_neurons.csv", pd.concat(frames, ignore_index=True))
+    ver_df = pd.concat(vers, ignore_index=True)
     write_csv(out / "verification.csv", ver_df)
     meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,
-            "seeds": seeds, "ranking": by, "lens": "frozen", "target": "prediction of run A",
-            "per_op": per_op, "runs": {"a": "original model", "b": "head zeroed"},
+            "seeds": seeds, "ranking": by, "lens": "frozen", "scoring": "exhaustive",
+            "target": "run A's prediction", "per_op": per_op,
+            "runs": {"a": "original model", "b": "the op's head zeroed (o_proj input)"},
             "seconds": round(time.perf_counter() - t0, 2), "finished": now()}
     write_json(out / "cna.json", meta)
     write_json(out / "verification.json", {**meta, "stage": "verification"})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -73,6 +73,29 @@ class CaseStates:
     def pred(self) -> torch.Tensor:
         """The model's own top-1 next token (this run)."""
         return self.logits.argmax(-1)
+
+
+def concat_states(parts: Sequence[CaseStates]) -> CaseStates:
+    """Several runs' states as one (cases stacked), so one projection scores them all."""
+    if not parts:
+        raise CnaError("no states to concatenate")
+    out = {}
+    for f in fields(CaseStates):
+        vals = [getattr(p, f.name) for p in parts]
+        if f.name == "case_ids":
+            out[f.name] = [c for v in vals for c in v]
+        elif f.name == "interventions":
+            out[f.name] = [d for v in vals for d in v]
+        elif any(v is None for v in vals):
+            out[f.name] = None
+        else:
+            out[f.name] = torch.cat(vals)
+    return CaseStates(**out)
+
+
+def frozen_scale(view, states: CaseStates, lens: str = "frozen") -> torch.Tensor:
+    """The final-norm scale of each case of a run (what the frozen lens fixes)."""
+    return _Lens(view, lens).scale(states.final)
 
 
 def _as_encoded(view, cases) -> list[Encoded]:
@@ -849,6 +872,6 @@ def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
     return df if top is None else df[df["rank"] <= top].reset_index(drop=True)
 
 
-__all__ = ["CaseStates", "NeuronScores", "case_states", "certified_topk",
-           "certified_topk_diff", "diff_frame", "position_scores", "score_heads",
+__all__ = ["CaseStates", "NeuronScores", "case_states", "concat_states", "frozen_scale",
+           "certified_topk", "certified_topk_diff", "diff_frame", "position_scores", "score_heads",
            "score_neurons", "score_pair"]
