@@ -190,3 +190,26 @@ def test_registry_order_and_custom_sections(tmp_path):
     assert "could not be rendered" in page and "bad file" in page
     with pytest.raises(ValueError, match="bad file"):
         render_report(d, sections=secs, strict=True)
+
+
+def test_cna_and_verification_sections(tmp_path):
+    d = make_dir(tmp_path)
+    ver = pd.DataFrame([
+        {"model": "m", "head": "5.1", "op": "+", "experiment": e, "k": k, "value": v,
+         "random_mean": 0.1, "random_std": 0.01, "n": 7}
+        for k in (10, 50) for e, v in (("zero_topk", 0.857), ("keep_topk", 0.25),
+                                       ("coef_drop_head", 0.4), ("coef_drop_lowest", 0.05))])
+    ver.to_csv(d / "verification.csv", index=False)
+    meta = {"ks": [10, 50], "seeds": 2, "ranking": "decrease", "lens": "frozen"}
+    (d / "verification.json").write_text(json.dumps(meta))
+    (d / "cna.json").write_text(json.dumps(meta))
+    rows = [{"case": f"c{c}", "rank": r + 1, "layer": 10 + r % 3, "neuron": 100 + r % 4,
+             "imp_a": 0.5, "imp_b": 0.1, "coef_a": 1.0, "coef_b": 0.5, "op": "+",
+             "head": "5.1", "prompt": "3+5=", "target": "8"}
+            for c in range(3) for r in range(50)]
+    pd.DataFrame(rows).to_csv(d / "cna_neurons.csv", index=False)
+    page = render_report(d, strict=True).read_text()
+    assert "Verification of the CNA neurons" in page and "85.7%" in page
+    assert "head 5.1 zeroed, n = 7" in page
+    assert "Comparative Neuron Analysis (CNA)" in page and "10.100" in page
+    assert (d / "plots" / "verification.png").exists()

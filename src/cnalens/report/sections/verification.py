@@ -1,0 +1,107 @@
+"""The ``verification`` section: do the CNA neurons carry the head's effect?
+
+Reads ``DIR/verification.csv`` (model, head, op, experiment, k, value, random_mean,
+random_std, n; see ``cnalens.cna.verify``) and ``DIR/verification.json``. One table per
+operation laid out like the paper's (experiments x K, each cell ``value`` beside the random
+baseline) and a plot of value against K with the random baseline dashed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cnalens.report import html as h
+from cnalens.report import plots
+from cnalens.report.sections import Section, read_csv, read_meta
+
+STAGE = "verification"
+REQUIRED = ("head", "op", "experiment", "k", "value", "random_mean", "random_std", "n")
+EXPERIMENTS = {
+    "zero_topk": "accuracy drop, top-K zeroed",
+    "keep_topk": "accuracy drop, all OTHER deep neurons zeroed",
+    "coef_drop_head": "coefficient-sum drop of the top-K, head zeroed",
+    "coef_drop_lowest": "others' coefficient-sum drop, lowest top-K neuron zeroed",
+}
+PAPER = {  # Llama-7B, 1D +/-, head 17_22, K = 99, 50, 30, 20, 10 (method.md)
+    "zero_topk": {100: 100, 50: 96.0, 30: 89.5, 20: 86.8, 10: 68.4},
+    "keep_topk": {100: 3.9, 50: 7.8, 30: 13.2, 20: 18.4, 10: 38.2},
+    "coef_drop_head": {100: 49.1, 50: 60.4, 30: 67.2, 20: 72.7, 10: 77.1},
+    "coef_drop_lowest": {100: 15.8, 50: 14.8, 30: 12.5, 20: 9.5, 10: 4.4},
+}
+
+
+def _cell(r) -> str:
+    rand = "" if pd.isna(r.random_mean) else (
+        f" (random {h.fmt_pct(r.random_mean)} ± {h.fmt_pct(r.random_std)})")
+    return f"{h.fmt_pct(r.value)}{rand}"
+
+
+def op_table(df: pd.DataFrame) -> str:
+    ks = sorted(df["k"].unique())
+    head = ["experiment", *[f"K={k}" for k in ks], "paper (Llama-7B)"]
+    rows = []
+    for exp, label in EXPERIMENTS.items():
+        sub = df[df["experiment"] == exp].set_index("k")
+        if sub.empty:
+            continue
+        paper = PAPER[exp]
+        rows.append([label, *[_cell(sub.loc[k]) if k in sub.index else "—" for k in ks],
+                     ", ".join(f"{k}: {v}" for k, v in sorted(paper.items()) if k in ks)
+                     or "—"])
+    return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1)), class_="scroll")
+
+
+def chart(df: pd.DataFrame):
+    ops = plots.ordered(df["op"].unique().tolist(), plots.OP_ORDER)
+    fig = plots.new_figure(width=min(12.0, 3.2 * len(EXPERIMENTS)), height=3.0)
+    axes = fig.subplots(1, len(EXPERIMENTS), squeeze=False)[0]
+    for ax, (exp, label) in zip(axes, EXPERIMENTS.items(), strict=True):
+        for op in ops:
+            sub = df[(df["experiment"] == exp) & (df["op"] == op)].sort_values("k")
+            if sub.empty:
+                continue
+            line = ax.plot(sub["k"], sub["value"] * 100, marker="o",
+                           label=f"{plots.op_label(op)} top-K")[0]
+            ax.plot(sub["k"], sub["random_mean"] * 100, ls="--", color=line.get_color(),
+                    alpha=0.7, label=f"{plots.op_label(op)} random")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("K", fontsize=8)
+        ax.tick_params(labelsize=7)
+        plots.style_axes(ax)
+    axes[0].set_ylabel("%", fontsize=8)
+    axes[-1].legend(fontsize=7, frameon=False)
+    return fig
+
+
+def render(dir: Path, meta: dict[str, Any]) -> str | None:
+    df = read_csv(dir, STAGE, required=REQUIRED, text=("op", "head", "experiment"))
+    if df is None:
+        return None
+    for c in ("k", "value", "random_mean", "random_std", "n"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    stage = read_meta(dir, STAGE)
+    parts = [h.what(
+        "For each case, its top-K FFN neurons by CNA (importance lost when the arithmetic "
+        "head is zeroed) are ablated, kept alone, or compared; random neurons with the same "
+        "per-layer counts are the baseline. Cases: those the model answers correctly.")]
+    bits = [f"ranking: {stage.get('ranking', 'decrease')}", f"lens: {stage.get('lens')}",
+            f"seeds: {stage.get('seeds')}"]
+    if stage.get("seconds") is not None:
+        bits.append(f"time: {h.fmt_seconds(stage['seconds'])}")
+    parts.append(h.note(" · ".join(str(b) for b in bits)))
+    if df.empty:
+        return "".join(parts + [h.note("verification.csv has no rows.")])
+    for (op, head), sub in df.groupby(["op", "head"], sort=False):
+        n = int(sub["n"].max())
+        parts.append(h.tag("h3", f"{plots.op_label(op)}: head {head} zeroed, n = {n}"))
+        parts.append(op_table(sub))
+    uri = plots.embed(chart(df), dir, "verification")
+    parts.append(h.figure(uri, "verification by K", "Solid: the CNA top-K neurons; dashed: "
+                          "random neurons from the same layers."))
+    return "".join(parts)
+
+
+SECTION = Section(STAGE, "Verification of the CNA neurons", render)
