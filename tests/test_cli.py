@@ -22,6 +22,11 @@ def run(capsys, *argv):
     (["eval", "--dtype", "int3"], "int3"),
     (["eval", "--no-such-option"], "No such option"),
     (["run", "arithmetic", "--profile", "huge"], "unknown profile 'huge'"),
+    (["heads", "--model", "smollm2-135m", "--heads", "99.0"], "out of range"),
+    (["heads", "--model", "smollm2-135m", "--layers", "3-40"], "out of range"),
+    (["heads", "--method", "magic"], "unknown method"),
+    (["cna", "--model", "smollm2-135m"], "no --head"),
+    (["cna", "--model", "smollm2-135m", "--head", "3.99"], "out of range"),
     (["report", "/no/such/results"], "run.json missing"),
 ])
 def test_bad_input_one_line(capsys, tmp_path, argv, msg):
@@ -69,6 +74,15 @@ def test_eval_and_run_real(capsys, tmp_path):
     assert rc == 0, err
     html = (res / "report.html").read_text()
     assert "smollm2-135m" in html and "data:image/png;base64," in html
+    heads = pd.read_csv(res / "heads.csv")
+    assert len(heads) == 30 * 9 * 4
+    assert ((heads.drop - (heads.acc_orig - heads.acc_ablated)).abs() < 1e-9).all()
+    assert heads.groupby("op").acc_orig.nunique().eq(1).all()  # one baseline per op
+    if (res / "verification.csv").exists():  # only if some case is answered correctly
+        ver = pd.read_csv(res / "verification.csv")
+        assert set(ver.experiment) == {"zero_topk", "keep_topk", "coef_drop_head",
+                                       "coef_drop_lowest"}
+        assert "Verification of the CNA neurons" in html
     (res / "report.html").unlink()
     rc, _, err = run(capsys, "report", str(res))
     assert rc == 0 and (res / "report.html").exists()

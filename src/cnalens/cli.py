@@ -30,6 +30,11 @@ DeviceMapOpt = Annotated[str | None, typer.Option(
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="results folder")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 BatchOpt = Annotated[int, typer.Option(help="prompts per forward pass")]
+OpsOpt = Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")]
+DigitsOpt = Annotated[str, typer.Option(help="operand digits, e.g. 1,2")]
+TemplatesOpt = Annotated[str, typer.Option(help="eq,nl,qa,verbal")]
+CasesOpt = Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")]
+NOpt = Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")]
 
 
 def _view(model: str, device: str, dtype: str, device_map: str | None, quiet: bool = False):
@@ -77,11 +82,11 @@ def info(model: ModelOpt = "gemma3-270m", device: DeviceOpt = "cpu",
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = "gemma3-270m",
-    ops: Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")] = "+,-,*,/",
-    digits: Annotated[str, typer.Option(help="operand digits, e.g. 1,2")] = "1",
-    templates: Annotated[str, typer.Option(help="eq,nl,qa,verbal")] = "eq",
-    cases: Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")] = None,
-    n: Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")] = None,
+    ops: OpsOpt = "+,-,*,/",
+    digits: DigitsOpt = "1",
+    templates: TemplatesOpt = "eq",
+    cases: CasesOpt = None,
+    n: NOpt = None,
     seed: int = 0,
     split: Annotated[str, typer.Option(help="all, train or test")] = "all",
     words: Annotated[bool, typer.Option(help="operands as English words")] = False,
@@ -127,11 +132,11 @@ def _cases(cases: Path | None, ops: str, digits: str, templates: str, n: int | N
 @app.command()
 def heads(
     model: ModelOpt = "gemma3-270m",
-    ops: Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")] = "+,-,*,/",
-    digits: Annotated[str, typer.Option(help="operand digits, e.g. 1,2")] = "1",
-    templates: Annotated[str, typer.Option(help="eq,nl,qa,verbal")] = "eq",
-    cases: Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")] = None,
-    n: Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")] = None,
+    ops: OpsOpt = "+,-,*,/",
+    digits: DigitsOpt = "1",
+    templates: TemplatesOpt = "eq",
+    cases: CasesOpt = None,
+    n: NOpt = None,
     seed: int = 0,
     layers: Annotated[str | None, typer.Option(help="layers to scan, e.g. 10-17")] = None,
     heads_: Annotated[str | None, typer.Option("--heads", help="heads, e.g. 17.22,15.9")] = None,
