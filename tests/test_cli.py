@@ -76,7 +76,7 @@ def test_eval_and_run_real(capsys, tmp_path):
     assert "smollm2-135m" in html and "data:image/png;base64," in html
     heads = pd.read_csv(res / "heads.csv")
     assert len(heads) == 30 * 9 * 4
-    assert ((heads.drop - (heads.acc_orig - heads.acc_ablated)).abs() < 1e-9).all()
+    assert ((heads["drop"] - (heads.acc_orig - heads.acc_ablated)).abs() < 1e-9).all()
     assert heads.groupby("op").acc_orig.nunique().eq(1).all()  # one baseline per op
     if (res / "verification.csv").exists():  # only if some case is answered correctly
         ver = pd.read_csv(res / "verification.csv")

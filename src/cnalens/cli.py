@@ -145,11 +145,16 @@ def heads(
     top: Annotated[int, typer.Option(help="top heads printed per op")] = 5,
     out: OutOpt = Path("results/heads"),
     batch_size: BatchOpt = 128,
+    resume: Annotated[bool, typer.Option(
+        help="reuse the partial results of an interrupted scan in DIR/heads.partial")] = False,
     device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Zero each attention head and measure the accuracy drop (the arithmetic heads)."""
-    from cnalens.heads import parse_heads, parse_layers, top_heads
+    """Zero each attention head and measure the accuracy drop (the arithmetic heads).
+
+    Under torchrun or accelerate launch the layers are shared out over the processes
+    (one GPU each with --device cuda) and rank 0 writes the merged table."""
+    from cnalens.heads import init_distributed, parse_heads, parse_layers, top_heads
     from cnalens.pipeline import heads_stage
 
     if method not in ("zero", "mean", "attribution"):
@@ -157,12 +162,21 @@ def heads(
     data, settings = _cases(cases, ops, digits, templates, n, seed)
     hl = parse_heads(heads_) if heads_ else None
     ll = parse_layers(layers) if layers else None
+    rank, world, local = init_distributed()
+    if world > 1 and device.strip().lower() in ("cuda", "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{local}"
+    quiet = quiet or rank != 0
     view = _view(model, device, dtype, device_map, quiet)
     from cnalens.heads import select_heads
 
     select_heads(view, hl, ll)  # range errors before any work
     df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_}, method,
-                     metric, hl, ll, batch_size, progress=not quiet)
+                     metric, hl, ll, batch_size, progress=not quiet, resume=resume)
+    if rank != 0:
+        return
     if method != "attribution":
         _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
                                           "drop", "dlogp"]],

@@ -21,6 +21,10 @@ of every batch per head under ``ZeroHeads``), computed with less work:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from cnalens.data.cases import Case, Encoded, encode_all
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches
 from cnalens.interventions import ReplaceHeads, ZeroHeads
-from cnalens.io import write_csv, write_json
+from cnalens.io import _atomic, write_csv, write_json
 from cnalens.models.view import Batch
 from cnalens.names import parse_ints, parse_units
 from cnalens.progress import track
@@ -495,19 +499,124 @@ def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
     return pd.concat(parts, ignore_index=True)
 
 
+# ----------------------------------------------------------------- distributed
+def init_distributed() -> tuple[int, int, int]:
+    """Start ``torch.distributed`` from the launcher's environment (``torchrun`` or
+    ``accelerate launch`` set RANK, WORLD_SIZE, MASTER_ADDR, ...): backend ``nccl`` when
+    CUDA is available (each process on ``cuda:LOCAL_RANK``), else ``gloo``. Returns
+    (rank, world_size, local_rank); (0, 1, 0) without a launcher. Safe to call twice."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or "RANK" not in os.environ or not dist.is_available():
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------- checkpoints
+CHECKPOINT_HEADS = 16  # a checkpoint file holds whole layers, at least this many heads
+
+
+def scan_key(view, enc: Sequence[Encoded], method: str, metric: str,
+             mean_over: str | None = None) -> str:
+    """Fingerprint of what a scan's partial results depend on: the model, the cases
+    (ids and tokens), the method and the metric."""
+    s = view.summary()
+    model = {k: s.get(k) for k in ("spec", "model_type", "n_layers", "n_heads", "head_dim",
+                                   "d_model", "vocab_size", "n_params", "dtype")}
+    blob = json.dumps({"model": model, "method": method, "metric": metric,
+                       "mean_over": mean_over if method == "mean" else None,
+                       "cases": [[e.case.case_id, list(e.prompt_ids), list(e.answer_ids)]
+                                 for e in enc]}, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _units(heads: Sequence[Head], every: int | None) -> list[list[Head]]:
+    """Heads grouped by whole layers, at least ``every`` heads per group (None: one group)."""
+    if not heads:
+        return []
+    if every is None:
+        return [list(heads)]
+    out: list[list[Head]] = [[]]
+    for layer in sorted({h[0] for h in heads}):
+        if len(out[-1]) >= every:
+            out.append([])
+        out[-1] += [h for h in heads if h[0] == layer]
+    return out
+
+
+def _load_partial(folder: Path, n: int) -> list[Scan]:
+    """The unit files of an interrupted scan (unreadable ones are skipped)."""
+    out = []
+    for f in sorted(folder.glob("layers_*.pt")):
+        try:
+            d = torch.load(f, weights_only=True)
+            scan = Scan([tuple(h) for h in d["heads"]], d["orig"], d["ablated"])
+        except Exception:  # noqa: BLE001 - a damaged partial file is recomputed
+            continue
+        if len(scan.orig["correct"]) == n:
+            out.append(scan)
+    return out
+
+
+def _save_partial(folder: Path, scan: Scan) -> None:
+    name = "layers_" + "-".join(str(x) for x in sorted({h[0] for h in scan.heads})) + ".pt"
+    data = {"heads": [list(h) for h in scan.heads], "orig": scan.orig,
+            "ablated": scan.ablated}
+    _atomic(folder / name, lambda p: torch.save(data, p))
+
+
+def _merge(parts: Sequence[Scan], heads: Sequence[Head], n: int) -> Scan:
+    """One Scan over ``heads`` from parts that cover them (in any order)."""
+    where = {h: (p, i) for p in parts for i, h in enumerate(p.heads)}
+    abl = _empty(n, len(heads))
+    for j, h in enumerate(heads):
+        p, i = where[h]
+        for f in FIELDS:
+            abl[f][j] = p.ablated[f][i]
+    return Scan(list(heads), parts[0].orig, abl)
+
+
 # ----------------------------------------------------------------- entry point
 def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
                heads: Sequence[Head] | None = None, method: str = "zero",
                metric: str = "acc", batch_size: int = 128, progress: bool = True,
                fast: bool = True, layers: Sequence[int] | None = None,
-               mean_over: str = "all", heads_per_pass: int | None = None) -> pd.DataFrame:
+               mean_over: str = "all", heads_per_pass: int | None = None,
+               checkpoint: Path | None = None, resume: bool = False) -> pd.DataFrame:
     """Scan heads (all, those of ``layers``, or ``heads``) and tabulate (``COLUMNS``).
 
     ``method``: ``zero`` (the paper's) or ``mean`` (the head's mean ``z`` over the
     dataset, ``mean_over`` = all positions or the last prompt position; ``head_means``).
     ``metric``: ``acc`` or ``acc_first``. ``fast=False`` runs the naive loop (same
     numbers, slower). ``df.attrs["meta"]`` says what was run.
+
+    ``checkpoint``: a folder for partial results, written atomically as groups of whole
+    layers (``CHECKPOINT_HEADS``) finish, under a fingerprint of model, cases, method and
+    metric (``scan_key``); ``resume=True`` loads the groups already done instead of
+    recomputing them (otherwise the fingerprint's old partial results are discarded).
+    Under ``torch.distributed`` (``init_distributed``) each process scans every
+    world-size-th layer still to do; the results are gathered on rank 0 and every rank
+    returns the same table.
     """
+    import torch.distributed as dist
+
     if method not in METHODS:
         raise CnaError(f"unknown method '{method}': use {', '.join(METHODS)}")
     if metric not in METRICS:
@@ -515,16 +624,51 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
     chosen = select_heads(view, heads, layers)
     enc = (list(cases) if cases and isinstance(cases[0], Encoded)
            else encode_all(view.tokenizer, cases))
-    means = head_means(view, enc, mean_over) if method == "mean" else None
-    if fast:
-        scan = scan_fast(view, enc, chosen, means, batch_size, heads_per_pass,
-                         progress=progress)
-    else:
-        scan = scan_naive(view, enc, chosen, means, batch_size, progress)
-    df = head_table(scan, enc, metric)
-    df.attrs["meta"] = {"method": method, "metric": metric, "n_cases": len(enc),
-                        "n_heads": len(chosen), "mean_over": mean_over if means is not None
-                        else None, "fast": fast, "position": "all"}
+    rank, world = _dist()
+    folder = None
+    if checkpoint is not None:
+        folder = Path(checkpoint) / scan_key(view, enc, method, metric, mean_over)
+        if rank == 0 and not resume and folder.exists():
+            shutil.rmtree(folder)
+    loaded = []
+    if folder is not None and resume and rank == 0:
+        want = set(chosen)
+        loaded = [s for s in _load_partial(folder, len(enc)) if set(s.heads) <= want]
+    done = {h for s in loaded for h in s.heads}
+    if world > 1:
+        box = [sorted(done)]
+        dist.broadcast_object_list(box, src=0)
+        done = set(box[0])
+    todo = [h for h in chosen if h not in done]
+    mine = sorted({h[0] for h in todo})[rank::world]
+    todo = [h for h in todo if h[0] in mine]
+    show = progress and rank == 0
+    means = head_means(view, enc, mean_over) if method == "mean" and todo else None
+    parts = []
+    for unit in _units(todo, CHECKPOINT_HEADS if folder is not None else None):
+        if fast:
+            part = scan_fast(view, enc, unit, means, batch_size, heads_per_pass,
+                             progress=show)
+        else:
+            part = scan_naive(view, enc, unit, means, batch_size, show)
+        if folder is not None:
+            _save_partial(folder, part)
+        parts.append(part)
+    if world > 1:
+        every = [None] * world if rank == 0 else None
+        dist.gather_object(parts, every, dst=0)
+        parts = [p for ps in every for p in ps] if rank == 0 else []
+    df = None
+    if rank == 0:
+        df = head_table(_merge(loaded + parts, chosen, len(enc)), enc, metric)
+        df.attrs["meta"] = {"method": method, "metric": metric, "n_cases": len(enc),
+                            "n_heads": len(chosen), "mean_over": mean_over if method == "mean"
+                            else None, "fast": fast, "position": "all",
+                            "resumed_heads": len(done), "processes": world}
+    if world > 1:
+        box = [df]
+        dist.broadcast_object_list(box, src=0)
+        df = box[0]
     return df
 
 

@@ -85,20 +85,32 @@ def eval_stage(view, cases: list[Case], out: Path, settings: dict, batch_size: i
 
 def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str = "zero",
                 metric: str = "acc", heads=None, layers=None, batch_size: int = 64,
-                progress: bool = True) -> pd.DataFrame:
-    """Zero (or mean-ablate) every head, measure the accuracy drop; heads.csv/.json."""
-    from cnalens.heads import scan_heads, scan_heads_attribution, write_heads
+                progress: bool = True, resume: bool = False) -> pd.DataFrame:
+    """Zero (or mean-ablate) every head, measure the accuracy drop; heads.csv/.json.
+
+    Partial results go to ``DIR/heads.partial`` as they are computed (``resume=True``
+    picks them up) and are removed when the stage completes. Under ``torch.distributed``
+    the scan is sharded over the processes and only rank 0 writes."""
+    import shutil
+
+    from cnalens.heads import _dist, scan_heads, scan_heads_attribution, write_heads
 
     t0 = time.perf_counter()
+    rank = _dist()[0]
     enc = encode_all(view.tokenizer, cases)
+    partial = Path(out) / "heads.partial"
     if method == "attribution":
-        df = scan_heads_attribution(view, enc)
+        df = scan_heads_attribution(view, enc, progress=progress and rank == 0)
     else:
         df = scan_heads(view, enc, heads=heads, layers=layers, method=method, metric=metric,
-                        batch_size=batch_size, progress=progress)
-    write_heads(out, df, {"stage": "heads", "model": view.summary(), "settings": settings,
-                          "n_cases": len(enc), "method": method, "metric": metric,
-                          "seconds": round(time.perf_counter() - t0, 2), "finished": now()})
+                        batch_size=batch_size, progress=progress, checkpoint=partial,
+                        resume=resume)
+    if rank == 0:
+        write_heads(out, df, {"stage": "heads", "model": view.summary(), "settings": settings,
+                              "n_cases": len(enc), "method": method, "metric": metric,
+                              "seconds": round(time.perf_counter() - t0, 2),
+                              "finished": now()})
+        shutil.rmtree(partial, ignore_errors=True)
     return df
 
 
