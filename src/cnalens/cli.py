@@ -34,7 +34,8 @@ OpsOpt = Annotated[str, typer.Option(help="operations, e.g. +,-,*,/")]
 DigitsOpt = Annotated[str, typer.Option(help="operand digits, e.g. 1,2")]
 TemplatesOpt = Annotated[str, typer.Option(help="eq,nl,qa,verbal")]
 CasesOpt = Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")]
-NOpt = Annotated[int | None, typer.Option(help="at most N operand pairs per op x digits")]
+NOpt = Annotated[int | None, typer.Option(
+    "--n", "--n-pairs", help="at most N operand pairs per op x digits")]
 
 
 def _view(model: str, device: str, dtype: str, device_map: str | None, quiet: bool = False):
