@@ -394,6 +394,16 @@ def _describe(view, lens, target, states, layers, extra=None) -> dict:
     return meta
 
 
+def _prepare(view, lens, cases, interventions, target, scale, layers, batch_size, states):
+    """Lens, states (given or computed), targets, frozen scales and layers of one run."""
+    lz = _Lens(view, lens)
+    st = states if states is not None else case_states(view, cases, *interventions,
+                                                      batch_size=batch_size)
+    tg = _targets(st, target)
+    _check_targets(view, tg)
+    return lz, st, tg, _scales(lz, st, scale), _layers(view, layers)
+
+
 def score_neurons(view, cases_or_encoded, *interventions, lens: str = "frozen",
                   target: Target = "pred", scale: torch.Tensor | None = None, layers=None,
                   batch_size: int = 32, max_memory_gb: float = 2.0, progress: bool = True,
@@ -404,13 +414,8 @@ def score_neurons(view, cases_or_encoded, *interventions, lens: str = "frozen",
     ``scale``: frozen final-norm scales to use instead of this run's own (CNA's run B).
     ``states``: reuse a ``case_states`` result of the same cases and interventions.
     """
-    lz = _Lens(view, lens)
-    st = states if states is not None else case_states(view, cases_or_encoded, *interventions,
-                                                      batch_size=batch_size)
-    tg = _targets(st, target)
-    _check_targets(view, tg)
-    c = _scales(lz, st, scale)
-    layer_list = _layers(view, layers)
+    lz, st, tg, c, layer_list = _prepare(view, lens, cases_or_encoded, interventions, target,
+                                         scale, layers, batch_size, states)
     n = len(st)
     out_dt = torch.float64 if lz.dt == torch.float64 else torch.float32
     imp = torch.full((n, view.n_layers, view.d_ffn), float("nan"), dtype=out_dt)
@@ -456,13 +461,8 @@ def score_heads(view, cases_or_encoded, *interventions, lens: str = "frozen",
     Columns: case, layer, kind, index, head, coef, importance (a head's coef is NaN; an
     attention neuron's index is ``h * head_dim + j``).
     """
-    lz = _Lens(view, lens)
-    st = states if states is not None else case_states(view, cases_or_encoded, *interventions,
-                                                      batch_size=batch_size)
-    tg = _targets(st, target)
-    _check_targets(view, tg)
-    c = _scales(lz, st, scale)
-    layer_list = _layers(view, layers)
+    lz, st, tg, c, layer_list = _prepare(view, lens, cases_or_encoded, interventions, target,
+                                         scale, layers, batch_size, states)
     n, H, hd = len(st), view.n_heads, view.head_dim
     frames = []
     ids = np.asarray(st.case_ids, dtype=object)
