@@ -93,3 +93,20 @@ def test_info_real(capsys):
     rc, out, err = run(capsys, "info", "--model", "smollm2-135m")
     assert rc == 0, err
     assert "n_kv_heads" in out and "30" in out
+
+
+@pytest.mark.real
+def test_cna_on_a_case_file(capsys, tmp_path):
+    cases = tmp_path / "c.jsonl"
+    cases.write_text('{"prompt": "1+1=2\\n4+2=6\\n3+5=", "target": "8"}\n'
+                     '{"prompt": "2+5=7\\n3+9=12\\n4+4=", "target": "8"}\n')
+    out = tmp_path / "cna"
+    rc, _, err = run(capsys, "cna", "--model", "smollm2-135m", "--cases", str(cases),
+                     "--head", "28.1", "--top-k", "3", "--seeds", "1", "--out", str(out), "-q")
+    assert rc == 0, err
+    neurons = pd.read_csv(out / "cna_neurons.csv")
+    assert set(neurons.op) == {"custom"} and (neurons.layer >= 28).all()
+    # ranks follow imp_a - imp_b within each case
+    for _, g in neurons.groupby("case"):
+        d = (g.sort_values("rank").imp_a - g.sort_values("rank").imp_b).to_numpy()
+        assert (d[:-1] >= d[1:] - 1e-6).all()

@@ -191,6 +191,7 @@ def cna(
     head: Annotated[str | None, typer.Option(
         help="head to zero (L.H); default: each op's top head in DIR/heads.csv")] = None,
     ops: Annotated[str, typer.Option(help="operations")] = "+,-",
+    cases: CasesOpt = None,
     n: Annotated[int, typer.Option(help="sampled 1-digit cases per op")] = 20,
     top_k: Annotated[str, typer.Option("--top-k", help="K values")] = "10,20,30,50,100",
     seeds: Annotated[int, typer.Option(help="random baselines")] = 3,
@@ -209,6 +210,11 @@ def cna(
     from cnalens.pipeline import cna_stage, top_head_per_op
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
+    if cases is not None:
+        from cnalens.data import load_cases
+
+        custom = load_cases(cases)
+        op_list = ["custom"]
     if head:
         hs = parse_heads(head)
         if len(hs) != 1:
@@ -225,7 +231,8 @@ def cna(
                        "first or pass --head L.H")
     view = _view(model, device, dtype, device_map, quiet)
     view.check_heads(heads_by_op.values())
-    by_op = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed) for op in op_list}
+    by_op = ({"custom": custom} if cases is not None else
+             {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed) for op in op_list})
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
                     progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed})
     _print_table(ver[["op", "head", "experiment", "k", "value", "random_mean", "n"]],
