@@ -69,3 +69,21 @@ def test_row_masks_equal_per_case_interventions():
                 view.capture(["coef"], position=-1) as c:
             view.hidden(view.batch([list(enc[i].prompt_ids)]))
         assert torch.allclose(got["coef"][i, 1], c[("coef", 1)][0, 0].float(), atol=1e-6)
+
+
+def test_lens_faithfulness_real_effect_by_hand():
+    from cnalens.cna import lens_faithfulness
+
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    cases = [Case("3+5=", "8"), Case("12+30=", "42")]
+    enc = encode_all(view.tokenizer, cases)
+    imp = torch.randn(2, view.n_layers, view.d_ffn, generator=torch.Generator().manual_seed(3))
+    df = lens_faithfulness(view, enc, imp, top=3, batch_size=4)
+    assert len(df) == 6
+    for r in df.itertuples():
+        i = r.case_index
+        assert imp[i, r.layer, r.neuron] == torch.tensor(r.importance, dtype=imp.dtype)
+        base = evaluate(view, [enc[i]], progress=False).logp.iloc[0]
+        zero = evaluate(view, [enc[i]], ZeroNeurons([(r.layer, r.neuron)]),
+                        progress=False).logp.iloc[0]
+        assert abs(r.real - (base - zero)) < 1e-5

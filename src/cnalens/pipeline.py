@@ -214,7 +214,9 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     target (A's prediction) and frozen scale. Writes cna_neurons.csv (each case's top-K),
     verification.csv and cna.json.
     """
-    from cnalens.cna import Comparison, verify
+    from scipy.stats import pearsonr, spearmanr
+
+    from cnalens.cna import Comparison, lens_faithfulness, verify
     from cnalens.interventions import ZeroHeads
     from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
 
@@ -247,7 +249,7 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     sc = score_neurons(view, None, states=concat_states([a, b]),
                        target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
                        layers=range(first, view.n_layers), progress=progress)
-    frames, vers, i0 = [], [], 0
+    frames, vers, faiths, i0 = [], [], [], 0
     for op, enc in encs.items():
         head = heads_by_op[op]
         deep = list(range(head[0], view.n_layers))
@@ -260,6 +262,14 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
         labels = [{"op": op, "head": per_op[op]["head"], "prompt": e.case.question,
                    "target": e.case.target} for e in enc]
         frames.append(comp.frame(max(ks), by, deep, labels))
+        faith = lens_faithfulness(view, enc, comp.imp_a, top=10, batch_size=batch_size)
+        faith.insert(0, "op", op)
+        faiths.append(faith)
+        per_op[op]["faithfulness"] = {
+            "n": len(faith), "what": "run A's top-10 neurons per case: lens importance vs "
+            "the real log-prob drop when each is zeroed alone",
+            "spearman": float(spearmanr(faith["importance"], faith["real"]).statistic),
+            "pearson": float(pearsonr(faith["importance"], faith["real"]).statistic)}
         ver = verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
                      progress=progress)
         ver.insert(0, "op", op)
@@ -267,6 +277,7 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
         ver.insert(0, "model", view.info.get("spec"))
         vers.append(ver)
     write_csv(out / "cna_neurons.csv", pd.concat(frames, ignore_index=True))
+    write_csv(out / "faithfulness.csv", pd.concat(faiths, ignore_index=True))
     ver_df = pd.concat(vers, ignore_index=True)
     write_csv(out / "verification.csv", ver_df)
     meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,

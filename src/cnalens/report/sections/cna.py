@@ -58,6 +58,13 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                  h.fmt_num(r.imp_a, 3), h.fmt_num(r.imp_b, 3), h.fmt_num(r.coef_a, 3),
                  h.fmt_num(r.coef_b, 3)] for r in freq.itertuples()]
         parts.append(h.tag("h3", f"{plots.op_label(op)}: head {head}, {n} cases"))
+        faith = (stage.get("per_op", {}).get(op) or {}).get("faithfulness")
+        if faith:
+            parts.append(h.note(
+                f"Lens faithfulness: over each case's top-10 neurons of run A "
+                f"({faith['n']} neuron-cases), the lens importance and the real log-prob "
+                f"drop when the neuron alone is zeroed correlate with Spearman "
+                f"{faith['spearman']:.2f}, Pearson {faith['pearson']:.2f}."))
         parts.append(h.tag("div", h.table(
             ["neuron", f"in top-{k}", "of cases", "imp A", "imp B", "coef A", "coef B"], rows,
             num_cols=range(1, 7), caption=f"Neurons most often in a case's top-{k} (mean "
