@@ -66,6 +66,7 @@ def test_eval_and_run_real(capsys, tmp_path):
                 "logp"]:
         assert col in table.columns
     assert set(table.op) == {"+", "-", "all"} and (table.n > 0).all()
+    assert "Arithmetic accuracy" in (out / "report.html").read_text()
     assert "accuracy" in stdout or "accuracy" in err
 
     res = tmp_path / "run"
@@ -105,6 +106,7 @@ def test_cna_on_a_case_file(capsys, tmp_path):
                      "--head", "28.1", "--top-k", "3", "--seeds", "1", "--out", str(out), "-q")
     assert rc == 0, err
     neurons = pd.read_csv(out / "cna_neurons.csv")
+    assert "Verification of the CNA neurons" in (out / "report.html").read_text()
     assert set(neurons.op) == {"custom"} and (neurons.layer >= 28).all()
     # ranks follow imp_a - imp_b within each case
     for _, g in neurons.groupby("case"):

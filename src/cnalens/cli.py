@@ -46,6 +46,10 @@ def _view(model: str, device: str, dtype: str, device_map: str | None, quiet: bo
                       device_map=device_map, progress=not quiet)
 
 
+def _command() -> str:
+    return " ".join(["cnalens", *sys.argv[1:]])
+
+
 def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
     table = Table(title=title, show_lines=False)
     for col in df.columns:
@@ -100,7 +104,7 @@ def eval_cmd(
 ) -> None:
     """Accuracy (acc, acc_first, logp with 95% intervals) on arithmetic or a case file."""
     from cnalens.data import arithmetic_cases, encode_all
-    from cnalens.pipeline import eval_stage
+    from cnalens.pipeline import eval_stage, record_stage
 
     if cases is not None:
         data, settings = _cases(cases, ops, digits, templates, n, seed)
@@ -113,9 +117,11 @@ def eval_cmd(
                     "split": split, "words": words, "negative": negative, "shots": shots}
     view = _view(model, device, dtype, device_map, quiet)
     encode_all(view.tokenizer, data)
+    t0 = time.perf_counter()
     table = eval_stage(view, data, out, settings, batch_size, progress=not quiet)
     print_accuracy(table)
-    console.print(f"wrote {out}/eval.csv")
+    report = record_stage(out, view, _command(), "eval", time.perf_counter() - t0)
+    console.print(f"wrote {out}/eval.csv; report: {report}")
 
 
 def _cases(cases: Path | None, ops: str, digits: str, templates: str, n: int | None,
@@ -156,7 +162,7 @@ def heads(
     Under torchrun or accelerate launch the layers are shared out over the processes
     (one GPU each with --device cuda) and rank 0 writes the merged table."""
     from cnalens.heads import init_distributed, parse_heads, parse_layers, top_heads
-    from cnalens.pipeline import heads_stage
+    from cnalens.pipeline import heads_stage, record_stage
 
     if method not in ("zero", "mean", "attribution"):
         raise CnaError(f"unknown method '{method}': use zero, mean or attribution")
@@ -174,6 +180,7 @@ def heads(
     from cnalens.heads import select_heads
 
     select_heads(view, hl, ll)  # range errors before any work
+    t0 = time.perf_counter()
     df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_}, method,
                      metric, hl, ll, batch_size, progress=not quiet, resume=resume)
     if rank != 0:
@@ -182,7 +189,8 @@ def heads(
         _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
                                           "drop", "dlogp"]],
                      "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
-    console.print(f"wrote {out}/heads.csv")
+    report = record_stage(out, view, _command(), "heads", time.perf_counter() - t0)
+    console.print(f"wrote {out}/heads.csv; report: {report}")
 
 
 @app.command()
@@ -207,7 +215,7 @@ def cna(
 
     from cnalens.data import arithmetic_cases
     from cnalens.heads import parse_heads
-    from cnalens.pipeline import cna_stage, top_head_per_op
+    from cnalens.pipeline import cna_stage, record_stage, top_head_per_op
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
     if cases is not None:
@@ -231,13 +239,15 @@ def cna(
                        "first or pass --head L.H")
     view = _view(model, device, dtype, device_map, quiet)
     view.check_heads(heads_by_op.values())
+    t0 = time.perf_counter()
     by_op = ({"custom": custom} if cases is not None else
              {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed) for op in op_list})
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
                     progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed})
     _print_table(ver[["op", "head", "experiment", "k", "value", "random_mean", "n"]],
                  "verification (drops as fractions)")
-    console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv")
+    report = record_stage(out, view, _command(), "cna", time.perf_counter() - t0)
+    console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv; report: {report}")
 
 
 @run_app.command("arithmetic")
@@ -259,7 +269,7 @@ def run_arithmetic_cmd(
     t0 = time.perf_counter()
     view = _view(model, device, dtype, device_map, quiet)
     report = run_arithmetic(view, out, profile, parse_list(ops, "ops"), seed, batch_size,
-                            progress=not quiet, command=" ".join(["cnalens", *sys.argv[1:]]))
+                            progress=not quiet, command=_command())
     table, _ = read_stage(out, "eval")
     print_accuracy(table[table["template"] == "all"])
     console.print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")

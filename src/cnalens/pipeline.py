@@ -140,6 +140,22 @@ def start_run(out: Path, view, command: str, profile: str, settings: dict,
     return run
 
 
+def record_stage(out: Path, view, command: str, stage: str, seconds: float) -> Path:
+    """After a single-stage command: add the stage to DIR/run.json (made if missing),
+    then re-render DIR/report.html."""
+    from cnalens.report import render_report
+
+    path = out / "run.json"
+    run = read_json(path) if path.is_file() else {
+        "cnalens_version": __version__, "command": command, "profile": "custom",
+        "started": now(), "stages": [], "model": view.summary(), "settings": {}}
+    run["stages"] = [*[s for s in run.get("stages", []) if s != stage], stage]
+    run.update(finished=now(), seconds=round((run.get("seconds") or 0) + seconds, 1))
+    run.setdefault("commands", []).append(command)
+    write_json(path, run)
+    return render_report(out)
+
+
 def finish_run(out: Path, run: dict, t0: float) -> None:
     run.update(finished=now(), seconds=round(time.perf_counter() - t0, 1))
     write_json(out / "run.json", run)
