@@ -112,13 +112,13 @@ def from_certified(frame: pd.DataFrame, coef_a: torch.Tensor, coef_b: torch.Tens
     """A Comparison from ``certified_topk_diff``'s frame; unscored neurons are NaN."""
     shape = coef_a.shape
     pos = {c: i for i, c in enumerate(case_ids)}
-    flat = (torch.as_tensor(frame["case"].map(pos).to_numpy()) * shape[1] * shape[2]
-            + torch.as_tensor(frame["layer"].to_numpy()) * shape[2]
-            + torch.as_tensor(frame["neuron"].to_numpy()))
+    flat = (torch.tensor(frame["case"].map(pos).to_numpy()) * shape[1] * shape[2]
+            + torch.tensor(frame["layer"].to_numpy()) * shape[2]
+            + torch.tensor(frame["neuron"].to_numpy()))
     out = []
     for col in ("diff", "imp_a", "imp_b"):
         t = torch.full(shape, float("nan"), dtype=torch.float64)
-        t.view(-1)[flat] = torch.as_tensor(frame[col].to_numpy(), dtype=torch.float64)
+        t.view(-1)[flat] = torch.tensor(frame[col].to_numpy(), dtype=torch.float64)
         out.append(t)
     return Comparison(*out, coef_a, coef_b, list(case_ids), dict(meta or {}))
 
