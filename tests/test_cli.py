@@ -112,3 +112,17 @@ def test_cna_on_a_case_file(capsys, tmp_path):
     for _, g in neurons.groupby("case"):
         d = (g.sort_values("rank").imp_a - g.sort_values("rank").imp_b).to_numpy()
         assert (d[:-1] >= d[1:] - 1e-6).all()
+
+
+@pytest.mark.real
+def test_heads_with_robustness(capsys, tmp_path):
+    out = tmp_path / "h"
+    rc, stdout, err = run(capsys, "heads", "--model", "smollm2-135m", "--ops", "+",
+                          "--layers", "29", "--n", "10", "--robustness", "--out", str(out),
+                          "-q")
+    assert rc == 0, err
+    rob = pd.read_csv(out / "heads_robustness.csv")
+    assert len(rob) == 3 and rob.n_heads.eq(9).all()
+    assert rob.spearman_dlogp.between(-1, 1).all()
+    page = (out / "report.html").read_text()
+    assert "Robustness across prompt formats" in page and "top heads" in stdout

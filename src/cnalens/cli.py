@@ -150,6 +150,9 @@ def heads(
     method: Annotated[str, typer.Option(help="zero, mean or attribution")] = "zero",
     metric: Annotated[str, typer.Option(help="acc or acc_first")] = "acc",
     top: Annotated[int, typer.Option(help="top heads printed per op")] = 5,
+    robustness: Annotated[bool, typer.Option(
+        help="also: Spearman of the head drops across templates (eq, verbal) and two "
+             "few-shot prefixes, on 25 pairs per op")] = False,
     out: OutOpt = Path("results/heads"),
     batch_size: BatchOpt = 128,
     resume: Annotated[bool, typer.Option(
@@ -189,6 +192,15 @@ def heads(
         _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
                                           "drop", "dlogp"]],
                      "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
+    if robustness:
+        from cnalens.io import write_csv
+        from cnalens.robustness import head_robustness
+
+        rob = head_robustness(view, parse_list(ops, "ops"), n=25, seed=seed,
+                              progress=not quiet, layers=ll)
+        write_csv(out / "heads_robustness.csv", rob)
+        _print_table(rob[["op", "a", "b", "spearman_drop", "spearman_dlogp", "top_a",
+                          "top_b"]], "head ranking across prompt formats (Spearman)")
     report = record_stage(out, view, _command(), "heads", time.perf_counter() - t0)
     console.print(f"wrote {out}/heads.csv; report: {report}")
 

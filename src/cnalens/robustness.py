@@ -25,18 +25,20 @@ def alternative_examples(op: str, template: str, shots: int = 3, seed: int = 1) 
 
 
 def head_robustness(view, ops, templates=("eq", "verbal"), n: int | None = 25, seed: int = 0,
-                    batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+                    batch_size: int = 64, progress: bool = True,
+                    layers=None) -> pd.DataFrame:
     """Spearman of per-head drops between variants: each template with the default
     prefix, and the first template with an alternative prefix. One row per op and pair."""
     variants: dict[str, pd.DataFrame] = {}
     for t in templates:
         cases = arithmetic_cases(ops, (1,), (t,), n=n, seed=seed)
-        variants[f"{t}"] = scan_heads(view, cases, batch_size=batch_size, progress=progress)
+        variants[f"{t}"] = scan_heads(view, cases, layers=layers, batch_size=batch_size,
+                                      progress=progress)
     t0 = templates[0]
     alt = {f"{op}|{t0}": alternative_examples(op, t0) for op in ops}
     cases = arithmetic_cases(ops, (1,), (t0,), n=n, seed=seed, examples=alt)
-    variants[f"{t0}+alt-prefix"] = scan_heads(view, cases, batch_size=batch_size,
-                                              progress=progress)
+    variants[f"{t0}+alt-prefix"] = scan_heads(view, cases, layers=layers,
+                                              batch_size=batch_size, progress=progress)
     rows = []
     for (na, a), (nb, b) in combinations(variants.items(), 2):
         for op in ops:

@@ -111,6 +111,16 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         parts.append(h.figure(uri, "accuracy drop per layer and head",
                               "Accuracy drop (points) when each head is zeroed, per "
                               "operation; red = the head helps, blue = it hurts."))
+    rob_path = dir / "heads_robustness.csv"
+    if rob_path.is_file():
+        rob = pd.read_csv(rob_path, dtype={"op": str, "top_a": str, "top_b": str})
+        rows = [[plots.op_label(r.op), r.a, r.b, h.fmt_num(r.spearman_drop),
+                 h.fmt_num(r.spearman_dlogp), r.top_a, r.top_b] for r in rob.itertuples()]
+        parts.append(h.tag("h3", "Robustness across prompt formats"))
+        parts.append(h.table(["op", "variant A", "variant B", "Spearman (drop)",
+                              "Spearman (Δ log p)", "top head A", "top head B"], rows,
+                             num_cols=(3, 4), caption="Whether the head ranking is a "
+                             "property of the model or of one prompt format."))
     parts.append(h.tag("h3", "Top heads"))
     parts.append(top_table(df, int(stage.get("top_k") or DEFAULT_TOP)))
     return "".join(parts)
