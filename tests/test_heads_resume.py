@@ -51,6 +51,7 @@ def test_interrupted_scan_resumes_to_same_table(tmp_path, monkeypatch, method):
     enc = encode_all(v.tokenizer, _cases(v))
     full = H.scan_heads(v, enc, method=method, progress=False)
     monkeypatch.setattr(H, "CHECKPOINT_HEADS", v.n_heads)  # one layer per checkpoint file
+    monkeypatch.setattr(H, "CHECKPOINT_FILES", 10**6)
     ck = tmp_path / "heads.partial"
     calls = _interrupting(monkeypatch, 1)
     with pytest.raises(Boom):
@@ -85,6 +86,7 @@ def test_resume_subset_and_naive(tmp_path, monkeypatch):
     v = _view("gpt2")
     enc = encode_all(v.tokenizer, _cases(v))
     monkeypatch.setattr(H, "CHECKPOINT_HEADS", 1)
+    monkeypatch.setattr(H, "CHECKPOINT_FILES", 10**6)
     ck = tmp_path / "p"
     part = H.scan_heads(v, enc, layers=[1], progress=False, fast=False, checkpoint=ck)
     df = H.scan_heads(v, enc, progress=False, fast=False, checkpoint=ck, resume=True)
@@ -99,6 +101,7 @@ def test_heads_stage_resume_removes_partial(tmp_path, monkeypatch):
     v = _view("llama")
     cases = _cases(v)
     monkeypatch.setattr(H, "CHECKPOINT_HEADS", v.n_heads)
+    monkeypatch.setattr(H, "CHECKPOINT_FILES", 10**6)
     _interrupting(monkeypatch, 2)
     with pytest.raises(Boom):
         heads_stage(v, cases, tmp_path, {}, progress=False)

@@ -531,6 +531,8 @@ def _dist() -> tuple[int, int]:
 
 # ----------------------------------------------------------------- checkpoints
 CHECKPOINT_HEADS = 16  # a checkpoint file holds whole layers, at least this many heads
+CHECKPOINT_FILES = 3  # ... and at most about this many files per scan: every file repeats
+# the fast scan's reference pass, so fewer files cost less
 
 
 def scan_key(view, enc: Sequence[Encoded], method: str, metric: str,
@@ -645,7 +647,8 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
     show = progress and rank == 0
     means = head_means(view, enc, mean_over) if method == "mean" and todo else None
     parts = []
-    for unit in _units(todo, CHECKPOINT_HEADS if folder is not None else None):
+    every = max(CHECKPOINT_HEADS, -(-len(todo) // CHECKPOINT_FILES))
+    for unit in _units(todo, every if folder is not None else None):
         if fast:
             part = scan_fast(view, enc, unit, means, batch_size, heads_per_pass,
                              progress=show)
