@@ -120,7 +120,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-from cnalens.heads import init_distributed, scan_heads
+from cnalens.heads import finish_distributed, init_distributed, scan_heads
 from test_heads import _cases, _view
 
 rank, world, _ = init_distributed()
@@ -129,6 +129,7 @@ v = _view("llama")
 df = scan_heads(v, _cases(v), method={method!r}, progress=False)
 if rank == 0:
     df.to_pickle({out!r})
+finish_distributed()
 """
 
 

@@ -164,7 +164,13 @@ def heads(
 
     Under torchrun or accelerate launch the layers are shared out over the processes
     (one GPU each with --device cuda) and rank 0 writes the merged table."""
-    from cnalens.heads import init_distributed, parse_heads, parse_layers, top_heads
+    from cnalens.heads import (
+        finish_distributed,
+        init_distributed,
+        parse_heads,
+        parse_layers,
+        top_heads,
+    )
     from cnalens.pipeline import heads_stage, record_stage
 
     if method not in ("zero", "mean", "attribution"):
@@ -184,8 +190,11 @@ def heads(
 
     select_heads(view, hl, ll)  # range errors before any work
     t0 = time.perf_counter()
-    df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_}, method,
-                     metric, hl, ll, batch_size, progress=not quiet, resume=resume)
+    try:
+        df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_},
+                         method, metric, hl, ll, batch_size, progress=not quiet, resume=resume)
+    finally:
+        finish_distributed()
     if rank != 0:
         return
     if method != "attribution":

@@ -520,6 +520,16 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local
 
 
+def finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down (an exit with a live gloo
+    group can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _dist() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
     import torch.distributed as dist
