@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -32,3 +33,12 @@ def near_tie_mask(logits):
     """design.md: float32 disagreements are allowed only where the top-2 margin < 1e-4."""
     top2 = logits.float().topk(2, dim=-1).values
     return (top2[..., 0] - top2[..., 1]) < 1e-4
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread, above all on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -34,13 +34,7 @@ EXACT = ("correct", "correct_first", "pred")
 FAMILIES = ["llama", "gemma3", "gpt2", "neox", "qwen3", "gptj", "gemma"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _view(family: str) -> ModelView:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import cnalens.heads as H
 from cnalens.data import encode_all
@@ -20,12 +19,7 @@ TESTS = Path(__file__).parent
 SCAN_FAST = H.scan_fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 class Boom(RuntimeError):
