@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cnalens.commands import MODULES as COMMAND_MODULES
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list
 
@@ -277,22 +279,27 @@ def run_arithmetic_cmd(
     out: OutOpt = Path("results/arithmetic"),
     profile: Annotated[str, typer.Option(help="quick (15 min on 2 CPU cores) or full")] = "quick",
     ops: Annotated[str, typer.Option(help="operations")] = "+,-,*,/",
+    stages: Annotated[str | None, typer.Option(help=(
+        "comma-separated stages (default: the profile's); eval,heads,cna,shallow,explain,"
+        "lora,prune,debias"))] = None,
     seed: int = 0,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The main job: every stage on arithmetic, then DIR/report.html."""
-    from cnalens.pipeline import PROFILES, read_stage, run_arithmetic
+    from cnalens.pipeline import DEFAULT_STAGES, PROFILES, check_stages, read_stage, run_arithmetic
 
     if profile not in PROFILES:
         raise CnaError(f"unknown profile '{profile}': use {', '.join(PROFILES)}")
+    chosen = check_stages(parse_list(stages, "stages") if stages else DEFAULT_STAGES)
     t0 = time.perf_counter()
     view = _view(model, device, dtype, device_map, quiet)
     report = run_arithmetic(view, out, profile, parse_list(ops, "ops"), seed, batch_size,
-                            progress=not quiet, command=_command())
-    table, _ = read_stage(out, "eval")
-    print_accuracy(table[table["template"] == "all"])
+                            progress=not quiet, command=_command(), stages=chosen)
+    if "eval" in chosen:
+        table, _ = read_stage(out, "eval")
+        print_accuracy(table[table["template"] == "all"])
     console.print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -302,6 +309,11 @@ def report(dir: Annotated[Path, typer.Argument(help="results folder")]) -> None:
     from cnalens.report import render_report
 
     console.print(f"report: {render_report(dir)}")
+
+
+# commands in cnalens/commands/*.py register themselves on ``app``
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"cnalens.commands.{_name}")
 
 
 def main(argv: list[str] | None = None) -> int:

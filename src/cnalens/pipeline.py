@@ -161,13 +161,58 @@ def finish_run(out: Path, run: dict, t0: float) -> None:
     write_json(out / "run.json", run)
 
 
+@dataclass
+class StageContext:
+    """What a later stage of the main job gets: the model, the folder and earlier results."""
+
+    view: object
+    out: Path
+    profile: Profile
+    ops: tuple[str, ...]
+    seed: int
+    batch_size: int
+    progress: bool
+    settings: dict
+    heads: pd.DataFrame | None  # heads.csv of this run (None without the head stage)
+    top_heads: dict[str, tuple[int, int]]  # op -> (layer, head) with the largest drop
+
+
+# stages after eval/heads/cna: name -> "module:function(ctx: StageContext) -> None"
+EXTRA_STAGES: dict[str, str] = {
+    "shallow": "cnalens.vocab:shallow_stage",
+    "explain": "cnalens.explain:explain_stage",
+    "lora": "cnalens.apps.lora:lora_stage",
+    "prune": "cnalens.apps.prune:prune_stage",
+    "debias": "cnalens.apps.debias:debias_stage",
+}
+CORE_STAGES = ("eval", "heads", "cna")
+DEFAULT_STAGES = ("eval", "heads", "cna")
+ALL_STAGES = (*CORE_STAGES, *EXTRA_STAGES)
+
+
+def check_stages(stages) -> tuple[str, ...]:
+    bad = [s for s in stages if s not in ALL_STAGES]
+    if bad or not stages:
+        raise CnaError(f"unknown stage(s) {', '.join(bad) or '(none)'}: "
+                       f"use {', '.join(ALL_STAGES)}")
+    return tuple(s for s in ALL_STAGES if s in stages)  # canonical order
+
+
+def run_extra_stage(name: str, ctx: StageContext) -> None:
+    import importlib
+
+    module, func = EXTRA_STAGES[name].split(":")
+    getattr(importlib.import_module(module), func)(ctx)
+
+
 def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int = 0,
                    batch_size: int = 64, progress: bool = True,
                    command: str = "cnalens run arithmetic",
-                   stages: tuple[str, ...] = ("eval", "heads", "cna")) -> Path:
+                   stages: tuple[str, ...] = DEFAULT_STAGES) -> Path:
     """The main job: every stage of the profile, then ``DIR/report.html``."""
     from cnalens.report import render_report
 
+    stages = check_stages(stages)
     prof = PROFILES[profile]
     t0 = time.perf_counter()
     cases = [c for d in prof.eval_digits for c in arithmetic_cases(
@@ -185,7 +230,9 @@ def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int =
     if "eval" in stages:
         console.print(f"[bold]eval[/]: {len(cases)} cases")
         eval_stage(view, cases, out, settings, batch_size, progress)
-    if "heads" in stages or "cna" in stages:
+    heads = None
+    needs_heads = any(s not in ("eval", "debias") for s in stages)
+    if needs_heads:
         console.print(f"[bold]heads[/]: {view.n_layers * view.n_heads} heads x "
                       f"{len(head_cases)} cases")
         heads = heads_stage(view, head_cases, out, settings, batch_size=batch_size,
@@ -197,6 +244,12 @@ def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int =
         cna_stage(view, out, by_op, top_head_per_op(heads, cna_ops), list(prof.cna_ks),
                   prof.cna_seeds, batch_size=min(batch_size, 32), progress=progress,
                   settings=settings, require=False)
+    ctx = StageContext(view, out, prof, tuple(ops), seed, batch_size, progress, settings, heads,
+                       top_head_per_op(heads, ops) if heads is not None else {})
+    for name in stages:
+        if name in EXTRA_STAGES:
+            console.print(f"[bold]{name}[/]")
+            run_extra_stage(name, ctx)
     finish_run(out, run, t0)
     return render_report(out)
 

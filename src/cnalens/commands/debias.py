@@ -1,0 +1,1 @@
+"""Placeholder: the debias commands are being written."""

@@ -1,0 +1,1 @@
+"""Placeholder: the lora commands are being written."""

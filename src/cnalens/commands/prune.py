@@ -1,0 +1,1 @@
+"""Placeholder: the prune commands are being written."""

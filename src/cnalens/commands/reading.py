@@ -1,0 +1,1 @@
+"""Placeholder: the reading commands are being written."""
