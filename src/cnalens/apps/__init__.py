@@ -1,0 +1,1 @@
+"""Applications built on the CNA map: LoRA mechanism, pruning, debiasing."""
