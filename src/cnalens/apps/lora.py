@@ -1,0 +1,462 @@
+"""LoRA on one attention layer: data, training, saving, loading (issue 7, paper section 6a).
+
+API (also used by ``cnalens.apps.prune``)::
+
+    settings = LoraSettings.quick(layers=(7,))          # or .full(...), or LoraSettings(...)
+    train, test = lora_cases(settings)                    # disjoint 2-digit splits, 4 ops
+    peft_model, history = train_lora(view, train, settings)
+    per_case = evaluate_runs(view, peft_model, test)      # original vs LoRA, one pass each
+    save_adapter(peft_model, "DIR/adapter")               # peft format + cnalens.json
+    unload_lora(peft_model)                               # view.model is the original again
+    load_adapter(view, "DIR/adapter")                     # the LoRA model again
+
+**In place.** ``train_lora`` and ``load_adapter`` inject peft LoRA layers into
+``view.model``'s own modules (no copy), so the view, ``evaluate``, ``case_states`` and the
+scores all see the LoRA model. ``with peft_model.disable_adapter():`` runs the original
+(exactly: the LoRA branch is skipped); ``unload_lora(peft_model)`` removes the LoRA layers
+and restores the original modules for good. A view carries at most one adapter.
+
+**Targets.** ``target_modules`` are uniform names resolved through the view (so they work
+for every family): ``attn`` (every projection of the attention module: q, k, v, o; GPT-2's
+fused Conv1D ``c_attn`` and ``c_proj``), ``qkv`` (the same without the output projection),
+``o_proj``, ``down_proj``; anything else is a module path inside the decoder layer
+(``self_attn.q_proj``) or a leaf name matched inside it (``q_proj``).
+
+**Loss.** Cross-entropy of the answer tokens only (teacher forcing, mean over answer
+tokens): the base model's final-normed hidden states are unembedded (soft-capping
+included) only at the answer positions, never over the whole sequence, which matters for
+a 262k vocabulary. Base weights are frozen, so autograd stops below the LoRA layer.
+
+**Prompts.** Training and test prompts are the arithmetic ``eq`` form (``"23-57="``,
+answer ``"-34"``) with ``shots`` few-shot examples as prefix (default 0: see the README's
+LoRA section for the measured accuracy and cost with and without the prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from cnalens.data.arithmetic import OPS, arithmetic_cases
+from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.errors import CnaError
+from cnalens.io import write_json
+from cnalens.progress import console, enabled
+
+ROLES = ("attn", "qkv", "o_proj", "down_proj")
+META_FILE = "cnalens.json"
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class LoraSettings:
+    """Everything a LoRA run depends on. ``n_train``/``n_test`` are totals over the ops
+    (an equal share per op, fewer where an op has fewer pairs, e.g. exact division)."""
+
+    layers: tuple[int, ...] = ()
+    target_modules: tuple[str, ...] = ("attn",)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 16
+    n_train: int = 2000
+    n_test: int = 400
+    seed: int = 0
+    digits: tuple[int, ...] = (2,)
+    ops: tuple[str, ...] = OPS
+    shots: int = 0
+    negative: bool = True
+    profile: str = "quick"
+
+    @classmethod
+    def quick(cls, **overrides) -> LoraSettings:
+        """Minutes on a 2-core CPU: 2,000 train / 400 test cases, one epoch."""
+        return cls(**_tuples(overrides))
+
+    @classmethod
+    def full(cls, **overrides) -> LoraSettings:
+        """The paper's scale: 18,000 train / 2,000 test cases, 4 epochs."""
+        return cls(**{"n_train": 18_000, "n_test": 2_000, "epochs": 4, "profile": "full",
+                      **_tuples(overrides)})
+
+    def replace(self, **changes) -> LoraSettings:
+        return replace(self, **_tuples(changes))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        for name in ("rank", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CnaError(f"LoRA {name} must be at least 1, not {getattr(self, name)}")
+        if self.n_train < 1:
+            raise CnaError("the LoRA training split is empty (n_train < 1)")
+        if self.n_test < 0:
+            raise CnaError("n_test must not be negative")
+        if not self.lr > 0:
+            raise CnaError(f"learning rate must be positive, not {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise CnaError(f"dropout must be in [0, 1), not {self.dropout}")
+        if not self.target_modules:
+            raise CnaError("no LoRA target modules given")
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------- data
+def _per_op(total: int, n_ops: int) -> int:
+    return max(1, math.ceil(total / n_ops)) if total > 0 else 0
+
+
+def lora_cases(settings: LoraSettings) -> tuple[list[Case], list[Case]]:
+    """(train, test): disjoint operand pairs (the fixed arithmetic split), ``eq`` template,
+    negative differences included; CnaError when either split is empty."""
+    s = settings
+    out = []
+    for split, total in (("train", s.n_train), ("test", s.n_test)):
+        n = _per_op(total, len(s.ops))
+        if n == 0:
+            raise CnaError(f"the LoRA {split} split is empty (n_{split} = {total})")
+        try:
+            cases = arithmetic_cases(s.ops, s.digits, ("eq",), n=n, seed=s.seed, split=split,
+                                     negative=s.negative, shots=s.shots)
+        except CnaError as exc:
+            raise CnaError(f"the LoRA {split} split is empty: {exc}") from None
+        out.append(cases)
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- targets
+def _is_projection(mod: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, (nn.Linear, Conv1D))
+
+
+def _has_lora(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def target_names(view, layers: Sequence[int], target_modules: Sequence[str]) -> list[str]:
+    """Full module names (relative to ``view.model``) of the LoRA targets."""
+    if not layers:
+        raise CnaError("no LoRA layer given")
+    view.check_layers(layers)
+    names = {id(m): n for n, m in view.model.named_modules()}
+    out: list[str] = []
+    for layer in layers:
+        block = view.layers[layer]
+        attn = view.module(layer, "attn")
+        attn_proj = [m for m in attn.modules() if _is_projection(m)]
+        o_proj = view.module(layer, "o_proj")
+        for t in target_modules:
+            if t == "attn":
+                mods = attn_proj
+            elif t == "qkv":
+                mods = [m for m in attn_proj if m is not o_proj]
+            elif t in ("o_proj", "down_proj"):
+                mods = [view.module(layer, t)]
+            else:
+                mods = [m for n, m in block.named_modules()
+                        if (n == t or n.endswith("." + t)) and _is_projection(m)]
+            if not mods:
+                raise CnaError(f"LoRA target '{t}' matches no linear module in layer {layer}: "
+                               f"use {', '.join(ROLES)} or a module name such as "
+                               f"{_example(block)}")
+            out += [names[id(m)] for m in mods if names[id(m)] not in out]
+    return out
+
+
+def _example(block: nn.Module) -> str:
+    leaves = [n for n, m in block.named_modules() if _is_projection(m)]
+    return ", ".join(leaves[:4]) or "(none)"
+
+
+# --------------------------------------------------------------------------- identity
+def base_identity(view, targets: Sequence[str] = ()) -> dict:
+    """What an adapter must match: architecture sizes, source, and a fingerprint of the
+    targeted base weights (sum and sum of squares, dtype-robust)."""
+    s = view.summary()
+    mods = dict(view.model.named_modules())
+    fp = {}
+    for name in targets:
+        w = _base_weight(mods[name]).detach().double()
+        fp[name] = [float(w.sum()), float(w.pow(2).sum())]
+    return {"spec": s["spec"], "family": s["family"], "model_type": s["model_type"],
+            "n_layers": s["n_layers"], "n_heads": s["n_heads"], "d_model": s["d_model"],
+            "vocab_size": s["vocab_size"], "ffn_widths": list(view.ffn_widths),
+            "source": s["source"], "gguf_sha256": s["gguf_sha256"], "fingerprint": fp}
+
+
+def _base_weight(mod: nn.Module) -> torch.Tensor:
+    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+    return base.weight
+
+
+def _mismatch(saved: dict, view, targets: Sequence[str]) -> str | None:
+    have = base_identity(view, [t for t in targets
+                                if t in dict(view.model.named_modules())])
+    for key in ("family", "n_layers", "n_heads", "d_model", "vocab_size", "ffn_widths"):
+        if saved.get(key) != have.get(key):
+            return f"{key} {saved.get(key)} vs {have.get(key)}"
+    for name, (s1, s2) in saved.get("fingerprint", {}).items():
+        if name not in have["fingerprint"]:
+            return f"module {name} missing"
+        h1, h2 = have["fingerprint"][name]
+        if not (math.isclose(s1, h1, rel_tol=1e-3, abs_tol=1e-3)
+                and math.isclose(s2, h2, rel_tol=1e-3)):
+            return f"weights of {name} differ"
+    return None
+
+
+# --------------------------------------------------------------------------- loss
+def _answer_targets(items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+    """(B, k) answer token ids right-aligned (left padding), -100 before each answer."""
+    k = max(len(e.answer_ids) for e in items)
+    t = torch.full((len(items), k), -100, dtype=torch.long)
+    for i, e in enumerate(items):
+        t[i, k - len(e.answer_ids):] = torch.as_tensor(e.answer_ids)
+    return t, k
+
+
+def answer_loss(view, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the answer tokens of a batch, and the token count.
+
+    The unembedding runs only at the answer positions (the last ``k`` of each left-padded
+    row, padding masked)."""
+    targets, k = _answer_targets(items)
+    b = view.batch([e.input_ids for e in items])
+    hidden = view.hidden(b)[:, -k:]
+    targets = targets.to(hidden.device)
+    keep = targets >= 0
+    logits = view.logits(hidden[keep])
+    n = int(keep.sum())
+    return nn.functional.cross_entropy(logits.float(), targets[keep]), n
+
+
+# --------------------------------------------------------------------------- training
+def _progress_bar(show: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    disable=not enabled(show))
+
+
+def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: LoraSettings,
+               progress: bool = True):
+    """Train a LoRA on ``settings.layers`` of ``view.model`` (in place: see the module doc).
+
+    Seeded (LoRA init, batch order, dropout): the same settings on the same machine give
+    the same adapter. AdamW, linear warm-up over the first 5% of steps then linear decay.
+    Returns ``(peft_model, history)``, history one row per step: step, epoch, loss (mean
+    over the batch's answer tokens), tokens, lr, seconds.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    settings.check()
+    if _has_lora(view.model):
+        raise CnaError("the model already carries a LoRA adapter: unload it first "
+                       "(unload_lora) or load a fresh model")
+    enc = (list(train_cases) if train_cases and isinstance(train_cases[0], Encoded)
+           else encode_all(view.tokenizer, train_cases))
+    if not enc:
+        raise CnaError("the LoRA training split is empty")
+    targets = target_names(view, settings.layers, settings.target_modules)
+    mods = dict(view.model.named_modules())
+    conv = any(isinstance(mods[t], Conv1D) for t in targets)
+    identity = base_identity(view, targets)
+    torch.manual_seed(settings.seed)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout, target_modules=targets, bias="none",
+                        fan_in_fan_out=conv, init_lora_weights=True)
+    with warnings.catch_warnings():  # transformers' deprecation notes inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(view.model, config)
+    peft_model.eval()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    for name, mod in peft_model.named_modules():
+        if "lora_dropout" in name:
+            mod.train()
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(enc) / settings.batch_size)
+    total = per_epoch * settings.epochs
+    warm = max(1, round(0.05 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    gen = torch.Generator().manual_seed(settings.seed)
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        with _progress_bar(progress) as bar:
+            task = bar.add_task(f"LoRA layer(s) {','.join(map(str, settings.layers))}",
+                                total=total, loss="-")
+            step = 0
+            for epoch in range(settings.epochs):
+                order = torch.randperm(len(enc), generator=gen)
+                for i in range(0, len(enc), settings.batch_size):
+                    batch = [enc[j] for j in order[i:i + settings.batch_size].tolist()]
+                    loss, n_tok = answer_loss(view, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    value = float(loss.detach())
+                    rows.append({"step": step, "epoch": epoch, "loss": value, "tokens": n_tok,
+                                 "lr": sched.get_last_lr()[0],
+                                 "seconds": time.perf_counter() - t0})
+                    step += 1
+                    bar.update(task, advance=1, loss=f"{value:.3f}")
+    finally:
+        peft_model.eval()
+        for p in params:
+            p.requires_grad_(False)
+    history = pd.DataFrame(rows)
+    peft_model.cnalens_meta = {
+        "settings": settings.to_dict(), "targets": targets, "base": identity,
+        "n_train": len(enc), "train_seconds": round(time.perf_counter() - t0, 2),
+        "steps": total, "loss_first": rows[0]["loss"] if rows else None,
+        "loss_last": rows[-1]["loss"] if rows else None}
+    return peft_model, history
+
+
+def unload_lora(peft_model) -> nn.Module:
+    """Remove the LoRA layers from the base model (restoring its original modules)."""
+    return peft_model.unload()
+
+
+# --------------------------------------------------------------------------- save / load
+def save_adapter(peft_model, dir: str | Path) -> Path:
+    """Save in peft's format (adapter_config.json, adapter_model.safetensors) plus
+    ``cnalens.json`` (settings, targets, base model identity)."""
+    import shutil
+    import tempfile
+
+    dir = Path(dir)
+    meta = getattr(peft_model, "cnalens_meta", None)
+    if meta is None:
+        raise CnaError("not a cnalens LoRA model (train it with train_lora or load_adapter)")
+    dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dir.name}.", dir=dir.parent))
+    try:
+        peft_model.save_pretrained(str(tmp))
+        write_json(tmp / META_FILE, meta)
+        if dir.exists():
+            shutil.rmtree(dir)
+        tmp.rename(dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dir
+
+
+def _adapter_dir(dir: str | Path) -> Path:
+    d = Path(dir)
+    if (d / "adapter_config.json").is_file():
+        return d
+    if (d / "adapter" / "adapter_config.json").is_file():
+        return d / "adapter"
+    raise CnaError(f"no LoRA adapter in {d} (expected adapter_config.json there or in "
+                   f"{d}/adapter)")
+
+
+def read_adapter_meta(dir: str | Path) -> dict:
+    """The ``cnalens.json`` of a saved adapter (settings, targets, base identity)."""
+    d = _adapter_dir(dir)
+    path = d / META_FILE
+    if not path.is_file():
+        raise CnaError(f"{d} lacks {META_FILE}: not saved by cnalens")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CnaError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_adapter(view, dir: str | Path):
+    """Attach a saved adapter to ``view.model`` (in place) and return the view.
+
+    CnaError when the folder holds no adapter or the adapter does not fit this base model
+    (other family or sizes, other FFN widths, other weights in the targeted modules).
+    The peft model is ``view.peft_model`` (``disable_adapter()``, ``unload_lora``)."""
+    from peft import PeftModel
+
+    d = _adapter_dir(dir)
+    meta = read_adapter_meta(d)
+    targets = meta.get("targets", [])
+    if _has_lora(view.model):
+        raise CnaError("the model already carries a LoRA adapter: load a fresh model")
+    why = _mismatch(meta.get("base", {}), view, targets)
+    if why:
+        raise CnaError(f"adapter {d} was trained on another base model "
+                       f"({meta.get('base', {}).get('spec')}): {why}")
+    try:
+        peft_model = PeftModel.from_pretrained(view.model, str(d), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CnaError(f"adapter {d} does not fit this model: {first}") from None
+    peft_model.eval()
+    peft_model.cnalens_meta = meta
+    view.peft_model = peft_model
+    view.info["lora_adapter"] = str(d)
+    return view
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_runs(view, peft_model, cases, batch_size: int = 64,
+                  progress: bool = True) -> pd.DataFrame:
+    """Per-case results of the original (adapter disabled) and the LoRA model, with a
+    ``run`` column (``original``, ``lora``)."""
+    from cnalens.evaluate import evaluate
+
+    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
+           else encode_all(view.tokenizer, cases))
+    with peft_model.disable_adapter():
+        orig = evaluate(view, enc, batch_size=batch_size, progress=progress,
+                        description="evaluating original")
+    lora = evaluate(view, enc, batch_size=batch_size, progress=progress,
+                    description="evaluating LoRA")
+    return pd.concat([orig.assign(run="original"), lora.assign(run="lora")],
+                     ignore_index=True)
+
+
+def accuracy_by_run(per_case: pd.DataFrame) -> pd.DataFrame:
+    """acc/acc_first with Wilson intervals per run x op (and op "all")."""
+    from cnalens.evaluate import accuracy_table
+
+    frames = []
+    for run, g in per_case.groupby("run", sort=False):
+        t = accuracy_table(g)
+        t = t[(t["template"] == "all") | (t["template"] == "eq")]
+        t = t.drop_duplicates(["op", "digits"], keep="last")
+        frames.append(t.assign(run=run))
+    out = pd.concat(frames, ignore_index=True)
+    return out[["run", *[c for c in out.columns if c != "run"]]]
+
+
+__all__ = ["LoraSettings", "lora_cases", "train_lora", "save_adapter", "load_adapter",
+           "unload_lora", "evaluate_runs", "accuracy_by_run", "target_names", "answer_loss",
+           "read_adapter_meta", "base_identity"]
