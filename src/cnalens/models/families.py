@@ -9,6 +9,9 @@ Uniform names:
                   attention output unless ``attn_out`` names a post-attention norm)
   ``o_proj``      attention output projection; its INPUT is the concatenation of the
                   heads' outputs (``z``), split by head
+  ``v_proj``      the projection holding the value weights W_V; ``qkv`` says how: "split"
+                  (its own module, KV heads stacked), "gpt2" (fused q|k|v blocks of
+                  d_model each) or "neox" (fused, per head q|k|v)
   ``down_proj``   FFN down projection; its INPUT holds the FFN coefficients ``m``, its
                   weight the value vectors
   ``attn_out``    module whose output is what attention adds to the residual stream
@@ -45,6 +48,8 @@ class Family:
     ln_attn_post: str | None = None
     ln_ffn_post: str | None = None
     pos_embed: str | None = None
+    v_proj: str | None = None
+    qkv: str = "split"  # how v_proj holds W_V: "split", "gpt2" (q|k|v), "neox" (per head)
     norm_kind: str = "rms"  # "rms": x/rms*w, "rms1p": x/rms*(1+w) (Gemma), "layer": LayerNorm
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     parallel: bool = False  # attention and FFN both read the block input (GPT-J, NeoX)
@@ -58,6 +63,7 @@ LLAMA = Family(
     final_norm="model.norm",
     attn="self_attn",
     o_proj="self_attn.o_proj",
+    v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
     attn_out="self_attn",
     mlp_out="mlp",
@@ -73,6 +79,7 @@ GEMMA = Family(
     final_norm="model.norm",
     attn="self_attn",
     o_proj="self_attn.o_proj",
+    v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
     attn_out="self_attn",
     mlp_out="mlp",
@@ -89,6 +96,7 @@ GEMMA2 = Family(
     final_norm="model.norm",
     attn="self_attn",
     o_proj="self_attn.o_proj",
+    v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
@@ -108,6 +116,8 @@ GPT2 = Family(
     final_norm="transformer.ln_f",
     attn="attn",
     o_proj="attn.c_proj",
+    v_proj="attn.c_attn",
+    qkv="gpt2",
     down_proj="mlp.c_proj",
     attn_out="attn",
     mlp_out="mlp",
@@ -125,6 +135,7 @@ GPTJ = Family(
     final_norm="transformer.ln_f",
     attn="attn",
     o_proj="attn.out_proj",
+    v_proj="attn.v_proj",
     down_proj="mlp.fc_out",
     attn_out="attn",
     mlp_out="mlp",
@@ -142,6 +153,8 @@ NEOX = Family(
     final_norm="gpt_neox.final_layer_norm",
     attn="attention",
     o_proj="attention.dense",
+    v_proj="attention.query_key_value",
+    qkv="neox",
     down_proj="mlp.dense_4h_to_h",
     attn_out="attention",
     mlp_out="mlp",

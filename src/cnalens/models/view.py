@@ -118,6 +118,17 @@ class ModelView:
     def o_proj_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self.module(layer, "o_proj"), "bias", None)
 
+    def v_proj_by_head(self, layer: int) -> torch.Tensor:
+        """W_V split by KV head: (n_kv_heads, head_dim, d_model); query head h reads KV head
+        ``h // (n_heads // n_kv_heads)``. Biases (constant in the input) are left out."""
+        w = self._weight_out_in(self.module(layer, "v_proj"))
+        kv, hd, d = self.n_kv_heads, self.head_dim, w.shape[1]
+        if self.family.qkv == "gpt2":  # fused (q | k | v), d_model rows each
+            w = w[2 * self.n_heads * hd:]
+        elif self.family.qkv == "neox":  # fused per head: (heads, q | k | v, head_dim)
+            return w.reshape(self.n_heads, 3, hd, d)[:, 2]
+        return w.reshape(kv, hd, d)
+
     def value_vectors(self, layer: int) -> torch.Tensor:
         """FFN value vectors (columns of the down projection) as rows: (d_ffn, d_model)."""
         return self._weight_out_in(self.module(layer, "down_proj")).t()

@@ -1,0 +1,382 @@
+"""Reading directions in vocabulary space: projection, attention-transformed projection,
+the heads' OV circuits, and the zero-shot locator of hidden-interpretable shallow neurons.
+
+**Projection** (the frozen final-norm lens): a residual-space vector ``v`` reads as the lens
+logits ``W_U (g * C(v)) / c`` (``C`` centres for LayerNorm families, ``g`` the final
+norm's gain, ``c`` its frozen scale). The norm's bias and the unembedding bias are constant
+in ``v`` and belong to the base logits, so they are left out. Soft-capping (Gemma 2) is
+monotone and does not change which tokens rank first; the values reported are the
+uncapped lens logits (direct logit attribution units). ``c`` only rescales the values:
+default 1 ("unit"), or a real scale from :func:`case_scales` / :func:`mean_scales`.
+
+**Transform** by an upper layer ``t``'s attention value/output circuit::
+
+    T_t(v) = Post_t( sum_h W_O[h] W_V[g(h)] (gain_in * C(v) / s_in) ) ,
+    Post_t(x) = gain_post * x / s_post  (Gemma 2/3's post-attention norm; identity otherwise)
+
+``g(h)`` is query head h's KV group (GQA). ``s_in`` is layer ``t``'s input-norm scale
+at the SOURCE position (where the value is read), ``s_post`` the post-attention norm's
+scale at the DESTINATION position (where the head writes); both frozen, so ``T_t`` is
+linear. Biases (LayerNorm's, W_V's, W_O's) are constant in ``v`` and left out.
+Attention weights are not applied (the OV circuit alone, as the paper does). Both scales
+only rescale ``T_t(v)`` for every vector alike: the top tokens never depend on them.
+
+Scales (:class:`Scales`): :func:`case_scales` takes them from one case: ``s_in`` at the
+neuron's position (default: the last prompt token, where ``score_neurons`` reads the
+coefficient and importance; pass the operand's position to follow the value read there),
+``s_post`` and the final scale at the last token. :func:`mean_scales` (zero-shot) averages
+``s_in`` over the question tokens of a dataset's prompts (few-shot prefix and BOS
+excluded), ``s_post`` and the final scale over their last tokens.
+
+Everything is batched: all neurons of a layer in one matrix product, chunked over the
+vocabulary (top-k per block, then merged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cnalens.errors import CnaError
+
+SIGNS = ("pos", "neg", "both")
+
+
+# --------------------------------------------------------------------------- projection
+@dataclass
+class Projection:
+    """Top and bottom tokens of ``n`` directions: ``top_*`` descending, ``bottom_*``
+    ascending (most negative first); ``*_vals`` are lens logits (see the module doc)."""
+
+    top_ids: torch.Tensor  # (n, k) long
+    top_vals: torch.Tensor  # (n, k)
+    bottom_ids: torch.Tensor  # (n, k) long
+    bottom_vals: torch.Tensor  # (n, k)
+
+    def __len__(self) -> int:
+        return int(self.top_ids.shape[0])
+
+    def side(self, sign: torch.Tensor | float | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a coefficient of this sign promotes: top where ``sign >= 0``, else
+        bottom (with values negated, so they read as what ``sign * v`` adds)."""
+        s = torch.as_tensor(sign).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(len(self))
+        pos = (s >= 0)[:, None].to(self.top_ids.device)
+        ids = torch.where(pos, self.top_ids, self.bottom_ids)
+        vals = torch.where(pos, self.top_vals, -self.bottom_vals)
+        return ids, vals
+
+    def tokens(self, tokenizer, which: str = "top", k: int | None = None) -> list[list[str]]:
+        """Token strings of each row (``which``: top or bottom), as the tokenizer decodes
+        them one by one."""
+        if which not in ("top", "bottom"):
+            raise CnaError(f"which must be top or bottom, not '{which}'")
+        ids = (self.top_ids if which == "top" else self.bottom_ids)[:, :k]
+        return ids_to_strings(tokenizer, ids)
+
+
+def ids_to_strings(tokenizer, ids: torch.Tensor) -> list[list[str]]:
+    """Decode each id alone: rows of token strings (``(n, k)`` ids)."""
+    flat = ids.reshape(-1).tolist()
+    uniq = {i: tokenizer.decode([i]) for i in set(flat)}
+    k = ids.shape[-1]
+    return [[uniq[i] for i in flat[r:r + k]] for r in range(0, len(flat), k)]
+
+
+def _cdtype(view) -> torch.dtype:
+    return torch.promote_types(view.dtype, torch.float32)
+
+
+def _final_gain(view) -> tuple[torch.Tensor, bool]:
+    ref = torch.ones(1, view.d_model, dtype=_cdtype(view), device=view.device)
+    gain, _, _, centred = view.norm_affine(view.final_norm, ref)
+    return gain.detach(), centred
+
+
+def _center(x: torch.Tensor, centred: bool) -> torch.Tensor:
+    return x - x.mean(-1, keepdim=True) if centred else x
+
+
+def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
+    """``scale`` (None, scalar or per-vector) as an (n, 1) tensor of positive values."""
+    if scale is None:
+        return torch.ones(n, 1, dtype=dt)
+    s = torch.as_tensor(scale, dtype=dt).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(n)
+    if s.numel() != n:
+        raise CnaError(f"{s.numel()} {what} scales for {n} vectors")
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise CnaError(f"the {what} scale must be finite and positive")
+    return s.reshape(n, 1)
+
+
+def lens_vectors(view, vectors: torch.Tensor, scale=None) -> torch.Tensor:
+    """What the vocabulary sees of residual vectors: ``g * C(v) / c`` (n, d)."""
+    v = _vectors(view, vectors)
+    g, centred = _final_gain(view)
+    return _center(v, centred) * g / _as_scale(scale, v.shape[0], v.dtype, "final-norm")
+
+
+def _vectors(view, vectors: torch.Tensor) -> torch.Tensor:
+    v = torch.as_tensor(vectors).detach()
+    if v.dim() == 1:
+        v = v[None]
+    if v.dim() != 2 or v.shape[-1] != view.d_model:
+        raise CnaError(f"vectors must be (n, {view.d_model}), not {tuple(v.shape)}")
+    return v.to(device=view.device, dtype=_cdtype(view))
+
+
+def _unembed(view) -> torch.Tensor:
+    return view.unembed.weight.detach()
+
+
+@torch.no_grad()
+def topk_lens(view, X: torch.Tensor, k: int, bottom: bool = True,
+              ids: torch.Tensor | None = None, vocab_block: int = 16384,
+              chunk: int = 2048) -> Projection:
+    """Top (and bottom) ``k`` logits of lens vectors ``X`` (n, d) over the vocabulary or
+    the token ``ids`` only; chunked over vectors and vocabulary blocks."""
+    W = _unembed(view)
+    V = W.shape[0] if ids is None else int(ids.numel())
+    k = min(k, V)
+    n = X.shape[0]
+    out = [torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=X.dtype),
+           torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=X.dtype)]
+    for r0 in range(0, n, chunk):
+        x = X[r0:r0 + chunk]
+        cand: list[list[torch.Tensor]] = [[], [], [], []]
+        for v0 in range(0, V, vocab_block):
+            rows = slice(v0, v0 + vocab_block)
+            tok = (torch.arange(v0, min(V, v0 + vocab_block), device=W.device)
+                   if ids is None else ids[rows].to(W.device))
+            w = W[rows] if ids is None else W[tok]
+            P = x @ w.to(x.dtype).T
+            kk = min(k, P.shape[1])
+            tv, ti = P.topk(kk, -1)
+            cand[0].append(tok[ti])
+            cand[1].append(tv)
+            if bottom:
+                bv, bi = P.topk(kk, -1, largest=False)
+                cand[2].append(tok[bi])
+                cand[3].append(bv)
+        ti, tv = torch.cat(cand[0], 1), torch.cat(cand[1], 1)
+        best, at = tv.topk(k, -1)
+        sl = slice(r0, r0 + x.shape[0])
+        out[0][sl], out[1][sl] = ti.gather(1, at).cpu(), best.cpu()
+        if bottom:
+            bi, bv = torch.cat(cand[2], 1), torch.cat(cand[3], 1)
+            worst, at = bv.topk(k, -1, largest=False)
+            out[2][sl], out[3][sl] = bi.gather(1, at).cpu(), worst.cpu()
+    return Projection(*out)
+
+
+def project(view, vectors: torch.Tensor, *, scale=None, k: int = 20,
+            vocab_block: int = 16384) -> Projection:
+    """Top and bottom ``k`` tokens of residual-space ``vectors`` (n, d) through the frozen
+    final norm (``scale``: None = 1, a scalar, or one per vector) and the unembedding."""
+    if k < 1:
+        raise CnaError("k must be at least 1")
+    return topk_lens(view, lens_vectors(view, vectors, scale), k, vocab_block=vocab_block)
+
+
+# --------------------------------------------------------------------------- transform
+def _check_layer_head(view, layer: int, head: int | None) -> None:
+    view.check_layers([layer])
+    if head is not None:
+        view.check_heads([(layer, head)])
+
+
+def ov_parts(view, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_V, W_O)`` of a layer per query head: (n_heads, head_dim, d) each, W_V already
+    expanded from the KV heads (GQA) and W_O as ``o_proj_by_head`` transposed."""
+    dt = _cdtype(view)
+    wv = view.v_proj_by_head(layer).detach().to(dt)
+    group = view.n_heads // wv.shape[0]
+    wv = wv.repeat_interleave(group, 0)
+    wo = view.o_proj_by_head(layer).detach().to(dt).transpose(1, 2)
+    return wv, wo
+
+
+@torch.no_grad()
+def transform(view, vectors: torch.Tensor, layer: int, *, head: int | None = None,
+              scale=None, post_scale=None) -> torch.Tensor:
+    """Vectors (n, d) through layer ``layer``'s attention value/output circuit (module doc):
+    input norm frozen at ``scale``, W_V, W_O (all heads summed, or ``head`` alone), then
+    the post-attention norm frozen at ``post_scale`` where the family has one. Scales:
+    None = 1, a scalar, or one per vector."""
+    _check_layer_head(view, layer, head)
+    v = _vectors(view, vectors)
+    n = v.shape[0]
+    ln = view.norm(layer, "ln_attn")
+    gain, _, _, centred = view.norm_affine(ln, torch.ones(1, view.d_model, dtype=v.dtype))
+    x = _center(v, centred) * gain.detach().to(v.dtype) / _as_scale(scale, n, v.dtype,
+                                                                      "input-norm")
+    wv, wo = ov_parts(view, layer)
+    if head is None:
+        z = torch.einsum("nd,hed->nhe", x, wv)
+        out = torch.einsum("nhe,hed->nd", z, wo)
+    else:
+        out = (x @ wv[head].T) @ wo[head]
+    post = view.norm(layer, "ln_attn_post")
+    if post is not None:
+        pg, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))
+        out = out * pg.detach().to(v.dtype) / _as_scale(post_scale, n, v.dtype,
+                                                         "post-attention norm")
+    return out
+
+
+# --------------------------------------------------------------------------- scales
+@dataclass
+class Scales:
+    """Frozen norm scales per layer: ``attn_in`` (input norm, at ``position``),
+    ``attn_post`` (post-attention norm at the last token; None if the family has none),
+    ``final`` (final norm at the last token)."""
+
+    attn_in: torch.Tensor  # (n_layers,)
+    attn_post: torch.Tensor | None  # (n_layers,)
+    final: float
+    source: str  # how they were obtained
+
+    def at(self, layer: int) -> dict:
+        """Keyword arguments for :func:`transform` at ``layer``."""
+        return {"scale": self.attn_in[layer],
+                "post_scale": None if self.attn_post is None else self.attn_post[layer]}
+
+
+def _norm_scale(view, mod, x: torch.Tensor) -> torch.Tensor:
+    return view.norm_affine(mod, x)[1][..., 0]
+
+
+@torch.no_grad()
+def _scale_states(view, enc, batch_size: int = 32):
+    """Per case: resid_pre (L, T, d) at every position, o_proj output and final residual
+    at the last token. Yields (encoded chunk, resid_pre (b, L, T, d), raw (b, L, d) or None,
+    final (b, d))."""
+    post = view.norm(0, "ln_attn_post") is not None
+    L = view.n_layers
+    for s in range(0, len(enc), batch_size):
+        chunk = enc[s:s + batch_size]
+        b = view.batch([e.prompt_ids for e in chunk])
+        with view.capture(["resid_pre", "z", "resid_post"]) as cache:
+            view.hidden(b)
+        pre = torch.stack([cache[("resid_pre", layer)] for layer in range(L)], 1)
+        raw = None
+        if post:
+            raw = torch.stack([view.module(layer, "o_proj")(cache[("z", layer)][:, -1])
+                               for layer in range(L)], 1)
+        yield chunk, pre, raw, cache[("resid_post", L - 1)][:, -1]
+
+
+def _encode(view, cases) -> list:
+    from cnalens.data.cases import Case, Encoded, encode_all
+
+    if isinstance(cases, (Case, Encoded)):
+        cases = [cases]
+    cases = list(cases)
+    if not cases:
+        raise CnaError("no cases to take norm scales from")
+    if isinstance(cases[0], Encoded):
+        return cases
+    return encode_all(view.tokenizer, cases)
+
+
+def case_scales(view, case, position: int = -1) -> Scales:
+    """The real scales of one case (a prompt string, ``Case`` or ``Encoded``): the input
+    norms' at token ``position`` (negative: from the end), the post-attention and final
+    norms' at the last token."""
+    from cnalens.data.cases import Case
+
+    if isinstance(case, str):
+        case = Case(case, "?", case_id="case")
+    enc = _encode(view, case)
+    T = len(enc[0].prompt_ids)
+    if not -T <= position < T:
+        raise CnaError(f"position {position} out of range: the prompt has {T} tokens")
+    (_, pre, raw, final), = list(_scale_states(view, enc, 1))
+    pos = position if position < 0 else position - T  # left padding: count from the end
+    attn_in = torch.stack([_norm_scale(view, view.norm(layer, "ln_attn"), pre[0, layer, pos])
+                           for layer in range(view.n_layers)])
+    attn_post = None
+    if raw is not None:
+        attn_post = torch.stack([_norm_scale(view, view.norm(layer, "ln_attn_post"),
+                                             raw[0, layer]) for layer in range(view.n_layers)])
+    fin = float(_norm_scale(view, view.final_norm, final[0]))
+    return Scales(attn_in, attn_post, fin, f"case {enc[0].case.prompt!r}, position {position}")
+
+
+def _question_start(view, e) -> int:
+    """Index of the first question token of an encoded case (prefix and BOS skipped)."""
+    pre = e.case.prefix
+    if pre:
+        return len(view.tokenizer(pre).input_ids)
+    bos = getattr(view.tokenizer, "bos_token_id", None)
+    return 1 if bos is not None and e.prompt_ids and e.prompt_ids[0] == bos else 0
+
+
+def mean_scales(view, cases, batch_size: int = 32) -> Scales:
+    """Zero-shot scales: the input norms' averaged over the question tokens of every
+    prompt, the post-attention and final norms' over the prompts' last tokens."""
+    enc = _encode(view, cases)
+    L = view.n_layers
+    tot_in = torch.zeros(L, dtype=torch.float64)
+    n_in = 0
+    posts, finals = [], []
+    for chunk, pre, raw, final in _scale_states(view, enc, batch_size):
+        T = pre.shape[2]
+        for i, e in enumerate(chunk):
+            start = T - len(e.prompt_ids) + min(_question_start(view, e),
+                                                len(e.prompt_ids) - 1)
+            for layer in range(L):
+                s = _norm_scale(view, view.norm(layer, "ln_attn"), pre[i, layer, start:])
+                tot_in[layer] += s.double().sum()
+            n_in += T - start
+        if raw is not None:
+            posts.append(torch.stack([_norm_scale(view, view.norm(layer, "ln_attn_post"),
+                                                  raw[:, layer]) for layer in range(L)], 1))
+        finals.append(_norm_scale(view, view.final_norm, final))
+    dt = _cdtype(view)
+    attn_post = torch.cat(posts).mean(0).to(dt) if posts else None
+    return Scales((tot_in / n_in).to(dt), attn_post, float(torch.cat(finals).mean()),
+                  f"mean over {len(enc)} prompts (input norms: question tokens)")
+
+
+# --------------------------------------------------------------------------- heads' OV
+def head_ov(view, layer: int, head: int, tokens: Sequence[int] | None = None, k: int = 10,
+            n_directions: int = 3) -> dict:
+    """A head's OV circuit read through the vocabulary.
+
+    ``inputs``: each input token's embedding (default: the digits 0-9 and the operator
+    symbols the lexicon finds) through the circuit (unit scales), projected: the
+    tokens the head writes when it attends to that token. ``directions``: the circuit's
+    top singular output directions, projected (both signs)."""
+    from cnalens.data.lexicon import default_probe_tokens
+
+    _check_layer_head(view, layer, head)
+    if tokens is None:
+        tokens = default_probe_tokens(view.tokenizer, view.vocab_size)
+    ids = torch.as_tensor(list(tokens), dtype=torch.long)
+    if ids.numel() and ((ids < 0) | (ids >= view.vocab_size)).any():
+        raise CnaError(f"token ids must be in 0..{view.vocab_size - 1}")
+    emb = view.embed.weight.detach()[ids.to(view.embed.weight.device)]
+    inputs = project(view, transform(view, emb, layer, head=head), k=k)
+    wv, wo = ov_parts(view, layer)
+    ov = wo[head].T @ wv[head]  # (d, d): out <- in
+    u, s, _ = torch.linalg.svd(ov, full_matrices=False)
+    r = min(n_directions, int(s.numel()))
+    dirs = project(view, u[:, :r].T, k=k)
+    return {"input_ids": ids, "inputs": inputs, "singular_values": s[:r],
+            "directions": dirs}
+
+
+# --------------------------------------------------------------------------- locator
+def shallow_stage(ctx) -> None:
+    """Main-job stage: the zero-shot locator (see :func:`locate`); written below."""
+    raise CnaError("shallow stage: not implemented yet")
+
+
+__all__ = ["Projection", "Scales", "case_scales", "head_ov", "ids_to_strings", "lens_vectors",
+           "mean_scales", "ov_parts", "project", "topk_lens", "transform"]
