@@ -82,7 +82,7 @@ def test_eval_and_run_real(capsys, tmp_path):
     if (res / "verification.csv").exists():  # only if some case is answered correctly
         ver = pd.read_csv(res / "verification.csv")
         assert set(ver.experiment) == {"zero_topk", "keep_topk", "coef_drop_head",
-                                       "coef_drop_lowest"}
+                                       "coef_drop_lowest", "heldout_zero_topk"}
         assert "Verification of the CNA neurons" in html
     (res / "report.html").unlink()
     rc, _, err = run(capsys, "report", str(res))

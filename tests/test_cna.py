@@ -103,3 +103,42 @@ def test_certified_comparison_ranks_like_exhaustive():
     cert = from_certified(frame, sa.coef, sb.coef, sa.case_ids)
     assert torch.equal(cert.topk(7), exhaustive.topk(7))
     assert torch.allclose(cert.coef_b, exhaustive.coef_b.to(cert.coef_b.dtype))
+
+
+def test_frequency_set_counts_then_summed_key():
+    from cnalens.cna import frequency_set
+
+    # 3 cases, 1 layer x 4 neurons; top-2 per case by imp_a - imp_b
+    diff = torch.tensor([[[4.0, 3.0, 0.0, -1.0]],
+                         [[0.0, 3.0, 5.0, -1.0]],
+                         [[1.0, 2.0, 0.5, 9.0]]])
+    z = torch.zeros_like(diff)
+    comp = compare(fake_scores(diff, z, ["a", "b", "c"]), fake_scores(z, z, ["a", "b", "c"]))
+    # summed diff: 0 -> 5.0, 1 -> 8.0, 2 -> 5.5, 3 -> 7.0
+    # top-1 sets {0}, {2}, {3}: a three-way tie in count, broken by the summed diff
+    assert frequency_set(comp, 1).flatten().nonzero().flatten().tolist() == [3]
+    # top-2 sets {0,1}, {2,1}, {3,1}: neuron 1 three times, then the tie -> 3
+    assert frequency_set(comp, 2).flatten().nonzero().flatten().tolist() == [1, 3]
+    # top-3 sets {0,1,2}, {2,1,0}, {3,1,0}: counts 0:3, 1:3, 2:2, 3:1
+    assert frequency_set(comp, 3).flatten().nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_verify_heldout_equals_zeroing_the_set_by_hand():
+    from cnalens.cna import frequency_set, verify_heldout
+
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    g = torch.Generator().manual_seed(3)
+    shape = (4, view.n_layers, view.d_ffn)
+    comp = compare(fake_scores(torch.randn(shape, generator=g), torch.zeros(shape), list("abcd")),
+                   fake_scores(torch.zeros(shape), torch.zeros(shape), list("abcd")))
+    test = encode_all(view.tokenizer, [Case("3+5=", "8"), Case("2+2=", "4"), Case("9-1=", "8")])
+    # "correct" by the model's own greedy answers: use its predictions as targets
+    base = evaluate(view, test, progress=False)
+    test = [e for e, ok in zip(test, base["correct"], strict=True) if ok] or test
+    ver = verify_heldout(view, test, comp, [3], seeds=2, progress=False)
+    mask = frequency_set(comp, 3)
+    neurons = [(int(l_), int(n_)) for l_, n_ in mask.nonzero()]
+    want = evaluate(view, test, ZeroNeurons(neurons), progress=False)
+    assert ver["experiment"].tolist() == ["heldout_zero_topk"]
+    assert ver["value"].iloc[0] == pytest.approx(1 - want["correct"].mean())
+    assert ver["n"].iloc[0] == len(test) and ver["random_std"].iloc[0] >= 0

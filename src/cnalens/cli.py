@@ -223,7 +223,9 @@ def cna(
         help="head to zero (L.H); default: each op's top head in DIR/heads.csv")] = None,
     ops: Annotated[str, typer.Option(help="operations")] = "+,-",
     cases: CasesOpt = None,
-    n: Annotated[int, typer.Option(help="sampled 1-digit cases per op")] = 20,
+    n: Annotated[int, typer.Option(help=(
+        "sampled 1-digit cases per op (training half of the pairs; the other half is held "
+        "out for held-out verification)"))] = 20,
     top_k: Annotated[str, typer.Option("--top-k", help="K values")] = "10,20,30,50,100",
     seeds: Annotated[int, typer.Option(help="random baselines")] = 3,
     by: Annotated[str, typer.Option(help="rank by decrease, increase or abs")] = "decrease",
@@ -236,9 +238,8 @@ def cna(
     """CNA: original model (A) vs the head zeroed (B), and the verification experiments."""
     import pandas as pd
 
-    from cnalens.data import arithmetic_cases
     from cnalens.heads import parse_heads
-    from cnalens.pipeline import cna_stage, record_stage, top_head_per_op
+    from cnalens.pipeline import cna_cases, cna_stage, record_stage, top_head_per_op
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
     if cases is not None:
@@ -263,10 +264,11 @@ def cna(
     view = _view(model, device, dtype, device_map, quiet)
     view.check_heads(heads_by_op.values())
     t0 = time.perf_counter()
-    by_op = ({"custom": custom} if cases is not None else
-             {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed) for op in op_list})
+    by_op, heldout = ({"custom": custom}, None) if cases is not None else cna_cases(
+        op_list, n, seed)
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
-                    progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed})
+                    progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed},
+                    heldout_by_op=heldout)
     _print_table(ver[["op", "head", "experiment", "k", "value", "random_mean", "n"]],
                  "verification (drops as fractions)")
     report = record_stage(out, view, _command(), "cna", time.perf_counter() - t0)

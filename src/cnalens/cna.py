@@ -274,6 +274,51 @@ def verify(view, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
     return pd.DataFrame(rows)
 
 
+def frequency_set(comp: Comparison, k: int, by: str = "decrease",
+                  layers: Sequence[int] | None = None) -> torch.Tensor:
+    """(n_layers, d_ffn) mask of the K neurons most often in the cases' top-K.
+
+    Ties in frequency go to the larger summed ranking key over the cases, then to the lower
+    flat index (deterministic).
+    """
+    n_layers, width = comp.diff.shape[1:]
+    count = topk_mask(comp.topk(k, by, layers), n_layers, width).sum(0).flatten()
+    key = comp.key(by, layers).flatten(1)
+    summed = torch.where(torch.isfinite(key), key, torch.zeros_like(key)).sum(0)
+    order = torch.argsort(summed, descending=True, stable=True)
+    order = order[torch.argsort(count[order], descending=True, stable=True)]
+    mask = torch.zeros(n_layers * width, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(n_layers, width)
+
+
+def verify_heldout(view, test_enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
+                   by: str = "decrease", layers: Sequence[int] | None = None,
+                   metric: str = "correct", seeds: int = 3, batch_size: int = 32,
+                   progress: bool = True) -> pd.DataFrame:
+    """Held-out verification: one neuron set per K chosen on ``comp``'s (training) cases by
+    :func:`frequency_set`, zeroed on ``test_enc`` (held-out cases the original model answers
+    correctly): the accuracy drop beside random sets with the same per-layer counts."""
+    n_layers, width = comp.diff.shape[1:]
+    valid = torch.zeros(n_layers, width, dtype=torch.bool)
+    for layer in range(n_layers):
+        valid[layer, :view.ffn_width(layer)] = True
+    gen = torch.Generator().manual_seed(0)
+    ones = torch.ones(len(test_enc), n_layers, width)
+    base = torch.ones(len(test_enc), dtype=torch.bool)
+    rows = []
+    for k in track(list(ks), "held-out verification", show=progress):
+        mask = frequency_set(comp, k, by, layers)
+        rand = [random_like(mask[None], gen, valid[None])[0] for _ in range(seeds)]
+        drops = [_drop(base, run_with_row_masks(view, test_enc, ones.masked_fill(m, 0.0),
+                                                batch_size)[metric]) for m in [mask, *rand]]
+        rows.append({"experiment": "heldout_zero_topk", "k": k, "value": drops[0],
+                     "random_mean": float(np.mean(drops[1:])) if seeds else float("nan"),
+                     "random_std": float(np.std(drops[1:])) if seeds else float("nan"),
+                     "n": len(test_enc)})
+    return pd.DataFrame(rows)
+
+
 def lens_faithfulness(view, enc: Sequence[Encoded], imp: torch.Tensor, top: int = 10,
                       batch_size: int = 32) -> pd.DataFrame:
     """Lens importance of each case's ``top`` neurons beside the real effect of zeroing

@@ -239,11 +239,10 @@ def run_arithmetic(view, out: Path, profile: str = "quick", ops=OPS, seed: int =
                             progress=progress)
     if "cna" in stages:
         cna_ops = [o for o in prof.cna_ops if o in ops]
-        by_op = {op: arithmetic_cases([op], (1,), ("eq",), n=prof.cna_n, seed=seed)
-                 for op in cna_ops}
+        by_op, heldout = cna_cases(cna_ops, prof.cna_n, seed)
         cna_stage(view, out, by_op, top_head_per_op(heads, cna_ops), list(prof.cna_ks),
                   prof.cna_seeds, batch_size=min(batch_size, 32), progress=progress,
-                  settings=settings, require=False)
+                  settings=settings, require=False, heldout_by_op=heldout)
     ctx = StageContext(view, out, prof, tuple(ops), seed, batch_size, progress, settings, heads,
                        top_head_per_op(heads, ops) if heads is not None else {})
     for name in stages:
@@ -269,10 +268,25 @@ def correct_cases(view, cases: list[Case], batch_size: int = 64, progress: bool 
     return keep, len(enc) - len(keep)
 
 
+HELDOUT_FRACTION = 0.5  # of each op's 1-digit operand pairs, kept for held-out verification
+
+
+def cna_cases(ops, n: int | None, seed: int = 0
+              ) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
+    """Per op: ``n`` sampled 1-digit ``eq`` cases of the training split (CNA is run on them)
+    and every case of the disjoint held-out split (held-out verification)."""
+    train = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed, split="train",
+                                  test_fraction=HELDOUT_FRACTION) for op in ops}
+    test = {op: arithmetic_cases([op], (1,), ("eq",), split="test",
+                                 test_fraction=HELDOUT_FRACTION) for op in ops}
+    return train, test
+
+
 def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
               heads_by_op: dict[str, tuple[int, int]], ks: list[int], seeds: int = 3,
               by: str = "decrease", batch_size: int = 32, progress: bool = True,
-              settings: dict | None = None, require: bool = True) -> pd.DataFrame | None:
+              settings: dict | None = None, require: bool = True,
+              heldout_by_op: dict[str, list[Case]] | None = None) -> pd.DataFrame | None:
     """CNA of the original model (A) against each op's head zeroed (B), then verification.
 
     With no correctly answered case at all: CnaError, or (``require=False``) a warning and
@@ -281,11 +295,13 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     Both runs of every operation are scored in ONE exhaustive pass over the deep layers
     (the frozen lens's value-vector projections are case-independent), run B with run A's
     target (A's prediction) and frozen scale. Writes cna_neurons.csv (each case's top-K),
-    verification.csv and cna.json.
+    verification.csv and cna.json. With ``heldout_by_op``, verification adds
+    ``heldout_zero_topk``: the K neurons most frequent in the cases' top-K, zeroed on the
+    held-out cases the model answers correctly.
     """
     from scipy.stats import pearsonr, spearmanr
 
-    from cnalens.cna import Comparison, lens_faithfulness, verify
+    from cnalens.cna import Comparison, lens_faithfulness, verify, verify_heldout
     from cnalens.interventions import ZeroHeads
     from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
 
@@ -341,6 +357,13 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
             "pearson": float(pearsonr(faith["importance"], faith["real"]).statistic)}
         ver = verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
                      progress=progress)
+        if heldout_by_op and heldout_by_op.get(op):
+            test_enc, test_wrong = correct_cases(view, heldout_by_op[op], batch_size, progress)
+            per_op[op]["heldout"] = {"n": len(test_enc), "skipped_wrong": test_wrong}
+            if test_enc:
+                ver = pd.concat([ver, verify_heldout(view, test_enc, comp, ks, by, seeds=seeds,
+                                                     batch_size=batch_size, progress=progress)],
+                                ignore_index=True)
         ver.insert(0, "op", op)
         ver.insert(0, "head", per_op[op]["head"])
         ver.insert(0, "model", view.info.get("spec"))

@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "keep_topk": "accuracy drop, all OTHER deep neurons zeroed",
     "coef_drop_head": "coefficient-sum drop of the top-K, head zeroed",
     "coef_drop_lowest": "others' coefficient-sum drop, lowest top-K neuron zeroed",
+    "heldout_zero_topk": "held-out accuracy drop, the K most frequent neurons zeroed",
 }
 PAPER = {  # Llama-7B, 1D +/-, head 17_22, K = 99, 50, 30, 20, 10 (method.md)
     "zero_topk": {100: 100, 50: 96.0, 30: 89.5, 20: 86.8, 10: 68.4},
@@ -47,7 +48,7 @@ def op_table(df: pd.DataFrame) -> str:
         sub = df[df["experiment"] == exp].set_index("k")
         if sub.empty:
             continue
-        paper = PAPER[exp]
+        paper = PAPER.get(exp, {})
         rows.append([label, *[_cell(sub.loc[k]) if k in sub.index else "—" for k in ks],
                      ", ".join(f"{k}: {v}" for k, v in sorted(paper.items()) if k in ks)
                      or "—"])
@@ -86,7 +87,9 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     parts = [h.what(
         "For each case, its top-K FFN neurons by CNA (importance lost when the arithmetic "
         "head is zeroed) are ablated, kept alone, or compared; random neurons with the same "
-        "per-layer counts are the baseline. Cases: those the model answers correctly.")]
+        "per-layer counts are the baseline. Cases: those the model answers correctly. "
+        "Held-out: one set per K, the neurons most often in the CNA cases' top-K, zeroed on "
+        "disjoint held-out operand pairs.")]
     bits = [f"ranking: {stage.get('ranking', 'decrease')}", f"lens: {stage.get('lens')}",
             f"seeds: {stage.get('seeds')}"]
     if stage.get("seconds") is not None:
@@ -95,8 +98,10 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     if df.empty:
         return "".join(parts + [h.note("verification.csv has no rows.")])
     for (op, head), sub in df.groupby(["op", "head"], sort=False):
-        n = int(sub["n"].max())
-        parts.append(h.tag("h3", f"{plots.op_label(op)}: head {head} zeroed, n = {n}"))
+        held = sub["experiment"] == "heldout_zero_topk"
+        n = int(sub.loc[~held, "n"].max()) if (~held).any() else 0
+        n_held = f", held-out n = {int(sub.loc[held, 'n'].max())}" if held.any() else ""
+        parts.append(h.tag("h3", f"{plots.op_label(op)}: head {head} zeroed, n = {n}{n_held}"))
         parts.append(op_table(sub))
     uri = plots.embed(chart(df), dir, "verification")
     parts.append(h.figure(uri, "verification by K", "Solid: the CNA top-K neurons; dashed: "
