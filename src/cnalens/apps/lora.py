@@ -323,6 +323,7 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
                     loss, n_tok = answer_loss(view, batch)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
                     sched.step()
                     value = float(loss.detach())
@@ -460,3 +461,174 @@ def accuracy_by_run(per_case: pd.DataFrame) -> pd.DataFrame:
 __all__ = ["LoraSettings", "lora_cases", "train_lora", "save_adapter", "load_adapter",
            "unload_lora", "evaluate_runs", "accuracy_by_run", "target_names", "answer_loss",
            "read_adapter_meta", "base_identity"]
+
+
+# --------------------------------------------------------------------------- the study
+def default_layer(view) -> int:
+    """The LoRA layer used when none is given: a quarter of the depth (the paper's best
+    LoRA layers were 1-9 of Llama-7B's 32, the shallow ones below its arithmetic heads)."""
+    return max(1, view.n_layers // 4) if view.n_layers > 1 else 0
+
+
+def sweep_layers(view, spec: str | None, profile: str = "quick") -> list[int]:
+    """``auto``: a spread of four layers (every layer under the full profile); ``all``;
+    or a comma-separated list."""
+    from cnalens.names import parse_ints
+
+    if not spec:
+        return []
+    n = view.n_layers
+    if spec == "all" or (spec == "auto" and profile == "full"):
+        return list(range(n))
+    if spec == "auto":
+        return sorted({max(0, round(f * (n - 1))) for f in (0.1, 0.25, 0.5, 0.8)})
+    layers = parse_ints(spec, "sweep-layers")
+    view.check_layers(layers)
+    return layers
+
+
+def _sample_per_op(enc: Sequence[Encoded], n: int, seed: int) -> list[Encoded]:
+    import random
+
+    by_op: dict[str, list[Encoded]] = {}
+    for e in enc:
+        by_op.setdefault(e.case.labels.get("op", "custom"), []).append(e)
+    out = []
+    for op, items in by_op.items():
+        rng = random.Random(f"{seed}|cna|{op}")
+        out += rng.sample(items, min(n, len(items)))
+    return out
+
+
+def run_lora(view, out: Path, settings: LoraSettings, layer: int,
+             sweep: Sequence[int] = (), ks: Sequence[int] = (10, 20, 50),
+             deep_from: int | None = None, seeds: int = 3, n_cna: int = 5,
+             batch_size: int = 64, progress: bool = True) -> dict:
+    """Train a LoRA on ``layer`` (and on each ``sweep`` layer), evaluate original vs LoRA
+    on the test split, save the main adapter to ``out/adapter``, and compare the main
+    LoRA model with the original by CNA on ``n_cna`` test cases per op.
+
+    Writes lora.csv (accuracy per run, layer and op), lora_cna.csv (coefficient change),
+    lora_neurons.csv (each CNA case's top neurons), lora_cases.csv (per case, main layer)
+    and lora.json; ``view.model`` is the original again on return (also on errors).
+    """
+    from cnalens.apps.lora_cna import bands, lora_comparison, summarize
+    from cnalens.evaluate import evaluate
+    from cnalens.io import write_csv
+
+    t0 = time.perf_counter()
+    settings.check()
+    layers = [layer, *[x for x in sweep if x != layer]]
+    view.check_layers(layers)
+    if deep_from is not None:
+        view.check_layers([deep_from])
+    train, test = lora_cases(settings)
+    enc_tr, enc_te = encode_all(view.tokenizer, train), encode_all(view.tokenizer, test)
+    te = time.perf_counter()
+    orig = evaluate(view, enc_te, batch_size=batch_size, progress=progress,
+                    description="evaluating original").assign(run="original")
+    eval_seconds = time.perf_counter() - te
+    tables = [accuracy_by_run(orig).assign(layer=-1)]
+    per_layer, main = {}, {}
+    for L in layers:
+        s = settings.replace(layers=(L,))
+        peft_model, history = train_lora(view, enc_tr, s, progress=progress)
+        try:
+            t1 = time.perf_counter()
+            res = evaluate(view, enc_te, batch_size=batch_size, progress=progress,
+                           description=f"evaluating LoRA {L}").assign(run="lora")
+            tables.append(accuracy_by_run(res).assign(layer=L))
+            per_layer[L] = {"train_seconds": peft_model.cnalens_meta["train_seconds"],
+                            "eval_seconds": round(time.perf_counter() - t1, 2),
+                            "loss": [round(x, 4) for x in history["loss"]],
+                            "acc": float(res["correct"].mean())}
+            if L == layer:
+                save_adapter(peft_model, out / "adapter")
+                t2 = time.perf_counter()
+                enc_cna = _sample_per_op(enc_te, n_cna, settings.seed)
+                comp = lora_comparison(view, peft_model, enc_cna, L,
+                                       batch_size=min(batch_size, 32), progress=progress)
+                band_layers = bands(view.n_layers, L, deep_from)
+                main = {"table": summarize(comp, ks, band_layers, seeds, settings.seed),
+                        "neurons": comp.frame(max(ks), "decrease", range(L, view.n_layers),
+                                              [{"op": e.case.labels.get("op"),
+                                                "prompt": e.case.question,
+                                                "target": e.case.target} for e in enc_cna]),
+                        "cases": pd.concat([orig, res], ignore_index=True),
+                        "history": history, "bands": band_layers,
+                        "cna_seconds": round(time.perf_counter() - t2, 2),
+                        "n_cna": len(enc_cna), "meta": peft_model.cnalens_meta}
+        finally:
+            unload_lora(peft_model)
+    acc = pd.concat(tables, ignore_index=True)
+    acc = acc[["run", "layer", *[c for c in acc.columns if c not in ("run", "layer")]]]
+    summary = _summary(main["table"], deep_from)
+    meta = {
+        "stage": "lora", "model": view.summary(), "settings": settings.to_dict(),
+        "layer": layer, "sweep_layers": layers if len(layers) > 1 else [],
+        "targets": main["meta"]["targets"], "n_train": len(enc_tr), "n_test": len(enc_te),
+        "train_ops": {op: sum(1 for c in train if c.labels["op"] == op) for op in settings.ops},
+        "adapter": str(out / "adapter"), "deep_from": deep_from,
+        "bands": {k: [min(v), max(v)] for k, v in main["bands"].items()},
+        "cna": {"n_cases": main["n_cna"], "ks": list(ks), "seeds": seeds,
+                "runs": {"a": "LoRA model", "b": "original (adapter disabled)"},
+                "target": "run A's prediction", "lens": "frozen, run A's final-norm scale",
+                "ranking": "imp_a - imp_b, layers from the LoRA layer up",
+                "change": "sum|coef_a| / sum|coef_b| - 1 over each case's top-K neurons "
+                          "in the band", "summary": summary,
+                "seconds": main["cna_seconds"]},
+        "per_layer": {str(k): v for k, v in per_layer.items()},
+        "history": main["history"][["step", "loss", "lr", "seconds"]].round(5)
+        .to_dict("list"),
+        "timings": {"train_seconds": per_layer[layer]["train_seconds"],
+                    "eval_original_seconds": round(eval_seconds, 2),
+                    "eval_lora_seconds": per_layer[layer]["eval_seconds"],
+                    "cna_seconds": main["cna_seconds"],
+                    "threads": torch.get_num_threads()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_csv(out / "lora_cases.csv", main["cases"])
+    write_csv(out / "lora_neurons.csv", main["neurons"])
+    write_csv(out / "lora_cna.csv", main["table"])
+    write_csv(out / "lora.csv", acc)
+    write_json(out / "lora.json", meta)
+    return meta
+
+
+def _summary(table: pd.DataFrame, deep_from: int | None) -> dict:
+    """Headline numbers: the coefficient change of the top-K vs random, per band."""
+    out = {}
+    for r in table[table["k"] > 0].itertuples():
+        out[f"{r.band}@{r.k}"] = {"change": r.change, "random_mean": r.random_mean,
+                                  "n_neurons": r.n_neurons, "up_frac": r.up_frac,
+                                  "pct_b": r.pct_b}
+    return out
+
+
+def lora_stage(ctx) -> None:
+    """Main-job stage (off by default): the quick LoRA (smoke: a few dozen cases) on
+    ``default_layer`` (a quarter of the depth), CNA bands around the top ``+`` head's layer
+    from the head scan (depth quartiles without one), no layer sweep; the full profile
+    trains at the paper's scale and sweeps every layer."""
+    from cnalens.pipeline import now
+
+    view = ctx.view
+    name = ctx.profile.name
+    ops = tuple(ctx.ops)
+    if name == "full":
+        settings = LoraSettings.full(ops=ops, seed=ctx.seed)
+    elif name == "smoke":
+        settings = LoraSettings.quick(ops=ops, seed=ctx.seed, n_train=32, n_test=16,
+                                      batch_size=8)
+    else:
+        settings = LoraSettings.quick(ops=ops, seed=ctx.seed)
+    head = ctx.top_heads.get("+") or next(iter(ctx.top_heads.values()), None)
+    deep_from = head[0] if head else None
+    sweep = list(range(view.n_layers)) if name == "full" else []
+    meta = run_lora(view, ctx.out, settings, default_layer(view), sweep,
+                    ks=tuple(k for k in ctx.profile.cna_ks if k > 0) or (10,),
+                    deep_from=deep_from, seeds=ctx.profile.cna_seeds,
+                    n_cna=2 if name == "smoke" else 5, batch_size=ctx.batch_size,
+                    progress=ctx.progress)
+    meta["finished"] = now()
+    write_json(ctx.out / "lora.json", meta)
