@@ -14,6 +14,8 @@ Uniform names:
                   d_model each) or "neox" (fused, per head q|k|v)
   ``down_proj``   FFN down projection; its INPUT holds the FFN coefficients ``m``, its
                   weight the value vectors
+  ``ffn_in``      the FFN's input projections (gate and up, or the single up
+                  projection): one output row per neuron (what pruning shrinks)
   ``attn_out``    module whose output is what attention adds to the residual stream
   ``mlp_out``     module whose output is what the FFN adds to the residual stream
   ``ln_attn``     norm before attention
@@ -45,6 +47,7 @@ class Family:
     mlp_out: str
     ln_attn: str
     ln_ffn: str | None
+    ffn_in: tuple[str, ...] = ()  # FFN input projections, one output per neuron
     ln_attn_post: str | None = None
     ln_ffn_post: str | None = None
     pos_embed: str | None = None
@@ -65,6 +68,7 @@ LLAMA = Family(
     o_proj="self_attn.o_proj",
     v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     attn_out="self_attn",
     mlp_out="mlp",
     ln_attn="input_layernorm",
@@ -81,6 +85,7 @@ GEMMA = Family(
     o_proj="self_attn.o_proj",
     v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     attn_out="self_attn",
     mlp_out="mlp",
     ln_attn="input_layernorm",
@@ -98,6 +103,7 @@ GEMMA2 = Family(
     o_proj="self_attn.o_proj",
     v_proj="self_attn.v_proj",
     down_proj="mlp.down_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
     ln_attn="input_layernorm",
@@ -119,6 +125,7 @@ GPT2 = Family(
     v_proj="attn.c_attn",
     qkv="gpt2",
     down_proj="mlp.c_proj",
+    ffn_in=("mlp.c_fc",),
     attn_out="attn",
     mlp_out="mlp",
     ln_attn="ln_1",
@@ -137,6 +144,7 @@ GPTJ = Family(
     o_proj="attn.out_proj",
     v_proj="attn.v_proj",
     down_proj="mlp.fc_out",
+    ffn_in=("mlp.fc_in",),
     attn_out="attn",
     mlp_out="mlp",
     ln_attn="ln_1",
@@ -156,6 +164,7 @@ NEOX = Family(
     v_proj="attention.query_key_value",
     qkv="neox",
     down_proj="mlp.dense_4h_to_h",
+    ffn_in=("mlp.dense_h_to_4h",),
     attn_out="attention",
     mlp_out="mlp",
     ln_attn="input_layernorm",

@@ -23,6 +23,7 @@ import torch
 
 from cnalens.errors import CnaError
 from cnalens.io import read_json, write_json
+from cnalens.models.pruned import is_pruned, load_pruned
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -323,7 +324,12 @@ def load_pretrained(
             kw["device_map"] = device_map
         try:
             with _status(progress, f"loading {spec}"):
-                model = AutoModelForCausalLM.from_pretrained(src, **kw)
+                if res["kind"] == "dir" and is_pruned(src):  # per-layer FFN widths
+                    if device_map is not None:
+                        raise CnaError("a pruned model loads without --device-map")
+                    model, info["pruned"] = load_pruned(src, **kw), True
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(src, **kw)
                 tok = AutoTokenizer.from_pretrained(src)
         except Exception as e:
             where = "from the hub" if res["kind"] == "hub" else f"from {src}"

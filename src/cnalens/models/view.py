@@ -136,6 +136,10 @@ class ModelView:
     def down_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self.module(layer, "down_proj"), "bias", None)
 
+    def ffn_in(self, layer: int) -> list[nn.Module]:
+        """The FFN's input projections (gate and up, or up alone): one output per neuron."""
+        return [_get(self.layers[layer], path) for path in self.family.ffn_in]
+
     def norm(self, layer: int, which: str) -> nn.Module | None:
         """``which`` in ln_attn, ln_attn_post, ln_ffn, ln_ffn_post."""
         return self.module(layer, which)

@@ -1,0 +1,202 @@
+"""Real FFN pruning: shrink layers' FFN matrices in place, save, and load back.
+
+``prune_ffn(view, {layer: kept neuron indices})`` keeps those neurons of each layer: the
+rows of the FFN input projections (gate and up, or the single up projection, with their
+biases) and the columns of the down projection (its bias, which no neuron owns, stays).
+It is architecture-neutral through the family table (``Family.ffn_in``, ``down_proj``;
+GPT-2's Conv1D stores weights transposed). The model is edited in place: no copies.
+
+Transformers' configs hold one FFN width, so a pruned model is saved as a normal
+``save_pretrained`` folder plus ``cnalens_pruning.json`` (``ffn_widths``: one width per
+layer, and which neurons were kept). ``load_pruned(dir)`` (used by
+``cnalens.models.load_model`` when that file is present) builds the model from its config,
+shrinks the layers to the saved widths, then loads the weights: the result is a plain
+transformers model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnalens.errors import CnaError
+from cnalens.io import read_json, write_json
+
+PRUNING_FILE = "cnalens_pruning.json"
+FORMAT = 1
+
+
+def _take(p: nn.Parameter | None, idx: torch.Tensor, dim: int) -> nn.Parameter | None:
+    if p is None:
+        return None
+    return nn.Parameter(p.data.index_select(dim, idx.to(p.device)).contiguous(),
+                        requires_grad=p.requires_grad)
+
+
+def _shrink_out(mod: nn.Module, idx: torch.Tensor, conv1d: bool) -> None:
+    """Keep output features ``idx`` of an FFN input projection (and its bias)."""
+    mod.weight = _take(mod.weight, idx, 1 if conv1d else 0)
+    if getattr(mod, "bias", None) is not None:
+        mod.bias = _take(mod.bias, idx, 0)
+    if conv1d:
+        mod.nf = len(idx)
+    elif hasattr(mod, "out_features"):
+        mod.out_features = len(idx)
+
+
+def _shrink_in(mod: nn.Module, idx: torch.Tensor, conv1d: bool) -> None:
+    """Keep input features ``idx`` of the down projection (its bias stays)."""
+    mod.weight = _take(mod.weight, idx, 0 if conv1d else 1)
+    if conv1d:
+        mod.nx = len(idx)
+    elif hasattr(mod, "in_features"):
+        mod.in_features = len(idx)
+
+
+def _check_keep(view, keep: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    out = {}
+    for layer, idx in keep.items():
+        layer = int(layer)
+        view.check_layers([layer])
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        width = view.ffn_width(layer)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= width):
+            raise CnaError(f"cannot prune layer {layer}: kept neuron indices must lie in "
+                           f"0..{width - 1}")
+        uniq = torch.unique(idx)  # sorted
+        if len(uniq) != len(idx):
+            raise CnaError(f"cannot prune layer {layer}: kept neuron indices repeat")
+        if not len(uniq):
+            raise CnaError(f"cannot prune layer {layer}: at least one neuron must be kept")
+        out[layer] = uniq
+    return out
+
+
+def prune_ffn(view, keep: Mapping[int, torch.Tensor]) -> dict:
+    """Keep only neurons ``keep[layer]`` (any order; stored sorted) of each listed layer.
+
+    Shrinks the model behind ``view`` in place and updates the view's widths. Returns
+    ``{"params_removed", "widths_before", "widths_after"}``.
+    """
+    keep = _check_keep(view, keep)
+    if not view.family.ffn_in:
+        raise CnaError(f"{view.family.name}: the family table names no FFN input projections")
+    before = list(view.ffn_widths)
+    n0 = sum(p.numel() for p in view.model.parameters())
+    conv = view.family.conv1d
+    with torch.no_grad():
+        for layer, idx in keep.items():
+            if len(idx) == view.ffn_width(layer):
+                continue
+            for mod in view.ffn_in(layer):
+                _shrink_out(mod, idx, conv)
+            _shrink_in(view.module(layer, "down_proj"), idx, conv)
+            view.ffn_widths[layer] = len(idx)
+    view.d_ffn = max(view.ffn_widths)
+    n1 = sum(p.numel() for p in view.model.parameters())
+    return {"params_removed": n0 - n1, "widths_before": before,
+            "widths_after": list(view.ffn_widths)}
+
+
+@contextmanager
+def _hf_quiet() -> Iterator[None]:
+    """transformers' logging at error level and no progress bars, for a while."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def is_pruned(path: str | Path) -> bool:
+    return (Path(path) / PRUNING_FILE).is_file()
+
+
+def save_pruned(view, out: str | Path, meta: dict | None = None) -> Path:
+    """``save_pretrained`` (weights as safetensors, config, tokenizer) + ``cnalens_pruning.json``.
+
+    Written into a temporary folder beside ``out`` and renamed, so ``out`` is complete or
+    absent; an existing ``out`` is replaced.
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        with _hf_quiet():
+            view.model.save_pretrained(tmp)
+        if view.tokenizer is not None and hasattr(view.tokenizer, "save_pretrained"):
+            view.tokenizer.save_pretrained(tmp)
+        write_json(tmp / PRUNING_FILE, {
+            "format": FORMAT, "ffn_widths": list(view.ffn_widths),
+            "what": "per-layer FFN widths; load with cnalens.models.load_model(DIR)",
+            **(meta or {})})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Total size of a folder's safetensors weight files."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_pruned(path: str | Path, **kwargs) -> nn.Module:
+    """A pruned model saved by ``save_pruned``, as a plain transformers model.
+
+    ``from_pretrained`` loads every weight whose shape matches the config (all but the pruned
+    FFN matrices, which it leaves freshly initialised at full width); the pruned layers are
+    then shrunk to the saved widths and their FFN weights read from the safetensors files.
+    ``kwargs`` go to ``from_pretrained`` (``dtype``, ...).
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from cnalens.models.view import ModelView
+
+    path = Path(path)
+    try:
+        widths = [int(w) for w in read_json(path / PRUNING_FILE)["ffn_widths"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CnaError(f"cannot read {path / PRUNING_FILE}: {e}") from None
+    with _hf_quiet():  # the size-mismatch report is expected
+        model = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
+                                                     **kwargs)
+    view = ModelView(model)
+    if len(widths) != view.n_layers:
+        raise CnaError(f"{PRUNING_FILE} lists {len(widths)} widths for {view.n_layers} layers")
+    pruned = [layer for layer, w in enumerate(widths) if w != view.ffn_width(layer)]
+    prune_ffn(view, {layer: torch.arange(widths[layer]) for layer in pruned})
+    names = {id(p): name for name, p in model.named_parameters()}
+    wanted = {names[id(p)]: p for layer in pruned
+              for mod in (*view.ffn_in(layer), view.module(layer, "down_proj"))
+              for p in mod.parameters(recurse=False)}
+    found = set()
+    with torch.no_grad():
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                for key in set(sf.keys()) & set(wanted):
+                    t = sf.get_tensor(key)
+                    if t.shape != wanted[key].shape:
+                        raise CnaError(f"pruned weight {key} in {path} has shape "
+                                       f"{tuple(t.shape)}, expected {tuple(wanted[key].shape)}")
+                    wanted[key].copy_(t)
+                    found.add(key)
+    if missing := sorted(set(wanted) - found):
+        raise CnaError(f"pruned model folder {path} lacks weights: {', '.join(missing[:3])}")
+    return model.eval()
