@@ -304,6 +304,39 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
         ("random", s, random_keep(per_layer, widths, s)) for s in seeds]
     sizes: dict = {}
     histories: dict = {}
+
+    def _write(rows, cases, variants, complete: bool) -> pd.DataFrame:
+        """All files from what is done so far (after each variant: a long run that is
+        stopped keeps its finished rows; ``complete`` says whether every variant ran)."""
+        table = pd.DataFrame(rows)
+        table.insert(0, "model", view.info.get("spec"))
+        neurons = pd.concat([keep_frame(kp, kind, seed) for kind, seed, kp in variants],
+                            ignore_index=True)
+        write_csv(out / "prune_neurons.csv", neurons)
+        write_csv(out / "prune_cases.csv", pd.concat(cases, ignore_index=True))
+        write_csv(out / "prune_summary.csv", summary(table))
+        write_csv(out / "prune.csv", table)
+        write_json(out / "prune.json", {
+            "stage": "prune", "complete": complete, "model": view.summary(),
+            "settings": settings_extra or {}, "lora_adapter": str(lora_dir),
+            "lora_settings": settings.to_dict(),
+            "lora_base": adapter_meta.get("base", {}).get("spec"),
+            "selection": {"cases": len(sel), "pairs_per_op": n_select,
+                          "ops": list(settings.ops), "digits": [1], "shots": settings.shots,
+                          "ranking": "imp_a - imp_b",
+                          "runs": {"a": "LoRA model", "b": "original (adapter disabled)"},
+                          "target": "run A's prediction, A's frozen final-norm scale for both"},
+            "deep_layers": [deep[0], deep[-1]], "deep_neurons": sum(widths[la] for la in deep),
+            "keep_top": keep_top, "target_fraction": fraction, "n_top": n_top,
+            "pruned_fraction": pruned_fraction(keep, widths),
+            "kept_per_layer": {str(k): v for k, v in per_layer.items()},
+            "seeds": list(seeds), "trained": train, "n_test": len(test_enc),
+            "n_train": len(train_enc), "sizes": sizes, "histories": histories,
+            "timings": times, "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "finished": now() if complete else None})
+        return table
+
     for kind, seed, kp in variants:
         tag = "cna" if kind == "cna" else f"random seed {seed}"
         pv = fresh()
@@ -335,32 +368,8 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
             del peft_model
         del pv
         lap(f"variant {tag}", t)
-    table = pd.DataFrame(rows)
-    table.insert(0, "model", view.info.get("spec"))
-    summ = summary(table)
-    neurons = pd.concat([keep_frame(kp, kind, seed) for kind, seed, kp in variants],
-                        ignore_index=True)
-    write_csv(out / "prune_neurons.csv", neurons)
-    write_csv(out / "prune_cases.csv", pd.concat(cases, ignore_index=True))
-    write_csv(out / "prune_summary.csv", summ)
-    write_csv(out / "prune.csv", table)
-    write_json(out / "prune.json", {
-        "stage": "prune", "model": view.summary(), "settings": settings_extra or {},
-        "lora_adapter": str(lora_dir), "lora_settings": settings.to_dict(),
-        "lora_base": adapter_meta.get("base", {}).get("spec"),
-        "selection": {"cases": len(sel), "pairs_per_op": n_select, "ops": list(settings.ops),
-                      "digits": [1], "shots": settings.shots, "ranking": "imp_a - imp_b",
-                      "runs": {"a": "LoRA model", "b": "original (adapter disabled)"},
-                      "target": "run A's prediction, A's frozen final-norm scale for both"},
-        "deep_layers": [deep[0], deep[-1]], "deep_neurons": sum(widths[la] for la in deep),
-        "keep_top": keep_top, "target_fraction": fraction, "n_top": n_top,
-        "pruned_fraction": pruned_fraction(keep, widths),
-        "kept_per_layer": {str(k): v for k, v in per_layer.items()},
-        "seeds": list(seeds), "trained": train, "n_test": len(test_enc),
-        "n_train": len(train_enc), "sizes": sizes, "histories": histories,
-        "timings": times, "threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - t0, 1), "finished": now()})
-    return table
+        _write(rows, cases, variants, False)
+    return _write(rows, cases, variants, True)
 
 
 def _save_and_measure(view, pv, out, keep, frac, ffn_before, info, enc, batch_size,
