@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from cnalens.errors import CnaError
@@ -372,11 +373,134 @@ def head_ov(view, layer: int, head: int, tokens: Sequence[int] | None = None, k:
             "directions": dirs}
 
 
+# --------------------------------------------------------------------------- neurons
+@torch.no_grad()
+def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
+    encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
+    for the case's gold first answer token if it has one, else the model's prediction."""
+    from cnalens.scores import _ffn_vectors, _Lens, case_states
+
+    st = case_states(view, [enc])
+    if target is None:
+        tg = st.gold if enc.answer_ids else st.pred
+    else:
+        tg = torch.tensor([int(target)])
+    lz = _Lens(view, "frozen")
+    c = lz.scale(st.final)
+    coef = torch.empty(len(units), dtype=torch.float64)
+    imp = torch.empty(len(units), dtype=torch.float64)
+    by_layer: dict[int, list[int]] = {}
+    for i, (layer, _) in enumerate(units):
+        by_layer.setdefault(layer, []).append(i)
+    for layer, rows in by_layer.items():
+        idx = torch.tensor([units[i][1] for i in rows])
+        X, Cv, A = _ffn_vectors(view, lz, st, layer)
+        base = lz.base(st.resid_mid[:, layer], c, tg)
+        imp[rows] = lz.score(X[idx], Cv[idx], A[:, idx], base)[0].double()
+        coef[rows] = st.coef[0, layer, idx].double()
+    return coef, imp, int(tg[0])
+
+
+def read_neurons(view, units: Sequence[tuple[int, int]], *, case=None, target=None,
+                 transform_layers: Sequence[int] = (), head: tuple[int, int] | None = None,
+                 sign: str | None = None, k: int = 10, position: int = -1,
+                 scales: Scales | None = None) -> pd.DataFrame:
+    """Top tokens of FFN neurons, untransformed and transformed, as one tidy table.
+
+    One row per neuron, view (``untransformed``, ``T@L`` summed over heads, or
+    ``T@L.H`` for ``head``) and side. The vectors are what the residual receives
+    (:func:`cnalens.locator.neuron_vectors`). With a ``case`` (an encoded case), the
+    coefficient and importance at its last token are given and the scales are the case's
+    (:func:`case_scales` at ``position``); without, ``scales`` (e.g. :func:`mean_scales`)
+    or unit scales. ``sign``: pos / neg / both; None = the coefficient's sign with a
+    case, else pos. Token values are lens logits per unit coefficient."""
+    from cnalens.locator import neuron_vectors
+
+    if sign is not None and sign not in SIGNS:
+        raise CnaError(f"unknown sign '{sign}': use {', '.join(SIGNS)}")
+    units = [(int(a), int(b)) for a, b in units]
+    view.check_neurons(units)
+    views: list[tuple[str, int | None, int | None]] = [("untransformed", None, None)]
+    for t in transform_layers:
+        view.check_layers([t])
+        views.append((f"T@{t}", t, None))
+    if head is not None:
+        view.check_heads([head])
+        views.append((f"T@{head[0]}.{head[1]}", head[0], head[1]))
+    coef = imp = None
+    tgt = None
+    if case is not None:
+        coef, imp, tgt = neuron_case_scores(view, case, units, target)
+        scales = case_scales(view, case, position)
+    vecs = torch.cat([neuron_vectors(view, layer)[[n]] for layer, n in units])
+    rows = []
+    for label, t, h in views:
+        X = vecs if t is None else transform(view, vecs, t, head=h,
+                                             **(scales.at(t) if scales else {}))
+        proj = project(view, X, scale=scales.final if scales else None, k=k)
+        top_s, bot_s = proj.tokens(view.tokenizer, "top"), proj.tokens(view.tokenizer, "bottom")
+        for i, (layer, n) in enumerate(units):
+            c = None if coef is None else float(coef[i])
+            chosen = sign or ("pos" if c is None or c >= 0 else "neg")
+            sides = ("pos", "neg") if chosen == "both" else (chosen,)
+            for sd in sides:
+                toks = top_s[i] if sd == "pos" else bot_s[i]
+                vals = proj.top_vals[i] if sd == "pos" else -proj.bottom_vals[i]
+                rows.append({
+                    "neuron": f"{layer}.{n}", "layer": layer, "index": n, "view": label,
+                    "transform_layer": -1 if t is None else t, "head": -1 if h is None else h,
+                    "side": sd, "selected_by": "coefficient" if sign is None and c is not None
+                    else "option", "coef": c,
+                    "importance": None if imp is None else float(imp[i]),
+                    "target": None if tgt is None else view.tokenizer.decode([tgt]),
+                    "tokens": toks, "values": [round(float(x), 4) for x in vals]})
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- locator
+SWEEP_CASES = {"quick": 12, "smoke": 4, "full": None}  # 1-digit cases per op (None: all)
+
+
+def shallow_cases(ops, profile: str, seed: int = 0):
+    """The M-sweep's cases: 1-digit "n1+n2=" cases of + and - (the paper's 1D +/-) among
+    ``ops`` (else the first op), ``SWEEP_CASES[profile]`` per op."""
+    from cnalens.data.arithmetic import arithmetic_cases
+
+    chosen = [o for o in ("+", "-") if o in ops] or list(ops)[:1]
+    return chosen, arithmetic_cases(chosen, (1,), ("eq",), n=SWEEP_CASES.get(profile),
+                                    seed=seed)
+
+
 def shallow_stage(ctx) -> None:
-    """Main-job stage: the zero-shot locator (see :func:`locate`); written below."""
-    raise CnaError("shallow stage: not implemented yet")
+    """Main-job stage: the zero-shot locator (:mod:`cnalens.locator`) below the + head's
+    layer (or the first op's head), with the profile's settings; DIR/shallow.csv/.json."""
+    from dataclasses import replace
+
+    from cnalens.locator import PRESETS, run_shallow
+    from cnalens.progress import console
+
+    head = ctx.top_heads.get("+") or next(iter(ctx.top_heads.values()), None)
+    if head is None:
+        console.print("[yellow]shallow: no head scan to take the arithmetic head from; "
+                      "skipped[/]")
+        return
+    if head[0] == 0:
+        console.print(f"[yellow]shallow: the head {head[0]}.{head[1]} is in layer 0, so "
+                      "there are no shallow layers; skipped[/]")
+        return
+    name = ctx.profile.name if ctx.profile.name in PRESETS else "quick"
+    settings = replace(PRESETS[name], seed=ctx.seed)
+    ops, cases = shallow_cases(ctx.ops, name, ctx.seed)
+    run_shallow(ctx.view, ctx.out, head, head[0], settings, cases, ctx.batch_size,
+                ctx.progress, extra={"cases": {"ops": ops, "digits": [1], "template": "eq",
+                                               "per_op": SWEEP_CASES.get(name),
+                                               "seed": ctx.seed},
+                                     "profile": name})
 
 
 __all__ = ["Projection", "Scales", "case_scales", "head_ov", "ids_to_strings", "lens_vectors",
-           "mean_scales", "ov_parts", "project", "topk_lens", "transform"]
+           "mean_scales", "neuron_case_scores", "ov_parts", "project", "read_neurons",
+           "shallow_cases", "shallow_stage", "topk_lens",
+           "transform"]

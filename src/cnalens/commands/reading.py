@@ -1,1 +1,236 @@
-"""Placeholder: the reading commands are being written."""
+"""Reading commands: ``cnalens neuron`` (top tokens of neurons and heads' OV circuits),
+``cnalens shallow`` (the zero-shot locator) and ``cnalens explain`` (the four-stage chain)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cnalens.cli import (
+    BatchOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    QuietOpt,
+    _command,
+    _print_table,
+    _view,
+    app,
+    console,
+)
+from cnalens.errors import CnaError
+from cnalens.names import parse_ints, parse_list, parse_units
+
+
+# ----------------------------------------------------------------- cnalens neuron
+def _one_head(text: str | None, what: str = "head") -> tuple[int, int] | None:
+    if text is None:
+        return None
+    units = parse_units(text, what)
+    if len(units) != 1:
+        raise CnaError(f"--{what} takes one head, e.g. 7.0")
+    return units[0]
+
+
+def _write_table(out: Path, stem: str, df, meta: dict) -> None:
+    from cnalens.io import write_csv, write_json
+
+    flat = df.copy()
+    for col in ("tokens", "values"):
+        if col in flat:
+            flat[col] = [" | ".join(map(str, x)) for x in flat[col]]
+    write_csv(out / f"{stem}.csv", flat)
+    write_json(out / f"{stem}.json", {**meta, "rows": df.to_dict("records")})
+
+
+@app.command()
+def neuron(
+    neurons: Annotated[list[str] | None, typer.Argument(
+        help="FFN neurons L.N (0-based), e.g. 16.1234 5.77")] = None,
+    model: ModelOpt = "gemma3-270m",
+    case: Annotated[str | None, typer.Option(
+        help='a prompt, e.g. "3+5=": coefficient, importance and which side the sign '
+             "selects; 'a op b =' prompts get the arithmetic few-shot prefix")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="target token for the importance (default: the arithmetic answer, else the "
+             "model's prediction)")] = None,
+    shots: Annotated[int, typer.Option(help="few-shot examples for an arithmetic case")] = 3,
+    position: Annotated[int, typer.Option(
+        help="token position of the case whose input-norm scales the transform uses "
+             "(negative: from the end)")] = -1,
+    transform_layer: Annotated[str | None, typer.Option(
+        "--transform-layer", help="attention layer(s) whose OV circuit transforms the "
+        "neurons, e.g. 7 or 5,7 (summed over heads)")] = None,
+    head: Annotated[str | None, typer.Option(
+        help="L.H: also transform by this head alone; without neurons, print the head's "
+             "OV circuit's top tokens")] = None,
+    sign: Annotated[str | None, typer.Option(
+        help="pos, neg or both (default: the coefficient's sign with --case, else pos)")] = None,
+    k: Annotated[int, typer.Option("--k", help="tokens shown per side")] = 10,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="folder for neuron.csv/.json (or head_ov.csv/.json)")] = None,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top and bottom tokens of FFN neurons' value vectors (untransformed and through
+    upper attention layers), or of a head's OV circuit (--head L.H alone)."""
+    units = parse_units(",".join(neurons), "neurons") if neurons else []
+    hd = _one_head(head)
+    layers = parse_ints(transform_layer, "transform-layer") if transform_layer else []
+    if not units and hd is None:
+        raise CnaError("give FFN neurons (L.N) or --head L.H")
+    if sign is not None and sign not in ("pos", "neg", "both"):
+        raise CnaError(f"unknown sign '{sign}': use pos, neg or both")
+    if k < 1:
+        raise CnaError("--k must be at least 1")
+    view = _view(model, device, dtype, device_map, quiet)
+    if hd is not None:
+        view.check_heads([hd])
+    view.check_neurons(units)
+    view.check_layers(layers)
+    if not units:
+        _head_ov(view, hd, k, out)
+        return
+    from cnalens.vocab import mean_scales, read_neurons, shallow_cases
+
+    enc, tgt, scales, scale_note = None, None, None, "unit"
+    if case is not None:
+        from cnalens.explain import _encode, case_from_prompt, target_id
+
+        enc = _encode(view, case_from_prompt(case, shots))
+        tgt = target_id(view, target)
+        scale_note = f"the case's, input norms at position {position}"
+    else:
+        if target is not None:
+            raise CnaError("--target needs --case")
+        if layers or hd is not None:
+            _, cs = shallow_cases(("+", "-"), "smoke", 0)
+            scales = mean_scales(view, cs)
+            scale_note = scales.source + " (1-digit + and -)"
+    df = read_neurons(view, units, case=enc, target=tgt, transform_layers=layers, head=hd,
+                      sign=sign, k=k, position=position, scales=scales)
+    show = df.assign(tokens=[" | ".join(t) for t in df["tokens"]])
+    cols = ["neuron", "view", "side", *(["coef", "importance"] if enc is not None else []),
+            "tokens"]
+    title = "neuron top tokens" + (f" on {enc.case.question!r} (target "
+                                   f"{df['target'].iloc[0]!r})" if enc is not None else "")
+    _print_table(show[cols], title)
+    if out is not None:
+        _write_table(out, "neuron", df, {"command": _command(), "model": view.summary(),
+                                         "case": case, "scales": scale_note, "k": k})
+        console.print(f"wrote {out}/neuron.csv")
+
+
+def _head_ov(view, hd: tuple[int, int], k: int, out: Path | None) -> None:
+    import pandas as pd
+
+    from cnalens.vocab import head_ov, ids_to_strings
+
+    res = head_ov(view, hd[0], hd[1], k=k)
+    inputs = ids_to_strings(view.tokenizer, res["input_ids"][:, None])
+    rows = [{"input": src[0], "kind": "token", "tokens": toks}
+            for src, toks in zip(inputs, res["inputs"].tokens(view.tokenizer), strict=True)]
+    for i, sv in enumerate(res["singular_values"].tolist()):
+        for which, sgn in (("top", "+"), ("bottom", "-")):
+            rows.append({"input": f"{sgn}u{i + 1} (s={sv:.2f})", "kind": "singular",
+                         "tokens": res["directions"].tokens(view.tokenizer, which)[i]})
+    df = pd.DataFrame(rows)
+    _print_table(df.assign(tokens=[" | ".join(t) for t in df["tokens"]]),
+                 f"head {hd[0]}.{hd[1]} OV circuit: what it writes when attending to a token; "
+                 "its top singular output directions")
+    if out is not None:
+        _write_table(out, "head_ov", df, {"command": _command(), "model": view.summary(),
+                                          "head": f"{hd[0]}.{hd[1]}", "k": k})
+        console.print(f"wrote {out}/head_ov.csv")
+
+
+# ----------------------------------------------------------------- cnalens shallow
+def _shallow_head(out: Path, head: str | None, deep_from: int | None, ops: list[str]):
+    """(head or None, deep-from layer) from the options, else DIR/heads.csv."""
+    if head is not None and deep_from is not None:
+        raise CnaError("give --head or --deep-from, not both")
+    if head is not None:
+        hd = _one_head(head)
+        return hd, hd[0]
+    if deep_from is not None:
+        return None, deep_from
+    if (out / "heads.csv").is_file():
+        import pandas as pd
+
+        from cnalens.pipeline import top_head_per_op
+
+        tops = top_head_per_op(pd.read_csv(out / "heads.csv", dtype={"op": str}),
+                               [o for o in ("+", *ops) if o])
+        if tops:
+            hd = tops.get("+") or next(iter(tops.values()))
+            return hd, hd[0]
+    raise CnaError(f"no --head, no --deep-from and no {out}/heads.csv: run 'cnalens heads "
+                   f"--out {out}' first or pass --head L.H / --deep-from L")
+
+
+@app.command()
+def shallow(
+    model: ModelOpt = "gemma3-270m",
+    out: Annotated[Path, typer.Option("--out", "-o", help="results folder")] = Path(
+        "results/shallow"),
+    head: Annotated[str | None, typer.Option(
+        help="the arithmetic head L.H (shallow = layers below L); default: the + head "
+             "of DIR/heads.csv")] = None,
+    deep_from: Annotated[int | None, typer.Option(
+        "--deep-from", help="first deep layer (instead of --head)")] = None,
+    top_tokens: Annotated[int, typer.Option("--top-tokens", help="top tokens matched")] = 50,
+    m: Annotated[str, typer.Option("--m", help="thresholds M, e.g. 1,2,3")] = "1,2,3",
+    seeds: Annotated[int, typer.Option(help="random same-size sets per M")] = 3,
+    transforms: Annotated[str, typer.Option(
+        help="all: every attention layer above the neuron up to the head's; head: the "
+             "head's layer only (faster)")] = "all",
+    sign: Annotated[str, typer.Option(help="coefficient sign: pos, neg or both")] = "pos",
+    null: Annotated[int, typer.Option(help="random directions per shallow layer")] = 512,
+    ops: Annotated[str, typer.Option(help="operations of the sweep's cases")] = "+,-",
+    n: Annotated[int | None, typer.Option(
+        "--n", help="1-digit cases per op for the sweep (default: all)")] = None,
+    seed: int = 0,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Zero-shot locator: shallow FFN neurons whose attention-transformed projection hits
+    number and operator tokens; the accuracy drop of each M-set vs random sets."""
+    from cnalens.data.arithmetic import arithmetic_cases
+    from cnalens.locator import LocatorSettings, run_shallow
+    from cnalens.pipeline import record_stage
+
+    op_list = parse_list(ops, "ops")
+    settings = LocatorSettings(top_tokens=top_tokens, ms=tuple(parse_ints(m, "m")),
+                               transforms=transforms, sign=sign, seeds=seeds,
+                               null_per_layer=null, seed=seed).check()
+    if null < 1:
+        raise CnaError("--null must be at least 1")
+    hd, deep = _shallow_head(out, head, deep_from, op_list)
+    cases = arithmetic_cases(op_list, (1,), ("eq",), n=n, seed=seed)
+    view = _view(model, device, dtype, device_map, quiet)
+    if hd is not None:
+        view.check_heads([hd])
+    view.check_layers([deep])
+    if deep == 0:
+        raise CnaError("the deep layers start at layer 0: there are no shallow layers")
+    t0 = time.perf_counter()
+    meta = run_shallow(view, out, hd, deep, settings, cases, batch_size, not quiet,
+                       extra={"cases": {"ops": op_list, "digits": [1], "template": "eq",
+                                        "per_op": n, "seed": seed}})
+    import pandas as pd
+
+    sw = pd.DataFrame(meta["sweep"])
+    null_df = pd.DataFrame(meta["null"])
+    sw = sw.merge(null_df[["m", "null_expected"]], on="m")
+    _print_table(sw[["m", "n_neurons", "null_expected", "acc_orig", "acc_zeroed", "drop",
+                     "random_mean", "n_cases"]],
+                 f"shallow neurons (layers 0-{deep - 1}) with >= M concept tokens in their "
+                 f"top {top_tokens}: accuracy drop when zeroed (%)",
+                 pct=("acc_orig", "acc_zeroed", "drop", "random_mean"))
+    report = record_stage(out, view, _command(), "shallow", time.perf_counter() - t0)
+    console.print(f"wrote {out}/shallow.csv, {out}/shallow.json; report: {report}")
