@@ -246,7 +246,8 @@ def answer_loss(view, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
     keep = targets >= 0
     logits = view.logits(hidden[keep])
     n = int(keep.sum())
-    return nn.functional.cross_entropy(logits.float(), targets[keep]), n
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return nn.functional.cross_entropy(logits, targets[keep]), n
 
 
 # --------------------------------------------------------------------------- training
@@ -341,7 +342,9 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
         "settings": settings.to_dict(), "targets": targets, "base": identity,
         "n_train": len(enc), "train_seconds": round(time.perf_counter() - t0, 2),
         "steps": total, "loss_first": rows[0]["loss"] if rows else None,
-        "loss_last": rows[-1]["loss"] if rows else None}
+        "loss_last": rows[-1]["loss"] if rows else None,
+        "history": history[["step", "loss", "lr", "seconds"]].round(5).to_dict("list")
+        if rows else None}
     return peft_model, history
 
 
@@ -503,7 +506,8 @@ def _sample_per_op(enc: Sequence[Encoded], n: int, seed: int) -> list[Encoded]:
 def run_lora(view, out: Path, settings: LoraSettings, layer: int,
              sweep: Sequence[int] = (), ks: Sequence[int] = (10, 20, 50),
              deep_from: int | None = None, seeds: int = 3, n_cna: int = 5,
-             batch_size: int = 64, progress: bool = True) -> dict:
+             batch_size: int = 64, progress: bool = True,
+             adapter: str | Path | None = None) -> dict:
     """Train a LoRA on ``layer`` (and on each ``sweep`` layer), evaluate original vs LoRA
     on the test split, save the main adapter to ``out/adapter``, and compare the main
     LoRA model with the original by CNA on ``n_cna`` test cases per op.
@@ -511,12 +515,19 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
     Writes lora.csv (accuracy per run, layer and op), lora_cna.csv (coefficient change),
     lora_neurons.csv (each CNA case's top neurons), lora_cases.csv (per case, main layer)
     and lora.json; ``view.model`` is the original again on return (also on errors).
+    ``adapter``: a saved adapter to evaluate and compare instead of training the main
+    layer (its settings and layer are taken from its ``cnalens.json``).
     """
     from cnalens.apps.lora_cna import bands, lora_comparison, summarize
     from cnalens.evaluate import evaluate
     from cnalens.io import write_csv
 
     t0 = time.perf_counter()
+    if adapter is not None:
+        saved = read_adapter_meta(adapter)["settings"]
+        settings = LoraSettings(**_tuples({k: v for k, v in saved.items()
+                                           if k in LoraSettings.__dataclass_fields__}))
+        layer = settings.layers[0]
     settings.check()
     layers = [layer, *[x for x in sweep if x != layer]]
     view.check_layers(layers)
@@ -531,14 +542,19 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
     tables = [accuracy_by_run(orig).assign(layer=-1)]
     per_layer, main = {}, {}
     for L in layers:
-        s = settings.replace(layers=(L,))
-        peft_model, history = train_lora(view, enc_tr, s, progress=progress)
+        if adapter is not None and L == layer:
+            peft_model = load_adapter(view, adapter).peft_model
+            history = pd.DataFrame(peft_model.cnalens_meta.get("history") or
+                                   {"step": [], "loss": [], "lr": [], "seconds": []})
+        else:
+            peft_model, history = train_lora(view, enc_tr, settings.replace(layers=(L,)),
+                                             progress=progress)
         try:
             t1 = time.perf_counter()
             res = evaluate(view, enc_te, batch_size=batch_size, progress=progress,
                            description=f"evaluating LoRA {L}").assign(run="lora")
             tables.append(accuracy_by_run(res).assign(layer=L))
-            per_layer[L] = {"train_seconds": peft_model.cnalens_meta["train_seconds"],
+            per_layer[L] = {"train_seconds": peft_model.cnalens_meta.get("train_seconds"),
                             "eval_seconds": round(time.perf_counter() - t1, 2),
                             "loss": [round(x, 4) for x in history["loss"]],
                             "acc": float(res["correct"].mean())}

@@ -1,0 +1,238 @@
+"""LoRA on one attention layer (cnalens.apps.lora) on tiny float64 models: training,
+the answer-position loss, save/load, mismatches, and the LoRA-vs-original CNA."""
+
+import json
+
+import pytest
+import torch
+
+from cnalens.apps.lora import (
+    LoraSettings,
+    answer_loss,
+    load_adapter,
+    lora_cases,
+    save_adapter,
+    target_names,
+    train_lora,
+    unload_lora,
+)
+from cnalens.apps.lora_cna import bands, lora_comparison, summarize
+from cnalens.cli import main
+from cnalens.data.cases import encode_all
+from cnalens.errors import CnaError
+from cnalens.models import ModelView
+from tiny import TinyTokenizer, tiny_model
+
+SETTINGS = LoraSettings.quick(layers=(1,), n_train=48, n_test=16, batch_size=8, lr=1e-2,
+                              epochs=2)
+
+
+def _view(family: str, seed: int = 0) -> ModelView:
+    return ModelView(tiny_model(family, seed=seed), TinyTokenizer(), {"spec": family})
+
+
+def _logits(view, enc):
+    b = view.batch([e.input_ids for e in enc])
+    with torch.no_grad():
+        return view.logits(view.hidden(b))
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, test = lora_cases(SETTINGS)
+    tok = TinyTokenizer()
+    return encode_all(tok, train), encode_all(tok, test)
+
+
+def test_cases_disjoint_all_ops_negative():
+    s = LoraSettings.quick(n_train=400, n_test=100)
+    train, test = lora_cases(s)
+    pairs = {(c.labels["op"], c.labels["a"], c.labels["b"]) for c in train}
+    assert not pairs & {(c.labels["op"], c.labels["a"], c.labels["b"]) for c in test}
+    assert {c.labels["op"] for c in train} == {"+", "-", "*", "/"}
+    assert {c.labels["digits"] for c in train} == {2}
+    assert any(c.labels["answer"] < 0 for c in train)
+    assert len(train) == 400 and all(c.prefix == "" for c in train)
+    with pytest.raises(CnaError, match="test split is empty"):
+        lora_cases(s.replace(n_test=0))
+
+
+@pytest.mark.parametrize("family, expect", [
+    ("gpt2", ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"]),
+    ("llama", [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]),
+])
+def test_targets(family, expect):
+    view = _view(family)
+    assert sorted(target_names(view, [1], ["attn"])) == sorted(expect)
+    assert target_names(view, [1], ["o_proj"]) == [n for n in expect if "o_proj" in n
+                                                   or "c_proj" in n]
+    with pytest.raises(CnaError, match="matches no linear module"):
+        target_names(view, [1], ["no_such_proj"])
+    with pytest.raises(CnaError, match="out of range"):
+        target_names(view, [9], ["attn"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_trains_reproducibly_and_disables_exactly(family, data, one_thread):
+    view = _view(family)
+    train, test = data
+    before = _logits(view, test)
+    with torch.no_grad():
+        loss0 = answer_loss(view, train)[0]
+    pm, hist = train_lora(view, train, SETTINGS, progress=False)
+    assert len(hist) == 2 * 6 and hist["loss"].notna().all()
+    with torch.no_grad():
+        assert answer_loss(view, train)[0] < 0.97 * loss0  # the training loss falls
+    lora = _logits(view, test)
+    assert not torch.allclose(lora, before)
+    with pm.disable_adapter():
+        assert torch.equal(_logits(view, test), before)  # the original, exactly
+    weights = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k}
+    unload_lora(pm)
+    assert torch.equal(_logits(view, test), before)
+    pm2, _ = train_lora(view, train, SETTINGS, progress=False)  # same seed, same adapter
+    for k, v in pm2.state_dict().items():
+        if "lora_" in k:
+            assert torch.equal(v, weights[k]), k
+    unload_lora(pm2)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])  # gemma2: soft-capped logits
+def test_answer_loss_equals_full_logits_loss(family, data):
+    view = _view(family)
+    enc = data[0][:8]
+    if family == "gemma2":  # its 4-token sliding window turns left-padded rows into NaN
+        enc = [e for e in data[0] if len(e.input_ids) == len(enc[0].input_ids)][:6]
+    else:
+        assert len({len(e.input_ids) for e in enc}) > 1  # padding exercised
+    loss, n = answer_loss(view, enc)
+    total, count = 0.0, 0
+    for e in enc:  # by hand: each case alone, full-sequence logits, the answer positions
+        logits = view.model(input_ids=torch.tensor([e.input_ids])).logits[0]
+        k = len(e.answer_ids)
+        for j, tok in enumerate(e.answer_ids):
+            total += -torch.log_softmax(logits[len(e.input_ids) - k + j], -1)[tok]
+            count += 1
+    assert n == count
+    torch.testing.assert_close(loss, (total / count).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_save_load_round_trip_and_mismatches(data, tmp_path, one_thread):
+    train, test = data
+    view = _view("llama")
+    pm, _ = train_lora(view, train, SETTINGS, progress=False)
+    lora = _logits(view, test)
+    save_adapter(pm, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "cnalens.json").read_text())
+    assert meta["settings"]["layers"] == [1] and meta["base"]["spec"] == "llama"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    unload_lora(pm)
+    fresh = _view("llama")
+    assert load_adapter(fresh, tmp_path) is fresh  # DIR or DIR/adapter
+    assert torch.equal(_logits(fresh, test), lora)
+    with pytest.raises(CnaError, match="already carries a LoRA"):
+        load_adapter(fresh, tmp_path)
+    for other, why in (("gpt2", "family"), ("gemma", "family")):
+        with pytest.raises(CnaError, match=why) as err:
+            load_adapter(_view(other), tmp_path / "adapter")
+        assert "\n" not in str(err.value)
+    with pytest.raises(CnaError, match="weights of .* differ"):
+        load_adapter(_view("llama", seed=1), tmp_path / "adapter")
+    with pytest.raises(CnaError, match="no LoRA adapter"):
+        load_adapter(_view("llama"), tmp_path / "nothing")
+
+
+def test_load_reports_peft_shape_errors_in_one_line(data, tmp_path):
+    train, _ = data
+    view = _view("llama")
+    pm, _ = train_lora(view, train, SETTINGS.replace(epochs=1), progress=False)
+    save_adapter(pm, tmp_path / "a")
+    meta_path = tmp_path / "a" / "cnalens.json"
+    meta = json.loads(meta_path.read_text())
+    other = _view("qwen3")  # same family table and sizes except head_dim: q/k/v shapes
+    meta["base"] = {**meta["base"], "fingerprint": {}, "n_heads": other.n_heads,
+                    "d_model": other.d_model}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CnaError, match="does not fit") as err:
+        load_adapter(other, tmp_path / "a")
+    assert "\n" not in str(err.value)
+
+
+def test_comparison_matches_brute_force(data, one_thread):
+    from cnalens.scores import score_neurons
+
+    train, test = data
+    view = _view("gemma3")
+    pm, _ = train_lora(view, train, SETTINGS, progress=False)
+    enc = test[:5]
+    comp = lora_comparison(view, pm, enc, 1, progress=False)
+    a = score_neurons(view, enc, layers=[1, 2], progress=False)
+    with pm.disable_adapter():
+        b = score_neurons(view, enc, layers=[1, 2], target=a.target, scale=a.scale,
+                          progress=False)
+        with view.capture(["coef"], position=-1) as cb:
+            view.hidden(view.batch([e.prompt_ids for e in enc]))
+    torch.testing.assert_close(comp.imp_a[:, 1:], a.imp[:, 1:])
+    torch.testing.assert_close(comp.imp_b[:, 1:], b.imp[:, 1:])
+    assert comp.imp_a[:, 0].isnan().all()  # below the LoRA layer: not scored
+    torch.testing.assert_close(comp.coef_b[:, 2], cb[("coef", 2)][:, 0])
+    ks = (3, 7)
+    bl = bands(view.n_layers, 1, 2)
+    assert bl == {"shallow": [1], "deep": [2], "all": [1, 2]}
+    table = summarize(comp, ks, bl, seeds=2).set_index(["band", "k"])
+    D = comp.coef_a.shape[2]
+    for k in ks:
+        for band, layers in bl.items():
+            sa = sb = up = cnt = pct = 0.0
+            for i in range(len(enc)):
+                cand = [(float(comp.diff[i, L, n]), L, n) for L in (1, 2) for n in range(D)]
+                cand.sort(key=lambda t: -t[0])
+                for _, L, n in cand[:k]:
+                    if L not in layers:
+                        continue
+                    ca, cb_ = abs(float(comp.coef_a[i, L, n])), abs(float(comp.coef_b[i, L, n]))
+                    sa, sb, up, cnt = sa + ca, sb + cb_, up + (ca > cb_), cnt + 1
+                    pct += 100 * sum(abs(float(x)) <= cb_ for x in comp.coef_b[i, L]) / D
+            row = table.loc[(band, k)]
+            assert row["n_neurons"] == cnt
+            if cnt:
+                assert row["coef_a"] == pytest.approx(sa) and row["coef_b"] == pytest.approx(sb)
+                assert row["change"] == pytest.approx(sa / sb - 1)
+                assert row["up_frac"] == pytest.approx(up / cnt)
+                assert row["pct_b"] == pytest.approx(pct / cnt)
+    allrow = table.loc[("deep", 0)]
+    assert allrow["coef_a"] == pytest.approx(float(comp.coef_a[:, 2].abs().sum()))
+    unload_lora(pm)
+
+
+def test_stage_and_report_on_tiny(tmp_path, one_thread):
+    from cnalens.apps.lora import lora_stage
+    from cnalens.pipeline import PROFILES, StageContext
+    from cnalens.report import render_report
+
+    view = _view("llama")
+    ctx = StageContext(view, tmp_path, PROFILES["smoke"], ("+", "-"), 0, 16, False, {}, None,
+                       {"+": (2, 0)})
+    lora_stage(ctx)
+    meta = json.loads((tmp_path / "lora.json").read_text())
+    assert meta["layer"] == 1 and meta["deep_from"] == 2 and meta["finished"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not any("lora" in n for n, _ in view.model.named_modules())  # unloaded
+    (tmp_path / "run.json").write_text(json.dumps({"stages": ["lora"], "model": {}}))
+    html = render_report(tmp_path).read_text()
+    assert "LoRA" in html
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["lora", "--adapter", "/no/such/dir"], "no LoRA adapter"),
+    (["lora", "--n-train", "0"], "training split is empty"),
+    (["lora", "--profile", "huge"], "unknown profile"),
+    (["lora", "--lr", "0"], "learning rate"),
+])
+def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
+    out = tmp_path / "out"
+    rc = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and msg in lines[0]
+    assert not out.exists()
