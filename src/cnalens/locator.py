@@ -407,8 +407,8 @@ def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
         "hidden": {int(m): int(((located.frame["matches"] >= m)
                                 & (located.frame["matches_untransformed"] < m)).sum())
                    for m in settings.ms},
-        "seconds": {**located.seconds, "sweep": round(t2 - t1, 2),
-                    "total": round(time.perf_counter() - t0, 2)},
+        "timings": {**located.seconds, "sweep": round(t2 - t1, 2)},
+        "seconds": round(time.perf_counter() - t0, 2),
         "finished": now(),
     }
     write_csv(out / "shallow.csv", frame)
