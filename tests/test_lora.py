@@ -114,7 +114,8 @@ def test_answer_loss_equals_full_logits_loss(family, data):
             total += -torch.log_softmax(logits[len(e.input_ids) - k + j], -1)[tok]
             count += 1
     assert n == count
-    torch.testing.assert_close(loss, (total / count).float(), rtol=1e-6, atol=1e-6)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, total / count, rtol=1e-12, atol=1e-12)
 
 
 def test_save_load_round_trip_and_mismatches(data, tmp_path, one_thread):
