@@ -265,3 +265,16 @@ def test_cli_needs_deep_from(capsys, tmp_path):
                "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "no --deep-from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stage_needs_adapter_and_heads(tmp_path):
+    from cnalens.pipeline import PROFILES, StageContext
+
+    view = ModelView(tiny_model("llama"), TinyTokenizer(), {"spec": "llama"})
+    ctx = StageContext(view, tmp_path, PROFILES["smoke"], ("+",), 0, 8, False, {}, None, {})
+    with pytest.raises(CnaError, match="needs the lora stage's adapter"):
+        P.prune_stage(ctx)
+    adapter = _adapter(tmp_path)  # tmp_path/lora/adapter
+    assert P.find_adapter(tmp_path) == adapter
+    with pytest.raises(CnaError, match="needs the head scan"):
+        P.prune_stage(ctx)
