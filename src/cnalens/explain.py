@@ -381,7 +381,6 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
     tgt = target_id(view, target)
     if tgt is None:
         tgt = pred
-    logp0 = float(torch.log_softmax(run.logits, -1)[tgt])
     enc = Encoded(enc.case, enc.prompt_ids, (tgt,))  # CNA scores this target
     tok = ids_to_strings(view.tokenizer, torch.tensor([ids]))[0]
     dt = _cd(view)
@@ -492,7 +491,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
     elements = pd.DataFrame(rows, columns=list(COLUMNS))
     meta = {"case": base["case"], "prompt": enc.case.prompt, "question": enc.case.question,
             "target": base["target"], "target_id": tgt, "pred": view.tokenizer.decode([pred]),
-            "logp": logp0, "logp_row0": float(logp[0]), "head": f"{Lh}.{h}",
+            "logp": float(logp[0]), "head": f"{Lh}.{h}",
             "tokens": tok, "head_attention": [float(x) for x in w_head],
             "head_source_position": p, "head_source_scores": [float(x) for x in src_score],
             "deep_coef_sum": float(total0), "question_start": start,

@@ -234,3 +234,78 @@ def shallow(
                  pct=("acc_orig", "acc_zeroed", "drop", "random_mean"))
     report = record_stage(out, view, _command(), "shallow", time.perf_counter() - t0)
     console.print(f"wrote {out}/shallow.csv, {out}/shallow.json; report: {report}")
+
+
+# ----------------------------------------------------------------- cnalens explain
+from cnalens.cli import OutOpt  # noqa: E402
+
+
+def _explain_head(head: str | None, out: Path, op: str) -> tuple[int, int]:
+    """--head L.H, else the top head of ``op`` (or of all ops) in DIR/heads.csv."""
+    import pandas as pd
+
+    from cnalens.pipeline import top_head_per_op
+
+    if head:
+        return _one_head(head)
+    path = out / "heads.csv"
+    if not path.is_file():
+        raise CnaError(f"no --head and no {path}: run 'cnalens heads --out {out}' first "
+                       "or pass --head L.H")
+    key = op if op in ("+", "-", "*", "/") else "all"
+    found = top_head_per_op(pd.read_csv(path, dtype={"op": str}), [key])
+    if key not in found:
+        raise CnaError(f"{path} has no head scan for '{key}': pass --head L.H")
+    return found[key]
+
+
+@app.command()
+def explain(
+    prompt: Annotated[str, typer.Argument(help='the case, e.g. "3+5=" ("a op b =" gets the '
+                                          "arithmetic few-shot prefix)")],
+    model: ModelOpt = "gemma3-270m",
+    target: Annotated[str | None, typer.Option(
+        help="target token (default: the model's own prediction)")] = None,
+    head: Annotated[str | None, typer.Option(
+        help="arithmetic head L.H (default: the top head for the prompt's operation in "
+             "DIR/heads.csv)")] = None,
+    top: Annotated[int, typer.Option(help="deep and shallow neurons in the chain")] = 10,
+    shots: Annotated[int, typer.Option(
+        help="few-shot examples before an arithmetic prompt")] = 3,
+    exact: Annotated[bool, typer.Option(
+        help="score every deep neuron exactly (slow on a large vocabulary)")] = False,
+    out: OutOpt = Path("results/explain"),
+    device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The four-stage chain of one case: shallow FFN neurons -> shallow attention -> the
+    arithmetic head -> deep FFN neurons, each element with its measured effect."""
+    from cnalens.explain import STAGES, case_from_prompt, explain_case, target_id, write_explain
+    from cnalens.pipeline import record_stage
+
+    if top < 1:
+        raise CnaError("--top must be at least 1")
+    case = case_from_prompt(prompt, shots)
+    hd = _explain_head(head, out, case.labels.get("op", "custom"))
+    view = _view(model, device, dtype, device_map, quiet)
+    view.check_heads([hd])
+    target_id(view, target)  # a bad target fails before any work
+    t0 = time.perf_counter()
+    chain = explain_case(view, case, hd, target=target, top=top, exact=exact)
+    m = chain.meta
+    console.print(f"[bold]{m['question']!r}[/] -> target {m['target']!r} (log p "
+                  f"{m['logp']:.3f}; the model predicts {m['pred']!r}), head {m['head']}")
+    cols = {STAGES[0]: ["name", "position", "token", "tokens", "tokens_transformed", "score",
+                        "effect", "coef_drop"],
+            STAGES[1]: ["name", "position", "token", "score", "effect", "coef_drop"],
+            STAGES[2]: ["name", "position", "token", "score", "effect", "coef_drop", "detail"],
+            STAGES[3]: ["name", "tokens", "score", "coef", "effect", "coef_drop"]}
+    for stage in reversed(STAGES):
+        _print_table(chain.stage(stage)[cols[stage]], f"{stage} (effect: drop of log p when "
+                     "zeroed; coef_drop: of the deep neurons' sum |m|)")
+    seconds = time.perf_counter() - t0
+    write_explain(out, [chain], view, {"prompt": prompt, "head": m["head"], "target": target,
+                                       "top": top, "shots": shots, "exact": exact},
+                  seconds, merge=True)
+    report = record_stage(out, view, _command(), "explain", seconds)
+    console.print(f"wrote {out}/explain.csv; report: {report}")
