@@ -236,6 +236,9 @@ def test_run_prune_errors(tmp_path):
     with pytest.raises(CnaError, match="out of range"):
         P.run_prune(view, None, adapter, tmp_path / "o", keep_top=3, deep_from=9,
                     progress=False)
+    with pytest.raises(CnaError, match=r"--keep-top 81 must lie in 1..80"):
+        P.run_prune(view, None, adapter, tmp_path / "o", keep_top=81, deep_from=1,
+                    progress=False)
     meta = (adapter / "cnalens.json").read_text().replace('"n_train": 16', '"n_train": 0')
     (adapter / "cnalens.json").write_text(meta)
     with pytest.raises(CnaError, match="train split is empty"):

@@ -265,6 +265,10 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
     if keep_top is not None and keep_top < 1:
         raise CnaError(f"--keep-top must be at least 1, not {keep_top}")
     view.check_layers([deep_from])
+    n_deep = sum(view.ffn_widths[deep_from:])
+    if keep_top is not None and keep_top > n_deep:
+        raise CnaError(f"--keep-top {keep_top} must lie in 1..{n_deep} (the number of deep "
+                       f"FFN neurons, layers {deep_from}-{view.n_layers - 1})")
     settings, adapter_meta = _adapter_settings(lora_dir)
     train_cases, test_cases = lora_cases(settings)
     if getattr(view, "peft_model", None) is None:
