@@ -382,7 +382,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
     if tgt is None:
         tgt = pred
     enc = Encoded(enc.case, enc.prompt_ids, (tgt,))  # CNA scores this target
-    tok = ids_to_strings(view.tokenizer, torch.tensor([ids]))[0]
+    tok = [token_text(t) for t in ids_to_strings(view.tokenizer, torch.tensor([ids]))[0]]
     dt = _cd(view)
 
     # 1. prediction enhancing: CNA over the deep layers
@@ -521,12 +521,18 @@ def _contribs(view, run: _Run, units, pos: int) -> torch.Tensor:
     return out
 
 
+def token_text(t: str) -> str:
+    """A token readable in a space-separated list: escapes as ``repr``, spaces as ``␣``."""
+    return repr(t)[1:-1].replace(" ", "␣") or "∅"
+
+
 def _strings(view, proj, k: int) -> list[str]:
+    """Each row's top ``k`` tokens, space-separated (see :func:`token_text`)."""
     from cnalens.vocab import ids_to_strings
 
     if len(proj) == 0:
         return []
-    return [" ".join(repr(t)[1:-1] if t.strip() == t else repr(t) for t in row)
+    return [" ".join(token_text(t) for t in row)
             for row in ids_to_strings(view.tokenizer, proj.top_ids[:, :k])]
 
 

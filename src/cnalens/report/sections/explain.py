@@ -87,7 +87,7 @@ def _tokens(text: Any, n: int = 6) -> str:
 def _node(r, transformed: bool = False, extra: Any = "") -> h.Html:
     at = ""
     if not h.is_missing(r.position) and r.kind != "head":
-        at = f" at {r.token!r} ({int(r.position)})" if r.token else f" at {int(r.position)}"
+        at = f" at ‘{r.token}’ ({int(r.position)})" if r.token else f" at {int(r.position)}"
     bits = [h.tag("div", h.join([r.name, h.tag("span", at, class_="at")]), class_="ch-name")]
     if r.tokens:
         bits.append(h.tag("div", _tokens(r.tokens), class_="ch-tok"))
@@ -141,7 +141,7 @@ def _strip(meta: dict) -> h.Html:
     for t, a in zip(toks[start:], att[start:], strict=True):
         a = max(0.0, min(1.0, float(a)))
         color = "#fff" if a > 0.5 else "#1d1f23"
-        cells.append(h.tag("span", f"{t!r}"[1:-1] or "␣", class_="ch-t",
+        cells.append(h.tag("span", t, class_="ch-t",
                            title=f"{100 * a:.1f}%",
                            style=f"background:rgba(11,92,173,{a:.2f});color:{color}"))
     return h.tag("div", h.join(cells), class_="ch-strip")
@@ -170,7 +170,7 @@ def diagram(df: pd.DataFrame, meta: dict) -> h.Html:
 def element_table(df: pd.DataFrame) -> h.Html:
     head = ["stage", "element", "position", "top tokens", "moved by attention", "score",
             "effect (Δ log p drop)", "deep Σ|m| drop", "detail"]
-    rows = [[r.stage, r.name, f"{int(r.position)} {r.token!r}" if not h.is_missing(r.position)
+    rows = [[r.stage, r.name, f"{int(r.position)} ‘{r.token}’" if not h.is_missing(r.position)
              else "", (_tokens(r.tokens, 8), {"class_": "mono"}),
              (_tokens(r.tokens_transformed, 8), {"class_": "mono"}), _f(r.score, 3),
              _f(r.effect, 3), h.fmt_pct(r.coef_drop), r.detail] for r in df.itertuples()]
