@@ -723,14 +723,16 @@ def pick_case(view, op: str, tries: int = 16) -> Case | None:
 
 def explain_stage(ctx) -> None:
     """Main-job stage: one explained case per operation (its top head from the head scan,
-    a case the model answers correctly); writes explain.csv/.json."""
+    a case the model answers correctly; the smoke profile: the first operation only);
+    writes explain.csv/.json."""
     import time
 
     from cnalens.progress import console
 
     t0 = time.perf_counter()
     chains, skipped = [], {}
-    for op in ctx.ops:
+    ops = ctx.ops[:1] if ctx.profile.name == "smoke" else ctx.ops  # smoke: seconds
+    for op in ops:
         head = ctx.top_heads.get(op)
         if head is None:
             skipped[op] = "no head scan for this operation"
