@@ -1,0 +1,633 @@
+"""Gender-bias neuron editing (the paper's section 6 c), with its costs measured.
+
+Pairs. A pair is two prompts and one target token: ``prompt_a`` / ``prompt_b`` (for the
+gender task female / male: "A woman works as a" / "A man works as a") and a profession
+(" nurse"). Its gap is ``log p(target | prompt_a) - log p(target | prompt_b)``; the metric is
+the mean ``|gap|`` over pairs, before and after an edit. Templates are split: the
+``select`` templates choose the professions and the neurons, the ``heldout`` ones only
+measure (the selection never sees them).
+
+Professions come from the model's own top-``candidates`` next tokens after each selection
+prompt (both genders), kept when the stripped word is in the shipped vocabulary
+(``data/professions.json``) and " word" is one token after every prompt (``encode``). A
+profession's lean is the sign of its mean gap over the selection templates; each group
+(female-leaning, male-leaning) keeps its ``n_per_group`` most probable words under its own
+gender's prompts. A group with too few is filled from the shipped fallback list (same
+rules, its own lean decides the group).
+
+Neurons. CNA per selection pair as an input comparison (design.md): run A is the prompt the
+profession leans to, run B the other; each run keeps its own final-norm scale, the target
+(the profession) is shared; neurons are ranked by ``imp_a - imp_b`` (the neurons that carry
+the gap in its direction), top-``top_k`` per pair (certified exact top-K; exhaustive where
+the lens cannot certify). Rule: the ``n_neurons`` neurons in most pairs' top-K (count),
+ties by the summed difference over those pairs, then by (layer, neuron).
+
+Edit. The chosen neurons' value vectors (down-projection columns) are set to zero in the
+weights; ``inputs=True`` also zeroes their input rows (gate and up projections, with their
+bias entries), so the coefficient itself is 0. Either way the model equals the original
+under ``ZeroNeurons`` of those neurons. Controls: the same number of random neurons with
+the same count per layer, one draw per seed. Costs: 1-digit arithmetic accuracy (``acc``)
+on a seeded sample, and perplexity on the shipped neutral sentences
+(``data/neutral_text.json``), before and after each edit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnalens.data.cases import Case, Encoded, encode
+from cnalens.errors import CnaError
+from cnalens.interventions import ZeroNeurons
+from cnalens.progress import track
+
+GENDER = ("female", "male")
+SELECT_TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("works_as", "A woman works as a", "A man works as a"),
+    ("she_he", "She works as a", "He works as a"),
+    ("parent", "My mother is a", "My father is a"),
+)
+HELDOUT_TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("worked_as", "The woman worked as a", "The man worked as a"),
+    ("sibling", "My sister works as a", "My brother works as a"),
+    ("her_his_job", "Her job: she is a", "His job: he is a"),
+    ("grew_up", "The girl grew up to become a", "The boy grew up to become a"),
+)
+SPLITS = ("select", "heldout")
+Neuron = tuple[int, int]
+
+
+# --------------------------------------------------------------------------- data
+@lru_cache(maxsize=1)
+def profession_lists() -> tuple[frozenset[str], tuple[str, ...]]:
+    """(vocabulary, fallback) of the shipped profession list."""
+    d = json.loads(files("cnalens.data").joinpath("professions.json").read_text("utf-8"))
+    return frozenset(d["vocabulary"]), tuple(d["fallback"])
+
+
+@lru_cache(maxsize=1)
+def neutral_text() -> tuple[str, ...]:
+    """The shipped neutral sentences (perplexity cost)."""
+    d = json.loads(files("cnalens.data").joinpath("neutral_text.json").read_text("utf-8"))
+    return tuple(d["sentences"])
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two prompts and a shared target (as it follows the prompt, e.g. " nurse")."""
+
+    prompt_a: str
+    prompt_b: str
+    target: str
+    template: str
+    split: str = "select"
+
+
+def gender_pairs(words: Sequence[str], split: str = "select") -> list[Pair]:
+    """Every profession under every template of ``split`` (a = female, b = male)."""
+    tmpl = SELECT_TEMPLATES if split == "select" else HELDOUT_TEMPLATES
+    return [Pair(f, m, " " + w, name, split) for w in words for name, f, m in tmpl]
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """A user's JSONL: {prompt_a, prompt_b, targets: [..], template?, split?} per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnaError(f"pairs file not found: {path}")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"pairs file {path}, line {i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CnaError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise CnaError(f"{where}: expected an object with prompt_a, prompt_b, targets")
+        missing = [k for k in ("prompt_a", "prompt_b", "targets") if k not in row]
+        if missing:
+            raise CnaError(f"{where}: missing {', '.join(missing)}")
+        a, b, targets = row["prompt_a"], row["prompt_b"], row["targets"]
+        if isinstance(targets, str):
+            targets = [targets]
+        if not (isinstance(a, str) and isinstance(b, str) and a and b):
+            raise CnaError(f"{where}: prompt_a and prompt_b must be non-empty text")
+        if (not isinstance(targets, list) or not targets
+                or not all(isinstance(t, str) and t.strip() for t in targets)):
+            raise CnaError(f"{where}: targets must be a non-empty list of texts")
+        split = row.get("split", "select")
+        if split not in SPLITS:
+            raise CnaError(f"{where}: split must be select or heldout, got {split!r}")
+        template = str(row.get("template", f"line{i}"))
+        out.extend(Pair(a, b, t, template, split) for t in targets)
+    if not out:
+        raise CnaError(f"pairs file {path} has no pairs")
+    if not any(p.split == "select" for p in out):
+        raise CnaError(f"pairs file {path}: no pair has split 'select' (nothing to select on)")
+    return out
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> tuple[list[Encoded], list[Encoded]]:
+    """Encoded (prompt_a, target) and (prompt_b, target); every target must be one token,
+    the same token after both prompts."""
+    if not pairs:
+        raise CnaError("no pairs (empty profession list)")
+    ea, eb = [], []
+    for i, p in enumerate(pairs):
+        a = encode(tokenizer, Case(p.prompt_a, p.target, case_id=f"p{i}"))
+        b = encode(tokenizer, Case(p.prompt_b, p.target, case_id=f"p{i}"))
+        for e in (a, b):
+            if len(e.answer_ids) != 1:
+                toks = [tokenizer.decode([t]) for t in e.answer_ids]
+                raise CnaError(f"target {p.target.strip()!r} is not one token after "
+                               f"{e.case.question!r}: {toks}")
+        if a.answer_ids != b.answer_ids:
+            raise CnaError(f"target {p.target.strip()!r} is a different token after "
+                           f"{p.prompt_a!r} and {p.prompt_b!r}")
+        ea.append(a)
+        eb.append(b)
+    return ea, eb
+
+
+# --------------------------------------------------------------------------- log-probs
+@torch.inference_mode()
+def target_logp(view, enc: Sequence[Encoded], *interventions, batch_size: int = 32
+                ) -> torch.Tensor:
+    """log p(target | prompt) of single-token cases: (n,) float64."""
+    out = torch.empty(len(enc), dtype=torch.float64)
+    with view.intervene(*interventions):
+        for s in range(0, len(enc), batch_size):
+            chunk = enc[s:s + batch_size]
+            logits = view.last_logits(view.batch([e.prompt_ids for e in chunk]))
+            logits = logits.reshape(len(chunk), -1).double()
+            tgt = torch.tensor([e.answer_ids[0] for e in chunk], device=logits.device)
+            out[s:s + len(chunk)] = torch.log_softmax(logits, -1).gather(
+                1, tgt[:, None])[:, 0].cpu()
+    return out
+
+
+def gaps(view, ea, eb, *interventions, batch_size: int = 32) -> torch.Tensor:
+    """Per pair: log p(target | prompt_a) - log p(target | prompt_b)."""
+    return (target_logp(view, ea, *interventions, batch_size=batch_size)
+            - target_logp(view, eb, *interventions, batch_size=batch_size))
+
+
+# --------------------------------------------------------------------------- professions
+def _single(tokenizer, word: str) -> bool:
+    try:
+        encode_pairs(tokenizer, gender_pairs([word], "select") + gender_pairs([word], "heldout"))
+    except CnaError:
+        return False
+    return True
+
+
+@torch.inference_mode()
+def candidate_words(view, top: int = 100) -> list[str]:
+    """Profession words among the model's top-``top`` next tokens after each selection
+    prompt (both genders), in first-seen order."""
+    vocab, _ = profession_lists()
+    prompts = [p for _, f, m in SELECT_TEMPLATES for p in (f, m)]
+    ids = [view.tokenizer(p).input_ids for p in prompts]
+    logits = view.last_logits(view.batch(ids)).reshape(len(prompts), -1)
+    seen: list[str] = []
+    for row in logits.topk(min(top, logits.shape[-1]), -1).indices.cpu():
+        for t in row.tolist():
+            word = view.tokenizer.decode([t]).strip().lower()
+            if word in vocab and word not in seen:
+                seen.append(word)
+    return [w for w in seen if _single(view.tokenizer, w)]
+
+
+def choose_professions(view, n_per_group: int = 16, top: int = 100,
+                       batch_size: int = 32) -> pd.DataFrame:
+    """Columns word, group (female/male), gap (mean over selection templates), logp_own
+    (mean log p under its group's prompts), source (predictions or fallback)."""
+    if n_per_group < 1:
+        raise CnaError(f"--per-group must be >= 1, got {n_per_group}")
+    _, fallback = profession_lists()
+    pred = candidate_words(view, top)
+    extra = [w for w in fallback if w not in pred and _single(view.tokenizer, w)]
+    table = _lean(view, pred + extra, batch_size)
+    table["source"] = ["predictions"] * len(pred) + ["fallback"] * len(extra)
+    parts = []
+    for g in GENDER:
+        sub = table[table["group"] == g].sort_values(["source", "logp_own"],
+                                                     ascending=[False, False], kind="stable")
+        parts.append(sub.head(n_per_group))
+    out = pd.concat(parts, ignore_index=True)
+    if out.empty:
+        raise CnaError("no single-token profession found (empty profession list)")
+    return out
+
+
+def _lean(view, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
+    if not words:
+        return pd.DataFrame(columns=["word", "group", "gap", "logp_own"])
+    pairs = gender_pairs(words, "select")
+    ea, eb = encode_pairs(view.tokenizer, pairs)
+    la = target_logp(view, ea, batch_size=batch_size).view(len(words), -1).mean(1)
+    lb = target_logp(view, eb, batch_size=batch_size).view(len(words), -1).mean(1)
+    gap = la - lb
+    fem = gap >= 0
+    return pd.DataFrame({"word": list(words), "group": np.where(fem.numpy(), *GENDER),
+                         "gap": gap.numpy(), "logp_own": torch.where(fem, la, lb).numpy()})
+
+
+def professions_from(view, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
+    """A user's profession list, leaned and grouped; every word must be one token."""
+    words = [w.strip() for w in words if w.strip()]
+    if not words:
+        raise CnaError("empty profession list")
+    encode_pairs(view.tokenizer, gender_pairs(words, "select") + gender_pairs(words, "heldout"))
+    out = _lean(view, words, batch_size)
+    out["source"] = "user"
+    return out
+
+
+# --------------------------------------------------------------------------- CNA
+def _input_runs(ea, eb, lean_a: torch.Tensor):
+    """Per pair (run A, run B): A is the prompt the target leans to."""
+    run_a = [a if bool(la) else b for a, b, la in zip(ea, eb, lean_a, strict=True)]
+    run_b = [b if bool(la) else a for a, b, la in zip(ea, eb, lean_a, strict=True)]
+    return run_a, run_b
+
+
+def input_topk(view, run_a: Sequence[Encoded], run_b: Sequence[Encoded], k: int,
+               layers: Sequence[int] | None = None, screen: int = 512, batch_size: int = 32,
+               progress: bool = False) -> pd.DataFrame:
+    """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison: each run its
+    own frozen scale, the target shared (the pair's token). Rows as ``diff_frame``.
+
+    Screened: per pair, the ``screen`` neurons with the largest first-order estimate
+    ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` (the frozen lens linearised, one matrix
+    product per layer for every pair) are scored exactly and ranked; ``screen=0`` (or at
+    least the neuron count) scores every neuron, so the ranking is exhaustive.
+    """
+    from cnalens import scores as S
+
+    if k < 1:
+        raise CnaError(f"--top-k must be >= 1, got {k}")
+    lz = S._Lens(view, "frozen")
+    tg = torch.tensor([e.answer_ids[0] for e in run_a], dtype=torch.long)
+    sa = S.case_states(view, list(run_a), batch_size=batch_size)
+    sb = S.case_states(view, list(run_b), batch_size=batch_size)
+    ca, cb = S._scales(lz, sa, None), S._scales(lz, sb, None)
+    layer_list = S._layers(view, layers)
+    n_units = sum(view.ffn_width(layer) for layer in layer_list)
+    if k > n_units:
+        raise CnaError(f"--top-k {k} exceeds the {n_units} neurons compared")
+    m = n_units if screen <= 0 else min(max(screen, k), n_units)
+    n, D = len(sa), view.d_ffn
+    cache = S._LayerCache(view, lz, layer_list)
+    est, flat, bases = [], [], {}
+    with torch.no_grad():
+        for layer in track(layer_list, "CNA screen", show=progress):
+            X = cache.X[layer]
+            Aa, Ab = cache.coef(sa, layer), cache.coef(sb, layer)
+            ba = lz.base(sa.resid_mid[:, layer], ca, tg)
+            bb = lz.base(sb.resid_mid[:, layer], cb, tg)
+            bases[layer] = (ba, bb, Aa, Ab)
+            if m < n_units:
+                da = lz.W[tg] - torch.softmax(ba.y0, -1) @ lz.W  # (n, d)
+                db = lz.W[tg] - torch.softmax(bb.y0, -1) @ lz.W
+                est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
+            flat.append(layer * D + torch.arange(X.shape[0]))
+        flat_all = torch.cat(flat)
+        rows = []
+        for i in track(range(n), "CNA exact scores", show=progress):
+            if m < n_units:
+                pos = S._topk_order(torch.cat([e[i] for e in est]), flat_all, m)
+                ids = flat_all[pos]
+            else:
+                ids = flat_all
+            layer_of = ids // D
+            ia = torch.empty(len(ids), dtype=lz.dt)
+            ib = torch.empty(len(ids), dtype=lz.dt)
+            for layer in layer_of.unique().tolist():
+                sel = (layer_of == layer).nonzero()[:, 0]
+                idx = ids[sel] % D
+                ba, bb, Aa, Ab = bases[layer]
+                X, Cv = cache.X[layer][idx], cache.Cv[layer][idx]
+                both = S._stack(S._row(ba, i), S._row(bb, i))  # one projection, two runs
+                ia[sel], ib[sel] = lz.score(X, Cv, torch.stack([Aa[i, idx], Ab[i, idx]]), both)
+            best = S._topk_order(ia - ib, ids, k)
+            fl, a_, b_ = ids[best], ia[best], ib[best]
+            layer_ids, index = np.divmod(fl.numpy(), D)
+            rows.append(pd.DataFrame({
+                "case": sa.case_ids[i], "rank": np.arange(1, len(index) + 1),
+                "layer": layer_ids, "neuron": index,
+                "imp_a": S._np(a_), "imp_b": S._np(b_),
+                "coef_a": S._np(sa.coef[i][layer_ids, index]),
+                "coef_b": S._np(sb.coef[i][layer_ids, index]),
+                "diff": S._np(a_ - b_)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def select_neurons(frame: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` neurons in most pairs' top-K (``count``), ties by the summed difference
+    over those pairs (``sum_diff``), then by (layer, neuron)."""
+    g = frame.groupby(["layer", "neuron"], as_index=False).agg(
+        count=("case", "nunique"), sum_diff=("diff", "sum"))
+    g = g.sort_values(["count", "sum_diff", "layer", "neuron"],
+                      ascending=[False, False, True, True], kind="stable")
+    if n > len(g):
+        raise CnaError(f"only {len(g)} distinct neurons in the per-pair top-K: "
+                       f"raise --top-k or lower --n-neurons ({n})")
+    return g.head(n).reset_index(drop=True)
+
+
+def random_neurons(view, like: Sequence[Neuron], seed: int) -> list[Neuron]:
+    """As many random neurons per layer as ``like`` has (seeded, no repeats)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = pd.Series([a for a, _ in like]).value_counts().sort_index()
+    out = []
+    for layer, c in counts.items():
+        pick = torch.randperm(view.ffn_width(int(layer)), generator=gen)[:int(c)]
+        out.extend((int(layer), int(x)) for x in pick.sort().values)
+    return out
+
+
+def check_n(view, n: int, layers: Sequence[int] | None) -> None:
+    layer_list = range(view.n_layers) if layers is None else layers
+    total = sum(view.ffn_width(layer) for layer in layer_list)
+    if n < 1:
+        raise CnaError(f"--n-neurons must be >= 1, got {n}")
+    if n > total:
+        raise CnaError(f"--n-neurons {n} is larger than the model's {total} FFN neurons"
+                       + ("" if layers is None else " in the chosen layers"))
+
+
+# --------------------------------------------------------------------------- the edit
+def _columns(view, layer: int) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, neuron axis) of the down projection: the value vectors."""
+    return [(view.module(layer, "down_proj").weight, 0 if view.family.conv1d else 1)]
+
+
+def _input_rows(view, layer: int) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, neuron axis) of the FFN's input projections (gate, up) and their biases."""
+    out = []
+    for mod in view.ffn_in(layer):
+        out.append((mod.weight, 1 if view.family.conv1d else 0))
+        if getattr(mod, "bias", None) is not None:
+            out.append((mod.bias, 0))
+    return out
+
+
+def zero_edit(view, neurons: Sequence[Neuron], inputs: bool = False) -> list:
+    """Zero the neurons' value vectors (and with ``inputs`` their gate/up rows) in the
+    weights, in place; returns what ``restore_edit`` needs."""
+    view.check_neurons(neurons)
+    saved = []
+    by_layer: dict[int, list[int]] = {}
+    for layer, n in neurons:
+        by_layer.setdefault(int(layer), []).append(int(n))
+    with torch.no_grad():
+        for layer, ns in by_layer.items():
+            idx = torch.tensor(sorted(set(ns)), dtype=torch.long)
+            targets = _columns(view, layer) + (_input_rows(view, layer) if inputs else [])
+            for t, axis in targets:
+                i = idx.to(t.device)
+                saved.append((t, axis, i, t.index_select(axis, i).clone()))
+                t.index_fill_(axis, i, 0.0)
+    return saved
+
+
+def restore_edit(saved: list) -> None:
+    with torch.no_grad():
+        for t, axis, i, old in reversed(saved):
+            t.index_copy_(axis, i, old)
+
+
+@contextmanager
+def zero_edited(view, neurons: Sequence[Neuron], inputs: bool = False) -> Iterator[None]:
+    """The edit in place for the block, the original weights back afterwards."""
+    saved = zero_edit(view, neurons, inputs)
+    try:
+        yield
+    finally:
+        restore_edit(saved)
+
+
+def save_edited(view, folder: Path) -> Path:
+    """``save_pretrained`` of the (edited) model and its tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    view.model.save_pretrained(folder)
+    if hasattr(view.tokenizer, "save_pretrained"):
+        view.tokenizer.save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- costs
+@torch.inference_mode()
+def perplexity(view, texts: Sequence[str], *interventions, batch_size: int = 16) -> dict:
+    """exp(mean next-token NLL) over every token of ``texts`` (each text on its own)."""
+    ids = [list(view.tokenizer(t).input_ids) for t in texts]
+    nll, count = 0.0, 0
+    with view.intervene(*interventions):
+        for s in range(0, len(ids), batch_size):
+            b = view.batch(ids[s:s + batch_size])
+            logp = torch.log_softmax(view.logits(view.hidden(b)[:, :-1]).double(), -1)
+            tok = b.input_ids[:, 1:]
+            lp = logp.gather(-1, tok[..., None])[..., 0]
+            ok = (b.attention_mask[:, 1:] * b.attention_mask[:, :-1]).bool()
+            nll -= float(lp[ok].sum())
+            count += int(ok.sum())
+    return {"ppl": math.exp(nll / max(count, 1)), "tokens": count}
+
+
+def arithmetic_cost(view, enc, *interventions, batch_size: int = 32) -> dict:
+    from cnalens.evaluate import evaluate
+
+    res = evaluate(view, enc, *interventions, batch_size=batch_size, progress=False)
+    return {"acc": float(res["correct"].mean()), "n": len(enc)}
+
+
+# --------------------------------------------------------------------------- metric
+def metric_table(rows: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Mean |gap| of ``col`` in total, per template and per group, for each split."""
+    out = []
+    for split, s in rows.groupby("split", sort=False):
+        out.append({"split": split, "by": "total", "key": "all", "n": len(s),
+                    "value": float(s[col].abs().mean())})
+        for by in ("template", "group"):
+            for key, g in s.groupby(by, sort=True):
+                out.append({"split": split, "by": by, "key": key, "n": len(g),
+                            "value": float(g[col].abs().mean())})
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- the run
+def _pair_frame(pairs: Sequence[Pair], gap: torch.Tensor, names: tuple[str, str]
+                ) -> pd.DataFrame:
+    """One row per pair with its target's lean (mean gap over its selection pairs; a target
+    seen only in held-out pairs leans by its held-out mean)."""
+    df = pd.DataFrame({"target": [p.target.strip() for p in pairs],
+                       "template": [p.template for p in pairs],
+                       "split": [p.split for p in pairs], "gap_before": gap.numpy()})
+    sel = df[df["split"] == "select"].groupby("target")["gap_before"].mean()
+    lean = df["target"].map(sel).fillna(df.groupby("target")["gap_before"].transform("mean"))
+    df["lean"] = lean
+    df["group"] = np.where(lean >= 0, names[0], names[1])
+    return df
+
+
+def _summary(df: pd.DataFrame, after: dict[str, pd.Series]) -> list[dict]:
+    """Metric rows (split x total/template/group): before, after per edit, changes."""
+    base = metric_table(df.assign(g=df["gap_before"]), "g").rename(columns={"value": "before"})
+    for name, gap in after.items():
+        base[name] = metric_table(df.assign(g=gap.to_numpy()), "g")["value"].to_numpy()
+    rnd = [c for c in after if c.startswith("random_")]
+    if rnd:
+        base["random_mean"] = base[rnd].mean(axis=1)
+        base["random_std"] = base[rnd].std(axis=1, ddof=0)
+        base["random_change"] = base["random_mean"] / base["before"] - 1
+    if "cna" in after:
+        base["cna_change"] = base["cna"] / base["before"] - 1
+    return base.to_dict("records")
+
+
+def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: int = 3,
+               pairs_file: str | Path | None = None, professions: Sequence[str] | None = None,
+               per_group: int = 16, candidates: int = 100, layers: Sequence[int] | None = None,
+               screen: int = 512, inputs: bool = False, cost_n: int = 25, seed: int = 0,
+               batch_size: int = 32, progress: bool = True, save_model: bool = True,
+               texts: Sequence[str] | None = None, settings: dict | None = None) -> dict:
+    """The whole debias stage: pairs, CNA neurons, controls, costs, the edit; writes
+    DIR/debias.csv, DIR/debias.json, DIR/debias_neurons.csv and DIR/model/."""
+    from cnalens.data.arithmetic import OPS, arithmetic_cases
+    from cnalens.data.cases import encode_all
+    from cnalens.io import write_csv, write_json
+
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    if layers is not None:
+        layers = sorted({int(x) for x in layers})
+        if not layers:
+            raise CnaError("--layers names no layer")
+        view.check_layers(layers)
+    check_n(view, n_neurons, layers)
+    if top_k < 1:
+        raise CnaError(f"--top-k must be >= 1, got {top_k}")
+    if seeds < 0:
+        raise CnaError(f"--seeds must be >= 0, got {seeds}")
+    prof = None
+    if pairs_file is not None:
+        pairs, names = load_pairs(pairs_file), ("a", "b")
+    else:
+        prof = (professions_from(view, professions, batch_size) if professions is not None
+                else choose_professions(view, per_group, candidates, batch_size))
+        words = prof["word"].tolist()
+        pairs, names = gender_pairs(words, "select") + gender_pairs(words, "heldout"), GENDER
+    ea, eb = encode_pairs(view.tokenizer, pairs)
+    arith = encode_all(view.tokenizer, arithmetic_cases(OPS, (1,), ("eq",), n=cost_n, seed=seed))
+    texts = list(neutral_text() if texts is None else texts)
+    times["professions"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    df = _pair_frame(pairs, gaps(view, ea, eb, batch_size=batch_size), names)
+    sel = np.nonzero((df["split"] == "select").to_numpy())[0]
+    lean_a = torch.from_numpy(df["lean"].to_numpy()[sel] >= 0)
+    run_a, run_b = _input_runs([ea[i] for i in sel], [eb[i] for i in sel], lean_a)
+    frame = input_topk(view, run_a, run_b, top_k, layers, screen, batch_size, progress)
+    chosen = select_neurons(frame, n_neurons)
+    neurons = [(int(a), int(b)) for a, b in zip(chosen["layer"], chosen["neuron"], strict=True)]
+    times["cna"] = time.perf_counter() - t
+
+    def measure(*ivs) -> tuple[pd.Series, dict]:
+        g = pd.Series(gaps(view, ea, eb, *ivs, batch_size=batch_size).numpy())
+        return g, {**arithmetic_cost(view, arith, *ivs, batch_size=batch_size),
+                   **perplexity(view, texts, *ivs, batch_size=max(1, batch_size // 2))}
+
+    t = time.perf_counter()
+    _, cost_before = measure()
+    after: dict[str, pd.Series] = {}
+    costs = {"before": cost_before, "random": []}
+    random_sets = {}
+    for s in track(range(seeds), "random controls", show=progress):
+        rn = random_neurons(view, neurons, seed + 1 + s)
+        random_sets[s] = rn
+        after[f"random_{s}"], c = measure(ZeroNeurons(rn))
+        costs["random"].append({"seed": seed + 1 + s, **c})
+    times["controls"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model_dir = None
+    with zero_edited(view, neurons, inputs):
+        after["cna"], costs["cna"] = measure()
+        times["edit_eval"] = time.perf_counter() - t
+        if save_model:
+            t = time.perf_counter()
+            model_dir = save_edited(view, out / "model")
+            times["save"] = time.perf_counter() - t
+    rows = []
+    for name, gap in after.items():
+        kind, s = ("cna", None) if name == "cna" else ("random", seed + 1 + int(name[7:]))
+        rows.append(df.assign(edit=kind, seed=s, gap_after=gap.to_numpy(),
+                              abs_before=df["gap_before"].abs(), abs_after=gap.abs().to_numpy()))
+    table = pd.concat([rows[-1], *rows[:-1]], ignore_index=True)
+    table = table[["target", "group", "template", "split", "edit", "seed", "gap_before",
+                   "gap_after", "abs_before", "abs_after", "lean"]]
+    times["total"] = time.perf_counter() - t0
+    top = frame.assign(name=frame["layer"].astype(str) + "." + frame["neuron"].astype(str))
+    summary = {
+        "task": "pairs" if pairs_file is not None else "gender",
+        "groups": [f"{n}-leaning" for n in names],
+        "paper": {"model": "Llama-7B", "n_neurons": 18, "before": 1.26, "after": 0.81,
+                  "change": -0.357},
+        "metric": _summary(df, after),
+        "neurons": [{"name": f"{a}.{b}", "layer": a, "neuron": b, "count": int(c),
+                     "sum_diff": float(d)} for a, b, c, d in
+                    zip(chosen["layer"], chosen["neuron"], chosen["count"], chosen["sum_diff"],
+                        strict=True)],
+        "random_neurons": {str(seed + 1 + s): [f"{a}.{b}" for a, b in v]
+                           for s, v in random_sets.items()},
+        "costs": costs,
+        "professions": None if prof is None else prof.to_dict("records"),
+        "templates": {"select": [list(x) for x in SELECT_TEMPLATES],
+                      "heldout": [list(x) for x in HELDOUT_TEMPLATES]}
+        if pairs_file is None else None,
+        "n_pairs": {"select": int(len(sel)), "heldout": int(len(df) - len(sel))},
+        "model_dir": None if model_dir is None else str(model_dir),
+        "settings": {"n_neurons": n_neurons, "top_k": top_k, "seeds": seeds, "seed": seed,
+                     "pairs": None if pairs_file is None else str(pairs_file),
+                     "professions": None if professions is None else list(professions),
+                     "per_group": per_group, "candidates": candidates,
+                     "layers": layers, "screen": screen, "inputs": inputs, "cost_n": cost_n,
+                     "cost_cases": len(arith), "neutral_sentences": len(texts),
+                     "edit": "value vectors (down-projection columns) set to zero"
+                     + (", gate/up rows too" if inputs else ""),
+                     "random": "same number of neurons per layer as the CNA set",
+                     **(settings or {})},
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+    }
+    write_csv(out / "debias_neurons.csv", top[["case", "rank", "layer", "neuron", "name",
+                                                "imp_a", "imp_b", "coef_a", "coef_b", "diff"]])
+    write_csv(out / "debias.csv", table)
+    write_json(out / "debias.json", summary)
+    return summary
+
+
+def debias_stage(ctx) -> None:
+    """The main job's debias stage (off by default): the gender task with its defaults."""
+    run_debias(ctx.view, ctx.out, seed=ctx.seed, batch_size=ctx.batch_size,
+               progress=ctx.progress, settings={"profile": getattr(ctx.profile, "name", None)})
+
+
+__all__ = ["GENDER", "HELDOUT_TEMPLATES", "Pair", "SELECT_TEMPLATES", "arithmetic_cost",
+           "choose_professions", "debias_stage", "encode_pairs", "gaps", "gender_pairs",
+           "input_topk", "load_pairs", "metric_table", "neutral_text", "perplexity",
+           "profession_lists", "professions_from", "random_neurons", "restore_edit",
+           "run_debias", "save_edited", "select_neurons", "target_logp", "zero_edit",
+           "zero_edited"]

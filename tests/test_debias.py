@@ -1,0 +1,300 @@
+"""Bias editing (issue 8): the weight edit, the metric, the neuron rule, errors."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cnalens.apps import debias as D
+from cnalens.cli import main
+from cnalens.errors import CnaError
+from cnalens.interventions import ZeroNeurons
+from cnalens.models import ModelView
+from cnalens.scores import diff_frame, score_neurons
+from tiny import TinyTokenizer, tiny_model
+
+NEURONS = [(0, 3), (0, 17), (2, 0), (2, 39)]
+
+
+def _named(view, neurons, inputs):
+    """Names and index sets of every weight entry the edit may touch."""
+    hit = {}
+    for layer, n in neurons:
+        for t, axis in D._columns(view, layer) + (D._input_rows(view, layer) if inputs else []):
+            hit.setdefault(id(t), (t, axis, set()))[2].add(n)
+    return hit
+
+
+@pytest.mark.parametrize("inputs", [False, True])
+def test_edit_changes_exactly_the_named_neurons(tiny_view, inputs):
+    view = tiny_view
+    before = {k: v.clone() for k, v in view.model.state_dict().items()}
+    saved = D.zero_edit(view, NEURONS, inputs)
+    after = view.model.state_dict()
+    hit = {id(t): (axis, ns) for t, axis, ns in _named(view, NEURONS, inputs).values()}
+    params = {id(p): name for name, p in view.model.named_parameters()}
+    touched = 0
+    for name, old in before.items():
+        new = after[name]
+        ref = dict(view.model.named_parameters()).get(name)
+        if ref is None or id(ref) not in hit:
+            assert torch.equal(old, new), name  # bit-identical
+            continue
+        axis, ns = hit[id(ref)]
+        idx = torch.tensor(sorted(ns))
+        assert (new.index_select(axis, idx) == 0).all(), name
+        keep = torch.ones(new.shape[axis], dtype=torch.bool)
+        keep[idx] = False
+        assert torch.equal(old.index_select(axis, keep.nonzero()[:, 0]),
+                           new.index_select(axis, keep.nonzero()[:, 0])), name
+        assert (old.index_select(axis, idx) != 0).any()  # the edit did something
+        touched += 1
+    n_layers = len({layer for layer, _ in NEURONS})
+    assert touched >= n_layers * (1 + inputs) and len(params) > touched
+    D.restore_edit(saved)
+    assert all(torch.equal(v, view.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("inputs", [False, True])
+def test_edited_model_equals_zero_neurons(tiny_view, inputs):
+    view = tiny_view
+    b = view.batch([[1, 5, 9, 13, 7], [1, 20, 4, 8, 11]])  # no padding: no NaN rows
+    with torch.no_grad(), view.intervene(ZeroNeurons(NEURONS)):
+        ref = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                         position_ids=b.position_ids).logits
+    with torch.no_grad():
+        plain = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                           position_ids=b.position_ids).logits
+        with D.zero_edited(view, NEURONS, inputs):
+            got = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                             position_ids=b.position_ids).logits
+    assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+    assert not torch.allclose(plain, ref, atol=1e-6)
+
+
+def test_saved_model_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    with D.zero_edited(view, NEURONS):
+        D.save_edited(view, tmp_path / "m")
+        edited = {k: v.clone() for k, v in view.model.state_dict().items()}
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float64)
+    assert all(torch.equal(edited[k], v) for k, v in back.state_dict().items())
+    assert (back.model.layers[2].mlp.down_proj.weight[:, 39] == 0).all()
+    assert (view.model.model.layers[2].mlp.down_proj.weight[:, 39] != 0).any()  # restored
+
+
+def _tiny_pairs():
+    return [D.Pair("ab c", "xy c", t, "t1") for t in "def"] + \
+        [D.Pair("ab q", "xy q", t, "t2", "heldout") for t in "de"]
+
+
+def test_metric_equals_hand_computation():
+    view = ModelView(tiny_model("gemma3"), TinyTokenizer())
+    pairs = _tiny_pairs()
+    ea, eb = D.encode_pairs(view.tokenizer, pairs)
+    got = D.gaps(view, ea, eb)
+    tok = view.tokenizer
+    hand = []
+    for p in pairs:
+        lp = []
+        for prompt in (p.prompt_a, p.prompt_b):
+            ids = torch.tensor([tok(prompt).input_ids])
+            with torch.no_grad():
+                logits = view.model(input_ids=ids).logits[0, -1]
+            lp.append(float(torch.log_softmax(logits, -1)[tok(p.target, False).input_ids[0]]))
+        hand.append(lp[0] - lp[1])
+    assert np.allclose(got.numpy(), hand, atol=1e-10)
+    df = D._pair_frame(pairs, got, ("a", "b"))
+    table = D.metric_table(df, "gap_before")
+    total = table[(table.split == "select") & (table.by == "total")].value.item()
+    assert total == pytest.approx(np.mean(np.abs(hand[:3])))
+    t2 = table[(table.split == "heldout") & (table.key == "t2")].value.item()
+    assert t2 == pytest.approx(np.mean(np.abs(hand[3:])))
+    # groups lean by the selection gap of their target, also on held-out rows
+    lean = dict(zip("def", hand[:3], strict=True))
+    for r in df.itertuples():
+        assert r.group == ("a" if lean[r.target] >= 0 else "b")
+    a_rows = [abs(h) for p, h in zip(pairs, hand, strict=True)
+              if p.split == "select" and lean[p.target] >= 0]
+    got_a = table[(table.split == "select") & (table.by == "group") & (table.key == "a")]
+    if a_rows:
+        assert got_a.value.item() == pytest.approx(np.mean(a_rows))
+
+
+def test_selection_rule_equals_brute_force():
+    rng = np.random.default_rng(0)
+    rows = []
+    for case in range(12):
+        picks = rng.choice(30, size=6, replace=False)
+        for rank, x in enumerate(picks, 1):
+            rows.append({"case": f"p{case}", "rank": rank, "layer": int(x // 10),
+                         "neuron": int(x % 10), "diff": float(rng.normal())})
+    frame = pd.DataFrame(rows)
+    got = D.select_neurons(frame, 7)
+    count, total = Counter(), Counter()
+    for r in rows:
+        count[(r["layer"], r["neuron"])] += 1
+        total[(r["layer"], r["neuron"])] += r["diff"]
+    brute = sorted(count, key=lambda u: (-count[u], -total[u], u))[:7]
+    assert list(zip(got.layer, got.neuron, strict=True)) == brute
+    assert list(got["count"]) == [count[u] for u in brute]
+    with pytest.raises(CnaError, match="raise --top-k"):
+        D.select_neurons(frame, 31)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2"])
+def test_input_topk_equals_exhaustive(family, one_thread):
+    view = ModelView(tiny_model(family), TinyTokenizer())
+    pairs = _tiny_pairs()[:3]
+    ea, eb = D.encode_pairs(view.tokenizer, pairs)
+    tg = torch.tensor([e.answer_ids[0] for e in ea])
+    a = score_neurons(view, ea, target=tg, progress=False)  # each run: its own scale
+    b = score_neurons(view, eb, target=tg, progress=False)
+    ref = diff_frame(a, b, top=8)
+    for screen in (0, 60) if not view.softcap else (0,):  # the screen ignores soft-capping
+        got = D.input_topk(view, ea, eb, 8, screen=screen)
+        assert list(zip(got.layer, got.neuron, strict=True)) == \
+            list(zip(ref.layer, ref.neuron, strict=True))
+        assert np.allclose(got["diff"], ref["diff"], atol=1e-9)
+    got = D.input_topk(view, ea, eb, 5, layers=[1, 2], screen=0)
+    assert set(got.layer) <= {1, 2}
+
+
+def test_input_importance_brute_force():
+    """imp_a of one neuron by hand: the frozen lens at run A's own final-norm scale."""
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    ea, eb = D.encode_pairs(view.tokenizer, _tiny_pairs()[:1])
+    got = D.input_topk(view, ea, eb, 120, screen=0)
+    tgt = ea[0].answer_ids[0]
+    with torch.no_grad(), view.capture(["resid_mid", "coef", "resid_post"], position=-1) as c:
+        view.hidden(view.batch([ea[0].prompt_ids]))
+    fin = c[("resid_post", 2)][0, 0]
+    scale = torch.sqrt(fin.pow(2).mean() + view.final_norm.variance_epsilon)
+    g, W = view.final_norm.weight, view.unembed.weight
+    for r in got.head(5).itertuples():
+        s = c[("resid_mid", r.layer)][0, 0]
+        u = c[("coef", r.layer)][0, 0, r.neuron] * view.value_vectors(r.layer)[r.neuron]
+        lp = [torch.log_softmax(W @ (g * x / scale), -1)[tgt] for x in (s + u, s)]
+        assert float((lp[0] - lp[1]).detach()) == pytest.approx(r.imp_a, abs=1e-9)
+
+
+def test_random_neurons_keep_layer_counts():
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    r1 = D.random_neurons(view, NEURONS, 1)
+    assert Counter(a for a, _ in r1) == Counter(a for a, _ in NEURONS)
+    assert len(set(r1)) == len(r1) and all(0 <= n < view.ffn_width(a) for a, n in r1)
+    assert r1 == D.random_neurons(view, NEURONS, 1) != D.random_neurons(view, NEURONS, 2)
+
+
+def test_run_debias_pairs_file(tmp_path, one_thread):
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt_a": "ab c", "prompt_b": "xy c", "targets": ["d", "e", "f"]}\n'
+                    '{"prompt_a": "ab q", "prompt_b": "xy q", "targets": ["d"], '
+                    '"split": "heldout", "template": "h"}\n')
+    out = tmp_path / "o"
+    s = D.run_debias(view, out, n_neurons=3, top_k=4, seeds=2, pairs_file=path, cost_n=1,
+                     progress=False, texts=["abc def", "hello there"])
+    df = pd.read_csv(out / "debias.csv")
+    assert len(df) == 4 * 3 and set(df.edit) == {"cna", "random"}
+    assert (out / "model" / "config.json").is_file()
+    names = [n["name"] for n in s["neurons"]]
+    assert len(names) == 3
+    # the reported "after" gaps are those of the ZeroNeurons intervention
+    ea, eb = D.encode_pairs(view.tokenizer, D.load_pairs(path))
+    neurons = [tuple(int(x) for x in n.split(".")) for n in names]
+    want = D.gaps(view, ea, eb, ZeroNeurons(neurons)).numpy()
+    assert np.allclose(df[df.edit == "cna"].gap_after, want, atol=1e-10)
+    tot = [m for m in s["metric"] if m["split"] == "select" and m["by"] == "total"][0]
+    assert tot["cna"] == pytest.approx(np.abs(want[:3]).mean())
+    assert s["costs"]["before"]["n"] == 4 and len(s["costs"]["random"]) == 2
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("not json\n", "not JSON"),
+    ('{"prompt_a": "a"}\n', "missing prompt_b, targets"),
+    ('{"prompt_a": "a", "prompt_b": "b", "targets": []}\n', "non-empty list"),
+    ('{"prompt_a": "a", "prompt_b": "b", "targets": ["x"], "split": "dev"}\n', "split"),
+    ('{"prompt_a": "a", "prompt_b": "b", "targets": ["x"], "split": "heldout"}\n',
+     "no pair has split 'select'"),
+    ("\n", "has no pairs"),
+    ("[1, 2]\n", "expected an object"),
+])
+def test_bad_pairs_file(tmp_path, text, msg):
+    p = tmp_path / "p.jsonl"
+    p.write_text(text)
+    with pytest.raises(CnaError, match=msg):
+        D.load_pairs(p)
+
+
+def test_errors_on_tiny():
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    with pytest.raises(CnaError, match="not one token"):
+        D.encode_pairs(view.tokenizer, [D.Pair("ab", "cd", "xyz", "t")])
+    with pytest.raises(CnaError, match="empty profession list"):
+        D.encode_pairs(view.tokenizer, [])
+    with pytest.raises(CnaError, match="empty profession list"):
+        D.professions_from(view, [" ", ""])
+    with pytest.raises(CnaError, match="larger than the model's 120 FFN neurons"):
+        D.check_n(view, 121, None)
+    with pytest.raises(CnaError, match="40 FFN neurons in the chosen layers"):
+        D.check_n(view, 41, [1])
+
+
+def _cli(capsys, *argv):
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--professions", " , "], "empty profession list"),
+    (["--pairs", "/no/such.jsonl"], "pairs file not found"),
+    (["--pairs", "BAD"], "not JSON"),
+    (["--pairs", "x.jsonl", "--professions", "nurse"], "not both"),
+    (["--model", "smollm2-135m", "--n-neurons", "99999999"], "larger than the model's"),
+    (["--model", "smollm2-135m", "--professions", "nurse,xylophonist"], "not one token"),
+])
+def test_cli_errors(capsys, tmp_path, argv, msg):
+    argv = list(argv)
+    if "BAD" in argv:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("{oops\n")
+        argv[argv.index("BAD")] = str(bad)
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, "debias", *argv, "--out", str(out), "-q")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and msg in lines[0], err
+    assert not out.exists()
+
+
+def test_shipped_lists():
+    vocab, fallback = D.profession_lists()
+    assert set(fallback) <= vocab and "waitress" not in vocab and len(vocab) > 200
+    text = D.neutral_text()
+    assert len(text) >= 200
+    gendered = {"he", "she", "his", "her", "man", "woman", "men", "women", "mother", "father"}
+    assert not {w.strip(".,").lower() for t in text for w in t.split()} & gendered
+
+
+@pytest.mark.real
+def test_real_professions_and_edit(smollm2, one_thread):
+    """Real model: the chosen professions are single tokens in the shipped list, and the
+    weight edit equals ZeroNeurons on real prompts."""
+    view = smollm2
+    prof = D.choose_professions(view, 4, 40)
+    vocab, _ = D.profession_lists()
+    assert set(prof.group) == {"female", "male"} and set(prof.word) <= vocab
+    pairs = D.gender_pairs(prof.word.tolist(), "heldout")
+    ea, eb = D.encode_pairs(view.tokenizer, pairs)
+    neurons = [(29, 778), (28, 45), (3, 10)]
+    want = D.gaps(view, ea, eb, ZeroNeurons(neurons))
+    with D.zero_edited(view, neurons):
+        got = D.gaps(view, ea, eb)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(D.gaps(view, ea, eb), want, atol=1e-4)
+    json.dumps(prof.to_dict("records"))
