@@ -213,6 +213,10 @@ def test_run_debias_pairs_file(tmp_path, one_thread):
     tot = [m for m in s["metric"] if m["split"] == "select" and m["by"] == "total"][0]
     assert tot["cna"] == pytest.approx(np.abs(want[:3]).mean())
     assert s["costs"]["before"]["n"] == 4 and len(s["costs"]["random"]) == 2
+    from cnalens.report.sections.debias import SECTION
+
+    html = SECTION.render(out, {})
+    assert "data:image/png" in html and "CNA edit" in html and names[0] in html
 
 
 @pytest.mark.parametrize("text, msg", [
