@@ -418,7 +418,9 @@ def load_adapter(view, dir: str | Path):
         raise CnaError(f"adapter {d} was trained on another base model "
                        f"({meta.get('base', {}).get('spec')}): {why}")
     try:
-        peft_model = PeftModel.from_pretrained(view.model, str(d), is_trainable=False)
+        with warnings.catch_warnings():  # transformers' deprecation notes inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(view.model, str(d), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CnaError(f"adapter {d} does not fit this model: {first}") from None
