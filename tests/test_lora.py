@@ -124,6 +124,11 @@ def test_save_load_round_trip_and_mismatches(data, tmp_path, one_thread):
     pm, _ = train_lora(view, train, SETTINGS, progress=False)
     lora = _logits(view, test)
     save_adapter(pm, tmp_path / "adapter")
+    save_adapter(pm, tmp_path / "adapter")  # an adapter folder is replaced
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "keep.csv").write_text("x")
+    with pytest.raises(CnaError, match="not overwriting"):
+        save_adapter(pm, tmp_path / "results")
     meta = json.loads((tmp_path / "adapter" / "cnalens.json").read_text())
     assert meta["settings"]["layers"] == [1] and meta["base"]["spec"] == "llama"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -356,7 +356,8 @@ def unload_lora(peft_model) -> nn.Module:
 # --------------------------------------------------------------------------- save / load
 def save_adapter(peft_model, dir: str | Path) -> Path:
     """Save in peft's format (adapter_config.json, adapter_model.safetensors) plus
-    ``cnalens.json`` (settings, targets, base model identity)."""
+    ``cnalens.json`` (settings, targets, base model identity), atomically: an existing
+    adapter folder is replaced, any other non-empty folder is refused."""
     import shutil
     import tempfile
 
@@ -364,6 +365,8 @@ def save_adapter(peft_model, dir: str | Path) -> Path:
     meta = getattr(peft_model, "cnalens_meta", None)
     if meta is None:
         raise CnaError("not a cnalens LoRA model (train it with train_lora or load_adapter)")
+    if dir.exists() and any(dir.iterdir()) and not (dir / "adapter_config.json").is_file():
+        raise CnaError(f"{dir} exists and holds no adapter: not overwriting it")
     dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dir.name}.", dir=dir.parent))
     try:
