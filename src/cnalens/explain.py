@@ -435,17 +435,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
         a2 = cf2.abs()
         drop = np.concatenate([drop, ((a2[0].sum() - a2[1:].sum(1)) / a2[0].sum()).numpy()])
 
-    # deep rows: drop of the higher-layer top neurons' sum; links between them
-    lay = torch.tensor([x for x, _ in dn])
-    upper = lay[None, :] > lay[:, None]  # (i, j): j above i
-    rel = (absm[0][None] - absm[1:len(dn) + 1]) / absm[0][None]
-    s_up0 = (absm[0][None] * upper).sum(1)
-    s_up = (absm[1:len(dn) + 1] * upper).sum(1)
-    deep_drop = torch.where(s_up0 > 0, (s_up0 - s_up) / s_up0, torch.nan).numpy()
-    li, lj = upper.nonzero(as_tuple=True)
-    links = pd.DataFrame({"src": [f"{dn[i][0]}.{dn[i][1]}" for i in li.tolist()],
-                          "dst": [f"{dn[j][0]}.{dn[j][1]}" for j in lj.tolist()],
-                          "drop": rel[li, lj].numpy()})
+    deep_drop, links = _links(dn, absm[:len(dn) + 1])
 
     # tokens: deep neurons' contributions m v (through the post-FFN norm), projected
     vd = _contribs(view, run, dn, -1)
@@ -499,6 +489,23 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
             f"first-order candidates ({candidates}), exact CNA scores",
             "deep_layers": [Lh, view.n_layers - 1]}
     return Chain(elements, links, meta)
+
+
+def _links(dn: list[tuple[int, int]], absm: torch.Tensor) -> tuple[np.ndarray, pd.DataFrame]:
+    """From |m| of the deep neurons (row 0 plain, row i + 1 with neuron i zeroed): each
+    neuron's relative drop of the higher-layer neurons' sum, and every link i -> j (j in a
+    higher layer) with the relative drop of |m_j|."""
+    lay = torch.tensor([x for x, _ in dn])
+    upper = lay[None, :] > lay[:, None]  # (i, j): j above i
+    rel = (absm[0][None] - absm[1:]) / absm[0][None]
+    s_up0 = (absm[0][None] * upper).sum(1)
+    s_up = (absm[1:] * upper).sum(1)
+    deep_drop = torch.where(s_up0 > 0, (s_up0 - s_up) / s_up0, torch.nan).numpy()
+    li, lj = upper.nonzero(as_tuple=True)
+    links = pd.DataFrame({"src": [f"{dn[i][0]}.{dn[i][1]}" for i in li.tolist()],
+                          "dst": [f"{dn[j][0]}.{dn[j][1]}" for j in lj.tolist()],
+                          "drop": rel[li, lj].numpy()})
+    return deep_drop, links
 
 
 def _question_start(view, enc: Encoded) -> int:
