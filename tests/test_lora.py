@@ -242,3 +242,23 @@ def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1 and msg in lines[0]
     assert not out.exists()
+
+
+def test_sweep_without_cna_and_saved_adapter_reevaluated(tmp_path, one_thread):
+    import pandas as pd
+
+    from cnalens.apps.lora import run_lora
+
+    view = _view("llama")
+    s = LoraSettings.quick(n_train=24, n_test=12, batch_size=8)
+    meta = run_lora(view, tmp_path, s, 1, sweep=[2], n_cna=0, progress=False)
+    assert meta["sweep_layers"] == [1, 2] and meta["cna"]["summary"] is None
+    assert not (tmp_path / "lora_cna.csv").exists()
+    acc = pd.read_csv(tmp_path / "lora.csv", dtype={"op": str})
+    assert sorted(acc["layer"].unique()) == [-1, 1, 2]
+    again = run_lora(view, tmp_path / "re", s.replace(seed=5), 0, ks=(3,), n_cna=1,
+                     adapter=tmp_path / "adapter", progress=False)
+    assert again["layer"] == 1 and again["settings"]["seed"] == 0  # the adapter's own
+    acc2 = pd.read_csv(tmp_path / "re" / "lora.csv", dtype={"op": str})
+    pd.testing.assert_frame_equal(acc[acc["layer"] != 2].reset_index(drop=True), acc2)
+    assert (tmp_path / "re" / "lora_cna.csv").is_file()

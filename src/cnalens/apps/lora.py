@@ -515,7 +515,7 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
              adapter: str | Path | None = None) -> dict:
     """Train a LoRA on ``layer`` (and on each ``sweep`` layer), evaluate original vs LoRA
     on the test split, save the main adapter to ``out/adapter``, and compare the main
-    LoRA model with the original by CNA on ``n_cna`` test cases per op.
+    LoRA model with the original by CNA on ``n_cna`` test cases per op (0: no CNA).
 
     Writes lora.csv (accuracy per run, layer and op), lora_cna.csv (coefficient change),
     lora_neurons.csv (each CNA case's top neurons), lora_cases.csv (per case, main layer)
@@ -566,24 +566,28 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
             if L == layer:
                 save_adapter(peft_model, out / "adapter")
                 t2 = time.perf_counter()
-                enc_cna = _sample_per_op(enc_te, n_cna, settings.seed)
-                comp = lora_comparison(view, peft_model, enc_cna, L,
-                                       batch_size=min(batch_size, 32), progress=progress)
                 band_layers = bands(view.n_layers, L, deep_from)
-                main = {"table": summarize(comp, ks, band_layers, seeds, settings.seed),
-                        "neurons": comp.frame(max(ks), "decrease", range(L, view.n_layers),
-                                              [{"op": e.case.labels.get("op"),
-                                                "prompt": e.case.question,
-                                                "target": e.case.target} for e in enc_cna]),
+                main = {"table": None, "neurons": None, "n_cna": 0,
                         "cases": pd.concat([orig, res], ignore_index=True),
                         "history": history, "bands": band_layers,
-                        "cna_seconds": round(time.perf_counter() - t2, 2),
-                        "n_cna": len(enc_cna), "meta": peft_model.cnalens_meta}
+                        "meta": peft_model.cnalens_meta}
+                if n_cna > 0:
+                    enc_cna = _sample_per_op(enc_te, n_cna, settings.seed)
+                    comp = lora_comparison(view, peft_model, enc_cna, L,
+                                           batch_size=min(batch_size, 32), progress=progress)
+                    main.update(
+                        table=summarize(comp, ks, band_layers, seeds, settings.seed),
+                        neurons=comp.frame(max(ks), "decrease", range(L, view.n_layers),
+                                           [{"op": e.case.labels.get("op"),
+                                             "prompt": e.case.question,
+                                             "target": e.case.target} for e in enc_cna]),
+                        n_cna=len(enc_cna))
+                main["cna_seconds"] = round(time.perf_counter() - t2, 2)
         finally:
             unload_lora(peft_model)
     acc = pd.concat(tables, ignore_index=True)
     acc = acc[["run", "layer", *[c for c in acc.columns if c not in ("run", "layer")]]]
-    summary = _summary(main["table"], deep_from)
+    summary = _summary(main["table"]) if main["table"] is not None else None
     meta = {
         "stage": "lora", "model": view.summary(), "settings": settings.to_dict(),
         "layer": layer, "sweep_layers": layers if len(layers) > 1 else [],
@@ -609,14 +613,18 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_csv(out / "lora_cases.csv", main["cases"])
-    write_csv(out / "lora_neurons.csv", main["neurons"])
-    write_csv(out / "lora_cna.csv", main["table"])
+    if main["table"] is not None:
+        write_csv(out / "lora_neurons.csv", main["neurons"])
+        write_csv(out / "lora_cna.csv", main["table"])
+    else:  # no stale comparison from an earlier run
+        for name in ("lora_neurons.csv", "lora_cna.csv"):
+            (out / name).unlink(missing_ok=True)
     write_csv(out / "lora.csv", acc)
     write_json(out / "lora.json", meta)
     return meta
 
 
-def _summary(table: pd.DataFrame, deep_from: int | None) -> dict:
+def _summary(table: pd.DataFrame) -> dict:
     """Headline numbers: the coefficient change of the top-K vs random, per band."""
     out = {}
     for r in table[table["k"] > 0].itertuples():

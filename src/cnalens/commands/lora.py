@@ -76,7 +76,8 @@ def lora(
         "--deep-from", help="first deep layer (default: the top + head's layer in "
         "DIR/heads.csv; without one, depth quartiles)")] = None,
     seeds: Annotated[int, typer.Option(help="random-neuron baselines")] = 3,
-    n_cna: Annotated[int, typer.Option("--n-cna", help="CNA cases per op")] = 5,
+    n_cna: Annotated[int, typer.Option(
+        "--n-cna", help="CNA cases per op (0: no CNA, e.g. for a layer sweep)")] = 5,
     adapter: Annotated[Path | None, typer.Option(
         help="evaluate and compare a saved adapter (DIR or DIR/adapter) instead of "
              "training the main layer")] = None,
@@ -125,12 +126,14 @@ def _report(out: Path, meta: dict) -> None:
     cols = ["run", "layer", "op", "n", "acc", "acc_lo", "acc_hi", "acc_first"]
     _print_table(acc[cols], "accuracy on the test split (%; Wilson 95%)",
                  pct=("acc", "acc_lo", "acc_hi", "acc_first"))
-    cna = pd.read_csv(out / "lora_cna.csv")
-    _print_table(cna[["band", "layers", "k", "n_neurons", "change", "random_mean",
-                      "up_frac", "pct_b"]],
-                 "CNA LoRA (A) vs original (B): coefficient-sum change of the top-K "
-                 "neurons (k=0: all neurons of the band)")
+    if (out / "lora_cna.csv").is_file():
+        cna = pd.read_csv(out / "lora_cna.csv")
+        _print_table(cna[["band", "layers", "k", "n_neurons", "change", "random_mean",
+                          "up_frac", "pct_b"]],
+                     "CNA LoRA (A) vs original (B): coefficient-sum change of the top-K "
+                     "neurons (k=0: all neurons of the band)")
     t = meta["timings"]
-    console.print(f"training {t['train_seconds']:.0f} s ({meta['n_train']} cases), "
-                  f"evaluation {t['eval_original_seconds'] + t['eval_lora_seconds']:.0f} s, "
+    train = "reloaded" if t["train_seconds"] is None else f"{t['train_seconds']:.0f} s"
+    console.print(f"training {train} ({meta['n_train']} cases), evaluation "
+                  f"{t['eval_original_seconds'] + t['eval_lora_seconds']:.0f} s, "
                   f"CNA {t['cna_seconds']:.0f} s")
