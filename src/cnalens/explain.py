@@ -13,16 +13,19 @@ prediction unless given), read from the output back to the input (the notebooks'
    **Enhancing links**: ``link(i -> j)`` = relative drop of ``|m_j|`` (last position)
    when neuron ``i`` of a lower layer is zeroed.
 2. **feature predicting** (the head): its attention over the prompt's tokens (last
-   position) and, per source position ``j``, its output ``a_j W_O W_V x_j``.
+   position) and, per source position ``j``, its output ``a_j W_O W_V x_j``; ``p`` = the
+   question position (few-shot prefix excluded) whose output scores highest.
 3. **feature transferring** (shallow attention layers, below Lh): each layer's attention
-   output at the head's main source position ``p`` (the ``j`` with the largest score),
-   passed through the head.
-4. **feature enhancing** (shallow FFN neurons): the transfer layer ``t`` (the best shallow
-   attention layer above layer 0) moves features from its main source position ``q < p``
-   to ``p``; each neuron of the layers below ``t`` at ``q``, ``m_k v_k``, is transformed by
-   layer ``t``'s attention (its heads weighted by their real attention from ``p`` to
-   ``q``), then by the head, and scored. Its tokens are shown untransformed (``m_k v_k``)
-   and transformed by layer ``t`` (the paper's "attention transformed" projection).
+   output at ``p``, passed through the head and scored; zeroed at ``p`` for its effect.
+4. **feature enhancing** (shallow FFN neurons, below Lh): every neuron at every question
+   position ``q <= p``, ``m_k v_k``, scored along every one-hop route into the head:
+   through attention layer ``t`` (``l < t < Lh``, its heads weighted by their real
+   attention ``p <- q``), plus directly when ``q == p``. The routes are summed with the
+   adjoint of :func:`cnalens.vocab.transform` (the deep key pulled back through the head,
+   then through each layer ``t``: one matrix-vector product per layer and position), so
+   every neuron is scored in one product per layer and position. Tokens are shown
+   untransformed (``m_k v_k``) and transformed along the neuron's best route (by layer
+   ``t``'s attention, the paper's "attention transformed" projection, or by the head).
 
 **Scores** (stages 2-4) are the paper's inner products made comparable across layers: a
 vector ``u`` arriving at the last position has score ``u . K`` with the deep key
@@ -31,14 +34,16 @@ each neuron's real FFN at the case's input with the pre-FFN norm's scale frozen.
 is the first-order increase of the deep neurons' coefficient sum ``sum |m_j|`` (for gated
 FFNs ``dm/dx`` mixes the gate and up rows as the notebook's "up + gate score" does,
 weighted by the neuron's state). Transforms use ``cnalens.vocab.transform`` with the real
-norm scales (input norm at the source position, post-attention norm at the destination).
+norm scales (input norm at the source position, post-attention norm at the destination);
+the attention weights are the real ones of the case (eager attention, recorded).
 
 **Effects**: every element is zeroed in one batched forward, one row each, and measured:
 ``effect`` = drop of the target's log-probability (positive: the element helps) and
 ``coef_drop`` = relative drop of the stage-1 neurons' coefficient sum at the last position
 (for a deep neuron: of the stage-1 neurons in higher layers). Deep neurons and the head are
 zeroed at every position (as in the head scan and the verification); a shallow attention
-layer (all its heads) at position ``p`` only; a shallow neuron at position ``q`` only.
+layer (all its heads) at position ``p`` only; a shallow neuron at its own position only.
+Deep neurons' enhancing links and ``coef_drop`` come from the same rows' captures.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def _node(r, transformed: bool = False, extra: Any = "") -> h.Html:
     if r.tokens:
         bits.append(h.tag("div", _tokens(r.tokens), class_="ch-tok"))
     if transformed and r.tokens_transformed:
-        bits.append(h.tag("div", "moved: " + _tokens(r.tokens_transformed), class_="ch-tok2"))
+        bits.append(h.tag("div", "transformed: " + _tokens(r.tokens_transformed),
+                           class_="ch-tok2"))
     if extra:
         bits.append(h.tag("div", extra, class_="ch-tok"))
     bits.append(_effect_badge(r.effect, r.coef_drop if "coef_drop" in r._fields else None))
@@ -168,7 +169,7 @@ def diagram(df: pd.DataFrame, meta: dict) -> h.Html:
 
 
 def element_table(df: pd.DataFrame) -> h.Html:
-    head = ["stage", "element", "position", "top tokens", "moved by attention", "score",
+    head = ["stage", "element", "position", "top tokens", "transformed", "score",
             "effect (Δ log p drop)", "deep Σ|m| drop", "detail"]
     rows = [[r.stage, r.name, f"{int(r.position)} ‘{r.token}’" if not h.is_missing(r.position)
              else "", (_tokens(r.tokens, 8), {"class_": "mono"}),
@@ -195,8 +196,9 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         "sum."),
         h.note("Scores: deep neurons by CNA (imp_a − imp_b, head zeroed in run B); the "
                "other stages by the first-order increase of the deep neurons' Σ|m| along "
-               "their route (see cnalens.explain). 'moved' = a shallow neuron's vector "
-               "transformed by the attention layer of its best route.")]
+               "their route (see cnalens.explain). 'transformed' = a shallow neuron's vector "
+               "through its best route: the attention layer that moves it to the head's "
+               "source position, or the head itself when the head reads its position.")]
     if stage.get("seconds") is not None:
         parts.append(h.note(f"time: {h.fmt_seconds(stage['seconds'])}"))
     for case, sub in df.groupby("case", sort=False):
