@@ -286,3 +286,23 @@ def test_real_gemma_cli(capsys, tmp_path, gemma, monkeypatch):
     zeroed = evaluate(gemma, enc, ZeroHeads([(7, 0)]), progress=False).logp[0]
     head = df[df.kind == "head"].iloc[0]
     assert abs((base - zeroed) - head.effect) < 2e-3 and head.effect > 0.5
+
+
+def test_view_ffn_module(tiny_view):
+    """ModelView.ffn_module: the down projection's parent; run on the FFN's recorded input
+    it gives the FFN's recorded output, and its down projection's input is ``coef``."""
+    view = tiny_view
+    mod = view.ffn_module(1)
+    assert any(c is view.module(1, "down_proj") for c in mod.children())
+    got = {}
+    h = mod.register_forward_hook(lambda m, a, out: got.update(x=a[0], y=out))
+    try:
+        with torch.no_grad(), view.capture(["coef"], [1]) as cache:
+            view.model(torch.tensor([[1, 5, 9, 4, 7]]))
+    finally:
+        h.remove()
+    seen = {}
+    with torch.no_grad(), view.edit("coef", 1, lambda m: seen.setdefault("m", m)):
+        y = mod(got["x"])
+    assert torch.allclose(y, got["y"], atol=1e-12)
+    assert torch.allclose(seen["m"], cache[("coef", 1)], atol=1e-12)

@@ -141,15 +141,6 @@ def _cd(view) -> torch.dtype:
     return torch.promote_types(view.dtype, torch.float32)
 
 
-def _mlp(view, layer: int) -> torch.nn.Module:
-    """The FFN module of a layer: the parent of its down projection."""
-    down = view.module(layer, "down_proj")
-    for mod in view.layers[layer].modules():
-        if any(child is down for child in mod.children()):
-            return mod
-    raise CnaError(f"layer {layer}: no FFN module around the down projection")
-
-
 def _ffn_norm(view, layer: int):
     """The norm in front of a layer's FFN and whether it reads resid_pre (parallel blocks)."""
     mod = view.norm(layer, "ln_ffn")
@@ -187,7 +178,7 @@ def deep_key(view, resid_in: dict[int, torch.Tensor], neurons: list[tuple[int, i
         with torch.enable_grad(), view.edit("coef", layer, grab):
             x = ref.clone().requires_grad_(True)
             xn = view.frozen_norm(norm, x, ref).to(view.dtype)
-            _mlp(view, layer)(xn[None, None])
+            view.ffn_module(layer)(xn[None, None])
             total = (got["m"][0, 0, idx].to(dt) * sign).sum()
             (g,) = torch.autograd.grad(total, x)
         K += g.detach()

@@ -140,6 +140,11 @@ class ModelView:
         """The FFN's input projections (gate and up, or up alone): one output per neuron."""
         return [_get(self.layers[layer], path) for path in self.family.ffn_in]
 
+    def ffn_module(self, layer: int) -> nn.Module:
+        """The FFN module of a layer (its down projection's parent): called on the FFN's
+        normed input it returns the FFN output (before Gemma 2/3's post-FFN norm)."""
+        return _get(self.layers[layer], self.family.down_proj.rsplit(".", 1)[0])
+
     def norm(self, layer: int, which: str) -> nn.Module | None:
         """``which`` in ln_attn, ln_attn_post, ln_ffn, ln_ffn_post."""
         return self.module(layer, which)
