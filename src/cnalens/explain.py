@@ -451,7 +451,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
                                f"coef_b {r['coef_b']:.3f}"})
     j = len(dn)
     top_pos = torch.argsort(w_head, descending=True)[:3].tolist()
-    att_txt = ", ".join(f"{tok[i]!r}@{i} {float(w_head[i]):.2f}" for i in top_pos)
+    att_txt = ", ".join(f"‘{tok[i]}’@{i} {float(w_head[i]):.2f}" for i in top_pos)
     rows.append({**base, "stage": STAGES[2], "kind": "head", "name": f"{Lh}.{h}", "layer": Lh,
                  "index": h, "position": p, "token": tok[p], "tokens": "",
                  "tokens_transformed": "", "score": float(src_score.sum()),
