@@ -274,7 +274,8 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
     Seeded (LoRA init, batch order, dropout): the same settings on the same machine give
     the same adapter. AdamW, linear warm-up over the first 5% of steps then linear decay.
     Returns ``(peft_model, history)``, history one row per step: step, epoch, loss (mean
-    over the batch's answer tokens), tokens, lr, seconds.
+    over the batch's answer tokens), tokens, lr, seconds (wall) and cpu_seconds (process
+    CPU time: on one thread, what the wall time would be on an idle machine).
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -311,7 +312,7 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     gen = torch.Generator().manual_seed(settings.seed)
     rows = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with _progress_bar(progress) as bar:
             task = bar.add_task(f"LoRA layer(s) {','.join(map(str, settings.layers))}",
@@ -330,7 +331,8 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
                     value = float(loss.detach())
                     rows.append({"step": step, "epoch": epoch, "loss": value, "tokens": n_tok,
                                  "lr": sched.get_last_lr()[0],
-                                 "seconds": time.perf_counter() - t0})
+                                 "seconds": time.perf_counter() - t0,
+                                 "cpu_seconds": time.process_time() - c0})
                     step += 1
                     bar.update(task, advance=1, loss=f"{value:.3f}")
     finally:
@@ -341,6 +343,7 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
     peft_model.cnalens_meta = {
         "settings": settings.to_dict(), "targets": targets, "base": identity,
         "n_train": len(enc), "train_seconds": round(time.perf_counter() - t0, 2),
+        "train_cpu_seconds": round(time.process_time() - c0, 2),
         "steps": total, "loss_first": rows[0]["loss"] if rows else None,
         "loss_last": rows[-1]["loss"] if rows else None,
         "history": history[["step", "loss", "lr", "seconds"]].round(5).to_dict("list")
@@ -560,6 +563,8 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
                            description=f"evaluating LoRA {L}").assign(run="lora")
             tables.append(accuracy_by_run(res).assign(layer=L))
             per_layer[L] = {"train_seconds": peft_model.cnalens_meta.get("train_seconds"),
+                            "train_cpu_seconds": peft_model.cnalens_meta.get(
+                                "train_cpu_seconds"),
                             "eval_seconds": round(time.perf_counter() - t1, 2),
                             "loss": [round(x, 4) for x in history["loss"]],
                             "acc": float(res["correct"].mean())}
@@ -606,6 +611,7 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
         "history": main["history"][["step", "loss", "lr", "seconds"]].round(5)
         .to_dict("list"),
         "timings": {"train_seconds": per_layer[layer]["train_seconds"],
+                    "train_cpu_seconds": per_layer[layer]["train_cpu_seconds"],
                     "eval_original_seconds": round(eval_seconds, 2),
                     "eval_lora_seconds": per_layer[layer]["eval_seconds"],
                     "cna_seconds": main["cna_seconds"],
