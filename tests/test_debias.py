@@ -198,13 +198,20 @@ def test_run_debias_pairs_file(tmp_path, one_thread):
                     '{"prompt_a": "ab q", "prompt_b": "xy q", "targets": ["d"], '
                     '"split": "heldout", "template": "h"}\n')
     out = tmp_path / "o"
-    s = D.run_debias(view, out, n_neurons=3, top_k=4, seeds=2, pairs_file=path, cost_n=1,
-                     progress=False, texts=["abc def", "hello there"])
+    s = D.run_debias(view, out, n_neurons=3, top_k=(2, 4, 8), seeds=2, pairs_file=path,
+                     cost_n=1, progress=False, texts=["abc def", "hello there"])
     df = pd.read_csv(out / "debias.csv")
     assert len(df) == 4 * 3 and set(df.edit) == {"cna", "random"}
     assert (out / "model" / "config.json").is_file()
     names = [n["name"] for n in s["neurons"]]
     assert len(names) == 3
+    # K search: the edited set is the rule's set at the K with the smallest selection metric
+    search = {r["k"]: r["select_metric"] for r in s["k_search"]}
+    assert list(search) == [2, 4, 8] and search[s["top_k"]] == min(search.values())
+    frame = pd.read_csv(out / "debias_neurons.csv")
+    assert frame["rank"].max() == 8
+    rule = D.select_neurons(frame[frame["rank"] <= s["top_k"]], 3)
+    assert names == [f"{a}.{b}" for a, b in zip(rule.layer, rule.neuron, strict=True)]
     # the reported "after" gaps are those of the ZeroNeurons intervention
     ea, eb = D.encode_pairs(view.tokenizer, D.load_pairs(path))
     neurons = [tuple(int(x) for x in n.split(".")) for n in names]

@@ -18,9 +18,11 @@ rules, its own lean decides the group).
 Neurons. CNA per selection pair as an input comparison (design.md): run A is the prompt the
 profession leans to, run B the other; each run keeps its own final-norm scale, the target
 (the profession) is shared; neurons are ranked by ``imp_a - imp_b`` (the neurons that carry
-the gap in its direction), top-``top_k`` per pair (certified exact top-K; exhaustive where
-the lens cannot certify). Rule: the ``n_neurons`` neurons in most pairs' top-K (count),
-ties by the summed difference over those pairs, then by (layer, neuron).
+the gap in its direction), top-K per pair (exact scores of the neurons a first-order screen
+keeps, see ``input_topk``). Rule: the ``n_neurons`` neurons in most pairs' top-K (count),
+ties by the summed difference over those pairs, then by (layer, neuron). With several K
+(``top_k=(5, 10, 20, 50)``) each K gives a set, and the set with the smallest metric on the
+SELECTION pairs is edited (ties: the smaller K); the held-out templates never take part.
 
 Edit. The chosen neurons' value vectors (down-projection columns) are set to zero in the
 weights; ``inputs=True`` also zeroes their input rows (gate and up projections, with their
@@ -265,7 +267,7 @@ def _input_runs(ea, eb, lean_a: torch.Tensor):
 
 
 def input_topk(view, run_a: Sequence[Encoded], run_b: Sequence[Encoded], k: int,
-               layers: Sequence[int] | None = None, screen: int = 512, batch_size: int = 32,
+               layers: Sequence[int] | None = None, screen: int = 256, batch_size: int = 32,
                progress: bool = False) -> pd.DataFrame:
     """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison: each run its
     own frozen scale, the target shared (the pair's token). Rows as ``diff_frame``.
@@ -498,10 +500,11 @@ def _summary(df: pd.DataFrame, after: dict[str, pd.Series]) -> list[dict]:
     return base.to_dict("records")
 
 
-def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: int = 3,
+def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: Sequence[int] | int = 20,
+               seeds: int = 3,
                pairs_file: str | Path | None = None, professions: Sequence[str] | None = None,
                per_group: int = 16, candidates: int = 100, layers: Sequence[int] | None = None,
-               screen: int = 512, inputs: bool = False, cost_n: int = 25, seed: int = 0,
+               screen: int = 256, inputs: bool = False, cost_n: int = 25, seed: int = 0,
                batch_size: int = 32, progress: bool = True, save_model: bool = True,
                texts: Sequence[str] | None = None, settings: dict | None = None) -> dict:
     """The whole debias stage: pairs, CNA neurons, controls, costs, the edit; writes
@@ -518,7 +521,8 @@ def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: 
             raise CnaError("--layers names no layer")
         view.check_layers(layers)
     check_n(view, n_neurons, layers)
-    if top_k < 1:
+    ks = sorted({int(k) for k in ([top_k] if isinstance(top_k, int) else top_k)})
+    if not ks or ks[0] < 1:
         raise CnaError(f"--top-k must be >= 1, got {top_k}")
     if seeds < 0:
         raise CnaError(f"--seeds must be >= 0, got {seeds}")
@@ -540,10 +544,19 @@ def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: 
     sel = np.nonzero((df["split"] == "select").to_numpy())[0]
     lean_a = torch.from_numpy(df["lean"].to_numpy()[sel] >= 0)
     run_a, run_b = _input_runs([ea[i] for i in sel], [eb[i] for i in sel], lean_a)
-    frame = input_topk(view, run_a, run_b, top_k, layers, screen, batch_size, progress)
-    chosen = select_neurons(frame, n_neurons)
-    neurons = [(int(a), int(b)) for a, b in zip(chosen["layer"], chosen["neuron"], strict=True)]
+    frame = input_topk(view, run_a, run_b, ks[-1], layers, screen, batch_size, progress)
     times["cna"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sa, sb = [ea[i] for i in sel], [eb[i] for i in sel]
+    search = []
+    for k in ks:
+        ch = select_neurons(frame[frame["rank"] <= k], n_neurons)
+        units = [(int(a), int(b)) for a, b in zip(ch["layer"], ch["neuron"], strict=True)]
+        value = float(gaps(view, sa, sb, ZeroNeurons(units), batch_size=batch_size).abs().mean())
+        search.append({"k": k, "select_metric": value, "chosen": ch, "neurons": units})
+    best = min(search, key=lambda r: (r["select_metric"], r["k"]))
+    chosen, neurons = best["chosen"], best["neurons"]
+    times["k_search"] = time.perf_counter() - t
 
     def measure(*ivs) -> tuple[pd.Series, dict]:
         g = pd.Series(gaps(view, ea, eb, *ivs, batch_size=batch_size).numpy())
@@ -587,6 +600,9 @@ def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: 
         "paper": {"model": "Llama-7B", "n_neurons": 18, "before": 1.26, "after": 0.81,
                   "change": -0.357},
         "metric": _summary(df, after),
+        "top_k": best["k"],
+        "k_search": [{"k": r["k"], "select_metric": r["select_metric"],
+                      "neurons": [f"{a}.{b}" for a, b in r["neurons"]]} for r in search],
         "neurons": [{"name": f"{a}.{b}", "layer": a, "neuron": b, "count": int(c),
                      "sum_diff": float(d)} for a, b, c, d in
                     zip(chosen["layer"], chosen["neuron"], chosen["count"], chosen["sum_diff"],
@@ -600,7 +616,7 @@ def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: 
         if pairs_file is None else None,
         "n_pairs": {"select": int(len(sel)), "heldout": int(len(df) - len(sel))},
         "model_dir": None if model_dir is None else str(model_dir),
-        "settings": {"n_neurons": n_neurons, "top_k": top_k, "seeds": seeds, "seed": seed,
+        "settings": {"n_neurons": n_neurons, "top_k": ks, "seeds": seeds, "seed": seed,
                      "pairs": None if pairs_file is None else str(pairs_file),
                      "professions": None if professions is None else list(professions),
                      "per_group": per_group, "candidates": candidates,
@@ -610,7 +626,8 @@ def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: int = 20, seeds: 
                      + (", gate/up rows too" if inputs else ""),
                      "random": "same number of neurons per layer as the CNA set",
                      **(settings or {})},
-        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "seconds": round(times["total"], 2),
+        "timings": {k: round(v, 2) for k, v in times.items()},
     }
     write_csv(out / "debias_neurons.csv", top[["case", "rank", "layer", "neuron", "name",
                                                 "imp_a", "imp_b", "coef_a", "coef_b", "diff"]])

@@ -30,7 +30,9 @@ def debias(
     model: ModelOpt = "gemma3-270m",
     out: OutOpt = Path("results/debias"),
     n_neurons: Annotated[int, typer.Option(help="neurons to zero-edit")] = 18,
-    top_k: Annotated[int, typer.Option(help="top-K neurons per pair (CNA ranking)")] = 20,
+    top_k: Annotated[str, typer.Option(
+        help="top-K neurons per pair (CNA ranking); several: the K whose neuron set gives "
+             "the smallest gap on the selection pairs")] = "5,10,20,50",
     seeds: Annotated[int, typer.Option(help="random-neuron control draws")] = 3,
     pairs: Annotated[Path | None, typer.Option(
         help="JSONL of {prompt_a, prompt_b, targets[, template, split]}: edit any paired "
@@ -44,7 +46,7 @@ def debias(
     layers: Annotated[str | None, typer.Option(
         help="restrict the neurons to these layers, e.g. 7-17 (default: all)")] = None,
     screen: Annotated[int, typer.Option(
-        help="neurons per pair scored exactly after a first-order screen (0: all)")] = 512,
+        help="neurons per pair scored exactly after a first-order screen (0: all)")] = 256,
     inputs: Annotated[bool, typer.Option(
         help="also zero the neurons' gate/up rows (default: value vectors only)")] = False,
     cost_n: Annotated[int, typer.Option(
@@ -63,7 +65,7 @@ def debias(
     neurons; arithmetic accuracy and neutral-text perplexity before and after."""
     from cnalens.apps.debias import run_debias
     from cnalens.heads import parse_layers
-    from cnalens.names import parse_list
+    from cnalens.names import parse_ints, parse_list
     from cnalens.pipeline import record_stage
 
     if pairs is not None and professions is not None:
@@ -74,13 +76,14 @@ def debias(
             raise CnaError("--professions: empty profession list")
         prof = parse_list(professions, "professions")
     ll = parse_layers(layers) if layers else None
+    ks = parse_ints(top_k, "top-k")
     if pairs is not None:
         from cnalens.apps.debias import load_pairs
 
         load_pairs(pairs)  # a bad file fails before the model loads
     view = _view(model, device, dtype, device_map, quiet)
     t0 = time.perf_counter()
-    summary = run_debias(view, out, n_neurons=n_neurons, top_k=top_k, seeds=seeds,
+    summary = run_debias(view, out, n_neurons=n_neurons, top_k=ks, seeds=seeds,
                          pairs_file=pairs, professions=prof, per_group=per_group,
                          candidates=candidates, layers=ll, screen=screen, inputs=inputs,
                          cost_n=cost_n, seed=seed, batch_size=batch_size,
@@ -99,5 +102,7 @@ def debias(
         + f"; perplexity {c['before']['ppl']:.2f} -> {c['cna']['ppl']:.2f} (CNA)"
         + (f", {sum(r['ppl'] for r in rnd) / len(rnd):.2f} (random)" if rnd else ""))
     report = record_stage(out, view, _command(), "debias", time.perf_counter() - t0)
+    console.print(f"neurons (K={summary['top_k']}): "
+                  + ", ".join(n["name"] for n in summary["neurons"]))
     console.print(f"wrote {out}/debias.csv, {out}/debias.json"
                   + (f", {out}/model" if save_model else "") + f"; report: {report}")

@@ -89,7 +89,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                     "does the log-probability gap shrink more than with random neurons, "
                     "and at what cost?")]
     neurons = [n["name"] for n in stage.get("neurons", [])]
-    sec = stage.get("seconds", {}).get("total")
+    sec = stage.get("seconds")
     bits = [f"{len(neurons)} neurons: {', '.join(neurons)}" if neurons else "",
             f"time: {h.fmt_seconds(sec)}" if sec is not None else "",
             f"edited model: {stage['model_dir']}" if stage.get("model_dir") else ""]
@@ -106,6 +106,13 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     if stage.get("metric"):
         parts.append(h.tag("h3", "Summary"))
         parts.append(summary_table(stage))
+    if len(stage.get("k_search") or []) > 1:
+        rows = [[r["k"], h.fmt_num(r["select_metric"]), ", ".join(r["neurons"][:6]) + " ..."]
+                for r in stage["k_search"]]
+        parts.append(h.table(["top-K", "selection metric after", "neurons"], rows,
+                             num_cols=(0, 1), caption=f"The K whose set gives the smallest "
+                             f"gap on the selection pairs is edited (K = {stage.get('top_k')}); "
+                             "held-out templates take no part."))
     if stage.get("costs"):
         parts.append(h.tag("h3", "Costs"))
         parts.append(cost_table(stage))
