@@ -73,7 +73,7 @@ class LocatorSettings:
 
 
 PRESETS = {
-    "quick": LocatorSettings(transforms="head", seeds=2, null_per_layer=256),
+    "quick": LocatorSettings(transforms="head", seeds=2, null_per_layer=128),
     "full": LocatorSettings(transforms="all", seeds=5, null_per_layer=2048),
     "smoke": LocatorSettings(transforms="head", seeds=1, null_per_layer=16,
                              bound_tokens=4096),
@@ -377,7 +377,7 @@ def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
     from cnalens.pipeline import now
 
     out = Path(out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     enc = encode_all(view.tokenizer, cases)
     located = locate(view, head_layer, settings, progress=progress)
     t1 = time.perf_counter()
@@ -409,6 +409,7 @@ def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
                    for m in settings.ms},
         "timings": {**located.seconds, "sweep": round(t2 - t1, 2)},
         "seconds": round(time.perf_counter() - t0, 2),
+        "cpu_seconds": round(time.process_time() - c0, 2),
         "finished": now(),
     }
     write_csv(out / "shallow.csv", frame)
