@@ -16,7 +16,15 @@ import argparse
 import torch
 
 from cnalens import load_model
-from cnalens.apps.prune import ffn_params, forward_seconds, prune_ffn, random_keep, selection_cases
+from cnalens.apps.prune import (
+    ffn_params,
+    forward_seconds,
+    prune_ffn,
+    random_keep,
+    save_pruned,
+    selection_cases,
+    weights_bytes,
+)
 from cnalens.data.cases import encode_all
 
 
@@ -28,6 +36,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.95)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--save", default=None, help="save the pruned model here, report the "
+                    "weights file sizes, reload it with load_model and time the reloaded one")
     args = ap.parse_args()
 
     orig = load_model(args.model, progress=False)
@@ -38,6 +48,20 @@ def main() -> None:
         deep = range(args.deep_from, pruned.n_layers)
         k = {la: max(1, round((1 - args.fraction) * pruned.ffn_width(la))) for la in deep}
         prune_ffn(pruned, random_keep(k, pruned.ffn_widths, seed=0))
+    if args.save and not args.pruned:
+        path = save_pruned(pruned, args.save, {"selection": "random", "seed": 0})
+        before = weights_bytes(orig.info["cache_path"] or orig.info["path"])
+        after = weights_bytes(path)
+        print(f"weights file {before / 2**20:,.0f} MiB -> {after / 2**20:,.0f} MiB "
+              f"(-{100 * (1 - after / before):.1f}%)")
+        back = load_model(str(path), progress=False)
+        ids = [e.prompt_ids for e in encode_all(orig.tokenizer, selection_cases(n=2))]
+        with torch.inference_mode():
+            b = pruned.batch(ids)
+            diff = (pruned.last_logits(b) - back.last_logits(b)).abs().max()
+        print(f"reloaded with load_model: widths equal {back.ffn_widths == pruned.ffn_widths}, "
+              f"max |logit difference| {float(diff):.1e}")
+        pruned = back
     enc = encode_all(orig.tokenizer, selection_cases(shots=3))
     print(f"{args.model}: FFN widths {pruned.ffn_widths}")
     print(f"FFN parameters {ffn_params(orig):,} -> {ffn_params(pruned):,}; all parameters "
