@@ -297,9 +297,11 @@ def test_real_professions_and_edit(smollm2, one_thread):
     """Real model: the chosen professions are single tokens in the shipped list, and the
     weight edit equals ZeroNeurons on real prompts."""
     view = smollm2
-    prof = D.choose_professions(view, 4, 40)
+    words = D.candidate_words(view, 30)
     vocab, _ = D.profession_lists()
-    assert set(prof.group) == {"female", "male"} and set(prof.word) <= vocab
+    assert len(words) >= 4 and set(words) <= vocab and "nurse" in words
+    prof = D.professions_from(view, words[:4])
+    assert set(prof.group) <= {"female", "male"}
     pairs = D.gender_pairs(prof.word.tolist(), "heldout")
     ea, eb = D.encode_pairs(view.tokenizer, pairs)
     neurons = [(29, 778), (28, 45), (3, 10)]

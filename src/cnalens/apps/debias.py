@@ -500,7 +500,8 @@ def _summary(df: pd.DataFrame, after: dict[str, pd.Series]) -> list[dict]:
     return base.to_dict("records")
 
 
-def run_debias(view, out: Path, *, n_neurons: int = 18, top_k: Sequence[int] | int = 20,
+def run_debias(view, out: Path, *, n_neurons: int = 18,
+               top_k: Sequence[int] | int = (5, 10, 20, 50),
                seeds: int = 3,
                pairs_file: str | Path | None = None, professions: Sequence[str] | None = None,
                per_group: int = 16, candidates: int = 100, layers: Sequence[int] | None = None,
