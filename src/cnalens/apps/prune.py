@@ -206,7 +206,8 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({"variant": variant, "label": VARIANTS[variant], "runs": len(g),
                     "n": int(g["n"].iloc[0]), "acc": float(g["acc"].mean()),
                     "acc_sd": float(g["acc"].std(ddof=1)) if len(g) > 1 else float("nan"),
-                    "acc_lo": lo, "acc_hi": hi,
+                    "acc_lo": lo, "acc_hi": hi, "acc_first": float(g["acc_first"].mean()),
+                    "logp": float(g["logp"].mean()),
                     "deep_pruned": float(g["deep_pruned"].mean())})
     return pd.DataFrame(out)
 

@@ -111,9 +111,10 @@ def prune(
                       progress=not quiet, settings_extra=settings)
     summ = summary(table)
     _print_table(summ[["label", "runs", "n", "acc", "acc_sd", "acc_lo", "acc_hi",
-                       "deep_pruned"]],
+                       "acc_first", "logp", "deep_pruned"]],
                  "accuracy on the LoRA test split (%; sd over seeds, Wilson 95% of the "
-                 "pooled cases)", pct=("acc", "acc_sd", "acc_lo", "acc_hi", "deep_pruned"))
+                 "pooled cases)",
+                 pct=("acc", "acc_sd", "acc_lo", "acc_hi", "acc_first", "deep_pruned"))
     from cnalens.io import read_json
 
     meta = read_json(out / "prune.json")

@@ -96,12 +96,12 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     summ = _summary(df)
     rows = [[r.label, h.fmt_int(r.runs), h.fmt_int(r.n),
              h.fmt_acc(r.acc, r.acc_lo, r.acc_hi),
-             "" if np.isnan(r.acc_sd) else h.fmt_pct(r.acc_sd),
-             h.fmt_pct(r.deep_pruned), h.fmt_pct(PAPER.get(r.variant))]
+             "" if np.isnan(r.acc_sd) else h.fmt_pct(r.acc_sd), h.fmt_pct(r.acc_first),
+             h.fmt_num(r.logp), h.fmt_pct(r.deep_pruned), h.fmt_pct(PAPER.get(r.variant))]
             for r in summ.itertuples()]
     parts.append(h.table(["model", "runs", "n", "acc [Wilson 95%]", "sd over seeds",
-                          "deep neurons pruned", "paper (Llama-7B)"], rows,
-                         num_cols=range(1, 7),
+                          "acc_first", "logp", "deep neurons pruned", "paper (Llama-7B)"],
+                         rows, num_cols=range(1, 9),
                          caption="Accuracy on the LoRA test split (random rows: mean over "
                          "seeds, interval of the pooled cases)."))
     fig = chart(summ)
