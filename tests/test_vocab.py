@@ -266,3 +266,25 @@ def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
     rc, lines = _run(capsys, *argv, *extra)
     assert rc == 2 and len(lines) == 1 and msg in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.real
+def test_cli_neuron_and_shallow_real(capsys, tmp_path):
+    out = tmp_path / "n"
+    rc = main(["neuron", "--model", "smollm2-135m", "28.541", "3.74", "--case", "1+2=",
+               "--transform-layer", "13", "--head", "13.4", "--k", "5", "--out", str(out),
+               "-q"])
+    assert rc == 0, capsys.readouterr().err
+    df = pd.read_csv(out / "neuron.csv")
+    assert list(df["view"].unique()) == ["untransformed", "T@13", "T@13.4"]
+    assert df["coef"].notna().all() and (df["target"].astype(str) == "3").all()
+    rc = main(["neuron", "--model", "smollm2-135m", "--head", "13.4", "--out", str(out), "-q"])
+    assert rc == 0 and (out / "head_ov.csv").is_file()
+    sh = tmp_path / "s"
+    rc = main(["shallow", "--model", "smollm2-135m", "--deep-from", "1", "--transforms",
+               "head", "--n", "2", "--m", "1", "--seeds", "1", "--null", "8", "--out", str(sh),
+               "-q"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((sh / "shallow.json").read_text())
+    assert meta["shallow_layers"] == [0] and meta["n_cases"] == 4
+    assert (sh / "report.html").is_file() and (sh / "shallow.csv").is_file()

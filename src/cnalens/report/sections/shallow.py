@@ -119,8 +119,8 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         return None
     parts = [h.what("Shallow FFN neurons are rarely readable in the vocabulary directly; "
                     "passed through an upper attention layer's value/output circuit, some "
-                    "project onto numbers and operators. Zeroing them hurts arithmetic far "
-                    "more than zeroing random neurons would, if they matter."),
+                    "project onto numbers and operators. The sweep asks whether zeroing them "
+                    "hurts arithmetic more than zeroing random neurons of the same layers."),
              _meta_line(stage)]
     sweep = pd.DataFrame(stage.get("sweep") or [])
     null = pd.DataFrame(stage.get("null") or [])
