@@ -104,13 +104,16 @@ def answer(cna: pd.DataFrame) -> str:
                     f"(random {r.random_mean * 100:+.1f}%, {r.n_neurons} neurons, "
                     f"pct(B) {r.pct_b:.0f})")
     allr = top[(top["k"] == k) & (top["band"] == "all")].iloc[0]
+    every = cna[(cna["k"] == 0) & (cna["band"] == "all")]
+    whole = (f"; every neuron of those layers: {every['change'].iloc[0] * 100:+.1f}%"
+             if len(every) else "")
     amplified = allr.change > 0 and (pd.isna(allr.random_mean)
                                      or allr.change > allr.random_mean)
     existing = allr.pct_b >= 75
     verdict = ("Yes: " if amplified and existing else "Partly: " if amplified else "No: ")
     return (f"{verdict}the top-{k} neurons' coefficient sum changes by "
             f"{allr.change * 100:+.1f}% under LoRA (random neurons of the same layers: "
-            f"{allr.random_mean * 100:+.1f}%); they were already among the more active "
+            f"{allr.random_mean * 100:+.1f}%{whole}); they were already among the more active "
             f"neurons of the original (mean percentile {allr.pct_b:.0f}). By band: "
             + "; ".join(bits) + ". Paper (Llama-7B, layers 1-9): +42/49/57/59% for the "
             "top 50/30/20/10.")
@@ -151,7 +154,9 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         parts.append(h.p(answer(cna)))
         c = stage.get("cna", {})
         parts.append(h.note(f"{c.get('n_cases')} test cases; ranking {c.get('ranking')}; "
-                            f"{c.get('lens')}; deep from layer {stage.get('deep_from')}"))
+                            f"{c.get('lens')}; bands: " + (f"deep from layer {stage['deep_from']}"
+                                                   if stage.get("deep_from") is not None
+                                                   else "depth quartiles")))
         parts.append(_cna_table(cna))
     return "".join(parts)
 
