@@ -38,10 +38,13 @@ def chart(summ: pd.DataFrame) -> Figure | None:
     ax = fig.subplots()
     x = np.arange(len(summ))
     acc = summ["acc"].to_numpy() * 100
+    first = summ["acc_first"].to_numpy() * 100
     err = np.nan_to_num(summ["acc_sd"].to_numpy() * 100)
     colors = ["#888888" if v in ("original", "lora") else "#1f77b4" if v.startswith("cna")
               else "#d62728" for v in summ["variant"]]
-    ax.bar(x, acc, yerr=err, color=colors, capsize=3)
+    ax.bar(x - 0.2, acc, 0.4, yerr=err, color=colors, capsize=3, label="acc")
+    ax.bar(x + 0.2, first, 0.4, color=colors, alpha=0.45, hatch="//", label="acc_first")
+    ax.legend(fontsize=8, frameon=False)
     ax.set_xticks(x, summ["label"], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("accuracy on the test split (%)", fontsize=9)
     ax.set_ylim(0, 100)
@@ -107,8 +110,8 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     fig = chart(summ)
     if fig is not None:
         parts.append(h.figure(plots.embed(fig, dir, "prune_accuracy"), "pruning accuracy",
-                              "grey: unpruned; blue: CNA-pruned; red: random-pruned "
-                              "(error bar: sd over seeds)."))
+                              "grey: unpruned; blue: CNA-pruned; red: random-pruned; "
+                              "solid: acc (error bar: sd over seeds), hatched: acc_first."))
     parts.append(h.tag("h3", "The pruned model"))
     parts.append(_sizes(stage))
     return "".join(parts)
