@@ -75,8 +75,8 @@ class LocatorSettings:
 PRESETS = {
     "quick": LocatorSettings(transforms="head", seeds=2, null_per_layer=128),
     "full": LocatorSettings(transforms="all", seeds=5, null_per_layer=2048),
-    "smoke": LocatorSettings(transforms="head", seeds=1, null_per_layer=16,
-                             bound_tokens=4096),
+    "smoke": LocatorSettings(ms=(1, 2), transforms="head", seeds=1, null_per_layer=16,
+                             bound_tokens=4096),  # the main job's stage: one layer only
 }
 
 
@@ -368,8 +368,10 @@ def located_frame(view, located: Located, show: int = 10) -> pd.DataFrame:
 
 def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
                 settings: LocatorSettings, cases, batch_size: int = 64,
-                progress: bool = True, extra: dict | None = None) -> dict:
-    """Locate, sweep M against random sets, write DIR/shallow.csv and DIR/shallow.json."""
+                progress: bool = True, extra: dict | None = None,
+                layers: Sequence[int] | None = None) -> dict:
+    """Locate (``layers``: default every layer below ``head_layer``), sweep M against
+    random sets, write DIR/shallow.csv and DIR/shallow.json."""
     from pathlib import Path
 
     from cnalens.data.cases import encode_all
@@ -379,7 +381,7 @@ def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
     out = Path(out)
     t0, c0 = time.perf_counter(), time.process_time()
     enc = encode_all(view.tokenizer, cases)
-    located = locate(view, head_layer, settings, progress=progress)
+    located = locate(view, head_layer, settings, layers=layers, progress=progress)
     t1 = time.perf_counter()
     sw = sweep(view, located, enc, batch_size=batch_size, progress=progress)
     t2 = time.perf_counter()

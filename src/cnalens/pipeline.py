@@ -186,7 +186,7 @@ EXTRA_STAGES: dict[str, str] = {
     "debias": "cnalens.apps.debias:debias_stage",
 }
 CORE_STAGES = ("eval", "heads", "cna")
-DEFAULT_STAGES = ("eval", "heads", "cna", "explain")
+DEFAULT_STAGES = ("eval", "heads", "cna", "shallow", "explain")
 ALL_STAGES = (*CORE_STAGES, *EXTRA_STAGES)
 
 

@@ -460,7 +460,7 @@ def read_neurons(view, units: Sequence[tuple[int, int]], *, case=None, target=No
 
 
 # --------------------------------------------------------------------------- locator
-SWEEP_CASES = {"quick": 12, "smoke": 4, "full": None}  # 1-digit cases per op (None: all)
+SWEEP_CASES = {"quick": 12, "smoke": 3, "full": None}  # 1-digit cases per op (None: all)
 
 
 def shallow_cases(ops, profile: str, seed: int = 0):
@@ -493,11 +493,12 @@ def shallow_stage(ctx) -> None:
     name = ctx.profile.name if ctx.profile.name in PRESETS else "quick"
     settings = replace(PRESETS[name], seed=ctx.seed)
     ops, cases = shallow_cases(ctx.ops, name, ctx.seed)
+    layers = [head[0] - 1] if name == "smoke" else None  # smoke: seconds, for tests
     run_shallow(ctx.view, ctx.out, head, head[0], settings, cases, ctx.batch_size,
                 ctx.progress, extra={"cases": {"ops": ops, "digits": [1], "template": "eq",
                                                "per_op": SWEEP_CASES.get(name),
                                                "seed": ctx.seed},
-                                     "profile": name})
+                                     "profile": name}, layers=layers)
 
 
 __all__ = ["Projection", "Scales", "case_scales", "head_ov", "ids_to_strings", "lens_vectors",
