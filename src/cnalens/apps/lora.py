@@ -513,7 +513,7 @@ def _sample_per_op(enc: Sequence[Encoded], n: int, seed: int) -> list[Encoded]:
 
 def run_lora(view, out: Path, settings: LoraSettings, layer: int,
              sweep: Sequence[int] = (), ks: Sequence[int] = (10, 20, 50),
-             deep_from: int | None = None, seeds: int = 3, n_cna: int = 5,
+             deep_from: int | None = None, seeds: int = 3, n_cna: int = 2,
              batch_size: int = 64, progress: bool = True,
              adapter: str | Path | None = None) -> dict:
     """Train a LoRA on ``layer`` (and on each ``sweep`` layer), evaluate original vs LoRA
@@ -641,10 +641,11 @@ def _summary(table: pd.DataFrame) -> dict:
 
 
 def lora_stage(ctx) -> None:
-    """Main-job stage (off by default): the quick LoRA (smoke: a few dozen cases) on
-    ``default_layer`` (a quarter of the depth), CNA bands around the top ``+`` head's layer
-    from the head scan (depth quartiles without one), no layer sweep; the full profile
-    trains at the paper's scale and sweeps every layer."""
+    """Main-job stage (off by default): the quick LoRA (200 test cases; smoke: a few dozen
+    cases) on ``default_layer`` (a quarter of the depth), CNA on 2 test cases per op with
+    bands around the top ``+`` head's layer from the head scan (depth quartiles without
+    one), no layer sweep; the full profile trains at the paper's scale, compares 5 cases
+    per op and sweeps every layer."""
     from cnalens.pipeline import now
 
     view = ctx.view
@@ -655,15 +656,15 @@ def lora_stage(ctx) -> None:
     elif name == "smoke":
         settings = LoraSettings.quick(ops=ops, seed=ctx.seed, n_train=32, n_test=16,
                                       batch_size=8)
-    else:
-        settings = LoraSettings.quick(ops=ops, seed=ctx.seed)
+    else:  # the measured real-model runs (docs/results.md section 6)
+        settings = LoraSettings.quick(ops=ops, seed=ctx.seed, n_test=200)
     head = ctx.top_heads.get("+") or next(iter(ctx.top_heads.values()), None)
     deep_from = head[0] if head else None
     sweep = list(range(view.n_layers)) if name == "full" else []
     meta = run_lora(view, ctx.out, settings, default_layer(view), sweep,
                     ks=tuple(k for k in ctx.profile.cna_ks if k > 0) or (10,),
                     deep_from=deep_from, seeds=ctx.profile.cna_seeds,
-                    n_cna=2 if name == "smoke" else 5, batch_size=ctx.batch_size,
+                    n_cna=5 if name == "full" else 2, batch_size=ctx.batch_size,
                     progress=ctx.progress)
     meta["finished"] = now()
     write_json(ctx.out / "lora.json", meta)

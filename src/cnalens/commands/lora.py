@@ -77,7 +77,8 @@ def lora(
         "DIR/heads.csv; without one, depth quartiles)")] = None,
     seeds: Annotated[int, typer.Option(help="random-neuron baselines")] = 3,
     n_cna: Annotated[int, typer.Option(
-        "--n-cna", help="CNA cases per op (0: no CNA, e.g. for a layer sweep)")] = 5,
+        "--n-cna", help="CNA cases per op (0: no CNA, e.g. for a layer sweep); the "
+        "exhaustive scoring costs minutes per case on a 262k vocabulary")] = 2,
     adapter: Annotated[Path | None, typer.Option(
         help="evaluate and compare a saved adapter (DIR or DIR/adapter) instead of "
              "training the main layer")] = None,
