@@ -42,7 +42,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}),
+    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=14),
     "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500},
                     heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=100,
                     cna_ks=(10, 20, 30, 50, 100), cna_seeds=5),
