@@ -8,6 +8,7 @@ baseline) and a plot of value against K with the random baseline dashed.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def op_table(df: pd.DataFrame) -> str:
 
 def chart(df: pd.DataFrame):
     ops = plots.ordered(df["op"].unique().tolist(), plots.OP_ORDER)
-    fig = plots.new_figure(width=min(12.0, 3.2 * len(EXPERIMENTS)), height=3.0)
+    fig = plots.new_figure(width=min(14.0, 3.2 * len(EXPERIMENTS)), height=3.4)
     axes = fig.subplots(1, len(EXPERIMENTS), squeeze=False)[0]
     for ax, (exp, label) in zip(axes, EXPERIMENTS.items(), strict=True):
         for op in ops:
@@ -68,7 +69,7 @@ def chart(df: pd.DataFrame):
                            label=f"{plots.op_label(op)} top-K")[0]
             ax.plot(sub["k"], sub["random_mean"] * 100, ls="--", color=line.get_color(),
                     alpha=0.7, label=f"{plots.op_label(op)} random")
-        ax.set_title(label, fontsize=8)
+        ax.set_title(textwrap.fill(label, 30), fontsize=8)
         ax.set_xlabel("K", fontsize=8)
         ax.tick_params(labelsize=7)
         plots.style_axes(ax)
