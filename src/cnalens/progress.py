@@ -25,16 +25,25 @@ def enabled(flag: bool = True) -> bool:
     return flag and os.environ.get("CNALENS_PROGRESS", "1") != "0"
 
 
+def columns(*extra) -> tuple:
+    """The project's progress columns, with ``extra`` columns (e.g. a loss) before the time."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+
+
+def bar(show: bool = True, *extra) -> Progress:
+    """A progress bar on stderr with :func:`columns`; disabled like :func:`track`."""
+    return Progress(*columns(*extra), console=console, disable=not enabled(show))
+
+
 def track(items: Iterable[T], description: str, total: int | None = None,
           show: bool = True) -> Iterator[T]:
     """Iterate with a progress bar (elapsed and remaining time)."""
     if not enabled(show):
         yield from items
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total if total is not None else len(items))
+    with Progress(*columns(), console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total if total is not None else len(items))
         for item in items:
             yield item
-            bar.advance(task)
+            progress.advance(task)

@@ -50,7 +50,7 @@ from cnalens.data.arithmetic import OPS, arithmetic_cases
 from cnalens.data.cases import Case, Encoded, encode_all
 from cnalens.errors import CnaError
 from cnalens.io import write_json
-from cnalens.progress import console, enabled
+from cnalens.progress import bar as progress_bar
 
 ROLES = ("attn", "qkv", "o_proj", "down_proj")
 META_FILE = "cnalens.json"
@@ -252,19 +252,9 @@ def answer_loss(view, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
 
 # --------------------------------------------------------------------------- training
 def _progress_bar(show: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import TextColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    disable=not enabled(show))
+    return progress_bar(show, TextColumn("loss {task.fields[loss]}"))
 
 
 def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: LoraSettings,
