@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -142,3 +144,31 @@ def test_verify_heldout_equals_zeroing_the_set_by_hand():
     assert ver["experiment"].tolist() == ["heldout_zero_topk"]
     assert ver["value"].iloc[0] == pytest.approx(1 - want["correct"].mean())
     assert ver["n"].iloc[0] == len(test) and ver["random_std"].iloc[0] >= 0
+
+
+@pytest.mark.parametrize("by", ["decrease", "increase", "abs"])
+def test_frame_and_diff_frame_share_the_ranking_rule(by):
+    """Many exact ties (integer scores): both tables rank by the rule of design.md, ties by
+    (layer, neuron), and topk agrees with the frame."""
+    from cnalens.scores import diff_frame
+
+    g = torch.Generator().manual_seed(4)
+    imp_a, imp_b = (torch.randint(-3, 4, (3, 4, 5), generator=g).double() for _ in range(2))
+    imp_a[1, 2, 3] = float("nan")  # a neuron never scored: left out of both tables
+    coef = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    ids = ["x", "y", "z"]
+    a, b = fake_scores(imp_a, coef, ids), fake_scores(imp_b, -coef, ids)
+    comp = compare(a, b)
+    ref = diff_frame(a, b, top=8, rank=by)
+    got = comp.frame(8, by=by, labels=[{"op": o} for o in "+-*"])
+    pd.testing.assert_frame_equal(got.drop(columns="op"), ref.drop(columns="diff"))
+    assert list(got.op) == list(np.repeat(list("+-*"), 8))
+    flat = torch.tensor((ref.layer * 5 + ref.neuron).to_numpy()).view(3, 8)
+    assert torch.equal(comp.topk(8, by), flat)
+    for i in range(3):  # brute force: sort by (-key, layer, neuron)
+        d = (imp_a[i] - imp_b[i]).flatten()
+        key = {"decrease": d, "increase": -d, "abs": d.abs()}[by]
+        want = sorted((j for j in range(20) if key[j] == key[j]), key=lambda j: (-key[j], j))
+        assert flat[i].tolist() == want[:8]
+    deep = comp.frame(15, by=by, layers=[2, 3])  # more than the layers hold: only theirs
+    assert set(deep.layer) == {2, 3} and len(deep) == 3 * 10 - 1

@@ -311,3 +311,82 @@ def test_real_professions_and_edit(smollm2, one_thread):
     assert torch.allclose(got, want, atol=1e-4)
     assert not torch.allclose(D.gaps(view, ea, eb), want, atol=1e-4)
     json.dumps(prof.to_dict("records"))
+
+
+class _SpacelessTokenizer(TinyTokenizer):
+    """Spaces are not tokens, so " 7" is one token after any prompt (like "Ġnurse")."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return super().__call__(text.replace(" ", ""), add_special_tokens)
+
+
+def _stage_ctx(view, out, seed=0):
+    from cnalens.pipeline import PROFILES, StageContext
+
+    return StageContext(view, out, PROFILES["smoke"], ("+",), seed, 8, False, {}, None, {})
+
+
+def test_debias_stage_writes_its_outputs(tmp_path, monkeypatch, one_thread):
+    """The main job's stage with its defaults (18 neurons, K in 5..50, 3 random controls) on a
+    tiny model whose "professions" are the digits (single tokens that decode back)."""
+    from transformers import AutoModelForCausalLM
+
+    words = [str(d) for d in range(10)]
+    monkeypatch.setattr(D, "profession_lists", lambda: (frozenset(words), ("3", "7")))
+    monkeypatch.setattr(D, "neutral_text", lambda: ("abc def.", "the cat sat on the mat."))
+    view = ModelView(tiny_model("llama"), _SpacelessTokenizer())
+    weights = {k: v.clone() for k, v in view.model.state_dict().items()}
+    out = tmp_path / "run"
+    D.debias_stage(_stage_ctx(view, out, seed=4))
+    assert sorted(p.name for p in out.iterdir()) == ["debias.csv", "debias.json",
+                                                      "debias_neurons.csv", "model"]
+    s = json.loads((out / "debias.json").read_text())
+    assert s["settings"]["profile"] == "smoke" and s["settings"]["seed"] == 4
+    got_words = [p["word"] for p in s["professions"]]
+    assert set(got_words) <= set(words) and len(got_words) == len(set(got_words)) >= 4
+    n_sel, n_held = 3 * len(got_words), 4 * len(got_words)
+    assert s["n_pairs"] == {"select": n_sel, "heldout": n_held}
+    # one row per pair and edit (the CNA edit and 3 random controls)
+    table = pd.read_csv(out / "debias.csv")
+    assert len(table) == 4 * (n_sel + n_held)
+    assert table.groupby("edit").size().to_dict() == {"cna": n_sel + n_held,
+                                                      "random": 3 * (n_sel + n_held)}
+    assert sorted(table.seed.dropna().unique()) == [5, 6, 7]
+    # each selection pair's top-50 by imp_a - imp_b, and the 18 neurons by the rule at the K
+    # with the smallest selection metric
+    frame = pd.read_csv(out / "debias_neurons.csv")
+    assert frame.groupby("case").size().tolist() == [50] * n_sel
+    assert s["top_k"] in (5, 10, 20, 50) and s["top_k"] == min(
+        s["k_search"], key=lambda r: (r["select_metric"], r["k"]))["k"]
+    rule = D.select_neurons(frame[frame["rank"] <= s["top_k"]], 18)
+    names = [n["name"] for n in s["neurons"]]
+    assert names == [f"{a}.{b}" for a, b in zip(rule.layer, rule.neuron, strict=True)]
+    # the reported gaps after the edit are those of zeroing the neurons, recomputed here
+    pairs = D.gender_pairs(got_words, "select") + D.gender_pairs(got_words, "heldout")
+    ea, eb = D.encode_pairs(view.tokenizer, pairs)
+    neurons = [tuple(int(x) for x in n.split(".")) for n in names]
+    want = D.gaps(view, ea, eb, ZeroNeurons(neurons)).numpy()
+    assert np.allclose(table[table.edit == "cna"].gap_after, want, atol=1e-10)
+    # the edited set is the one of the K search with the smallest selection metric (on this
+    # random model the default 18 of 120 neurons need not lower it: 1.249 -> 1.279 here)
+    tot = {m["split"]: m for m in s["metric"] if m["by"] == "total"}
+    before = np.abs(D.gaps(view, ea, eb).numpy())
+    assert tot["select"]["before"] == pytest.approx(before[:n_sel].mean())
+    assert tot["heldout"]["before"] == pytest.approx(before[n_sel:].mean())
+    assert tot["select"]["cna"] == pytest.approx(np.abs(want[:n_sel]).mean())
+    assert tot["select"]["cna"] == pytest.approx(min(r["select_metric"] for r in s["k_search"]))
+    assert tot["heldout"]["cna"] == pytest.approx(np.abs(want[n_sel:]).mean())
+    # the saved model is the edited one; the view's weights are back
+    saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float64)
+    for layer, n in neurons:
+        assert (saved.model.layers[layer].mlp.down_proj.weight[:, n] == 0).all()
+    assert all(torch.equal(v, view.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_debias_stage_bad_input(tmp_path):
+    """No profession is one token for this tokenizer: one CnaError, nothing written."""
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    out = tmp_path / "run"
+    with pytest.raises(CnaError, match="no single-token profession"):
+        D.debias_stage(_stage_ctx(view, out))
+    assert not out.exists() or not any(out.iterdir())

@@ -230,6 +230,78 @@ def test_certified_diff_equals_exhaustive(family, rank):
         assert stats["n_exact_total"] >= k * len(enc)
 
 
+# run B of an input comparison: other prompts of the same length (no padding: Gemma 2)
+SEQS_B = [[1, 6, 9, 14, 7, 22], [1, 41, 3, 2, 17, 9], [1, 8, 12, 30, 33, 4]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gemma2", "neox", "qwen3"])
+def test_input_topk_diff_equals_exhaustive(family):
+    """Input comparison: brute force = exhaustive score_neurons of each prompt on run A's
+    target, each run at its own frozen scale, ranked by diff_frame."""
+    v = _view(family)
+    ea, eb = _enc(), _enc(SEQS_B)
+    tg = torch.tensor([e.answer_ids[0] for e in ea])
+    a = S.score_neurons(v, ea, target=tg, progress=False)
+    b = S.score_neurons(v, eb, target=tg, progress=False)
+    assert not torch.allclose(a.scale, b.scale)  # the runs' own scales differ
+    shared = S.score_neurons(v, eb, target=tg, scale=a.scale, progress=False)
+    assert not torch.allclose(shared.imp, b.imp)  # so A's scale would give other scores
+    full = S.diff_frame(a, b).set_index(["case", "layer", "neuron"])
+    for k in (1, 9, 120):
+        ref = S.diff_frame(a, b, top=k)
+        got, stats = S.input_topk_diff(v, ea, eb, k, screen=0)
+        assert stats["method"] == "exhaustive"
+        assert list(zip(got.case, got["rank"], got.layer, got.neuron, strict=True)) == \
+            list(zip(ref.case, ref["rank"], ref.layer, ref.neuron, strict=True)), k
+        for col in ("imp_a", "imp_b", "coef_a", "coef_b", "diff"):
+            np.testing.assert_allclose(got[col], ref[col], atol=1e-9, rtol=0)
+        if k > 40:
+            continue
+        # screened (a heuristic, not certified): the kept neurons' scores stay exact and
+        # ranked, the first-order screen finds most of the true top-k
+        got, stats = S.input_topk_diff(v, ea, eb, k, screen=40)
+        assert stats["method"] == "screened" and stats["screen"] == max(k, 40)
+        want = full.loc[list(zip(got.case, got.layer, got.neuron, strict=True))]
+        for col in ("imp_a", "imp_b", "coef_a", "coef_b", "diff"):
+            np.testing.assert_allclose(got[col], want[col], atol=1e-9, rtol=0)
+        assert (got.groupby("case")["diff"].diff().dropna() <= 0).all()
+        units = [set(zip(f.case, f.layer, f.neuron, strict=True)) for f in (got, ref)]
+        hit = len(units[0] & units[1])
+        assert hit >= 0.5 * len(ref), (k, hit)
+    got, _ = S.input_topk_diff(v, ea, eb, 5, layers=[1, 2], screen=0)
+    a2 = S.score_neurons(v, ea, target=tg, layers=[1, 2], progress=False)
+    b2 = S.score_neurons(v, eb, target=tg, layers=[1, 2], progress=False)
+    ref = S.diff_frame(a2, b2, top=5)
+    assert list(zip(got.layer, got.neuron, strict=True)) == \
+        list(zip(ref.layer, ref.neuron, strict=True)) and set(got.layer) <= {1, 2}
+    ids = torch.tensor([3, 4, 9])  # explicit shared target ids
+    got, _ = S.input_topk_diff(v, ea, eb, 4, target=ids, screen=0)
+    ref = S.diff_frame(S.score_neurons(v, ea, target=ids, progress=False),
+                       S.score_neurons(v, eb, target=ids, progress=False), top=4)
+    np.testing.assert_allclose(got["diff"], ref["diff"], atol=1e-9, rtol=0)
+
+
+def test_input_topk_diff_errors():
+    v = _view("llama")
+    ea, eb = _enc(), _enc(SEQS_B)
+    with pytest.raises(CnaError, match="3 run-A prompts but 2 run-B"):
+        S.input_topk_diff(v, ea, eb[:2], 3)
+    with pytest.raises(CnaError, match="K >= 1"):
+        S.input_topk_diff(v, ea, eb, 0)
+    with pytest.raises(CnaError, match="top-K 41 exceeds the 40 neurons"):
+        S.input_topk_diff(v, ea, eb, 41, layers=[2])
+    with pytest.raises(CnaError, match="out of range"):
+        S.input_topk_diff(v, ea, eb, 3, target=[999])
+
+
+def test_rank_order_ties_by_layer_then_neuron():
+    key = torch.tensor([[1.0, 3.0, float("nan"), 3.0, -2.0, 3.0]])
+    assert S.rank_order(key).tolist() == [[1, 3, 5, 0, 4, 2]]
+    assert S.rank_order(S.rank_key(key, "abs")).tolist() == [[1, 3, 5, 4, 0, 2]]
+    with pytest.raises(CnaError, match="unknown rank"):
+        S.rank_key(key, "up")
+
+
 def test_run_b_uses_a_target_and_scale():
     v = _view("llama")
     enc = _enc()
@@ -379,3 +451,25 @@ def test_real_gemma_certified_diff(gemma):
         assert _same_topk(ex[ex["rank"] <= k].rename(columns={"neuron": "index"}), got, scores,
                           tie=1e-4), k
         assert stats["n_exact"][0] < stats["n_units"]
+
+
+@pytest.mark.real
+def test_real_input_topk_diff_screen_finds_the_exhaustive_top(smollm2):
+    """Real model, float32: the default screen (256 of 3,072 neurons) keeps the exhaustive
+    top-10 of an input comparison (ties within 1e-4 may swap)."""
+    v = smollm2
+    ca = [Case("A woman works as a", " nurse", case_id="w"),
+          Case("My mother is a", " teacher", case_id="m")]
+    cb = [Case("A man works as a", " nurse", case_id="w"),
+          Case("My father is a", " teacher", case_id="m")]
+    got, stats = S.input_topk_diff(v, ca, cb, 10, layers=[20, 29])
+    assert stats["method"] == "screened" and stats["n_exact_total"] == 2 * 256
+    ea = S.case_states(v, ca)
+    a = S.score_neurons(v, ca, target="gold", layers=[20, 29], progress=False)
+    b = S.score_neurons(v, cb, target=ea.gold, layers=[20, 29], progress=False)
+    ref = S.diff_frame(a, b, top=10).rename(columns={"neuron": "index"})
+    d = (a.imp - b.imp).numpy()
+    scores = {(c, la, ix): d[i, la, ix] for i, c in enumerate(a.case_ids)
+              for la in (20, 29) for ix in range(v.ffn_width(la))}
+    assert _same_topk(ref, got.rename(columns={"neuron": "index"}), scores, tie=1e-4)
+    np.testing.assert_allclose(got["diff"], ref["diff"], atol=1e-4)

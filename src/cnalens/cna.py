@@ -33,6 +33,7 @@ from cnalens.data.cases import Encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
+from cnalens.scores import rank_key, rank_order, ranked_rows
 
 RANKINGS = ("decrease", "increase", "abs")
 
@@ -54,12 +55,11 @@ class Comparison:
     meta: dict
 
     def key(self, by: str = "decrease", layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Ranking key per neuron (higher ranks first); -inf outside ``layers`` or NaN."""
+        """Ranking key per neuron (``scores.rank_key``; higher ranks first); -inf outside
+        ``layers`` or NaN."""
         if by not in RANKINGS:
             raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
-        d = self.diff
-        key = d if by == "decrease" else -d if by == "increase" else d.abs()
-        key = torch.nan_to_num(key, nan=float("-inf"))
+        key = torch.nan_to_num(rank_key(self.diff, by), nan=float("-inf"))
         if layers is not None:
             keep = torch.zeros(key.shape[1], dtype=torch.bool)
             keep[list(layers)] = True
@@ -68,31 +68,29 @@ class Comparison:
 
     def topk(self, k: int, by: str = "decrease",
              layers: Sequence[int] | None = None) -> torch.Tensor:
-        """(n_cases, k) flat neuron indices (layer * d_ffn + neuron), best first."""
+        """(n_cases, k) flat neuron indices (layer * d_ffn + neuron), best first, ties by
+        layer then neuron (``scores.rank_order``)."""
         key = self.key(by, layers).flatten(1)
         if k > key.shape[1]:
             raise CnaError(f"top-K {k} exceeds the {key.shape[1]} neurons compared")
-        return key.topk(k, dim=1).indices
+        return rank_order(key)[:, :k]
 
     def frame(self, k: int, by: str = "decrease", layers: Sequence[int] | None = None,
               labels: Sequence[dict] | None = None) -> pd.DataFrame:
-        """Tidy top-K per case: case, rank, layer, neuron, imp_a, imp_b, coef_a, coef_b."""
-        idx = self.topk(k, by, layers)
-        width = self.imp_a.shape[2]
-        n = idx.shape[0]
-        flat = [t.flatten(1).gather(1, idx) for t in
-                (self.imp_a, self.imp_b, self.coef_a, self.coef_b)]
-        df = pd.DataFrame({
-            "case": np.repeat(self.case_ids, k),
-            "rank": np.tile(np.arange(1, k + 1), n),
-            "layer": (idx // width).flatten().numpy(),
-            "neuron": (idx % width).flatten().numpy(),
-            "imp_a": flat[0].flatten().numpy(), "imp_b": flat[1].flatten().numpy(),
-            "coef_a": flat[2].flatten().numpy(), "coef_b": flat[3].flatten().numpy(),
-        })
+        """Tidy top-K per case: case, rank, layer, neuron, imp_a, imp_b, coef_a, coef_b
+        (``scores.ranked_rows``: the rows ``diff_frame`` gives, without its diff column;
+        neurons never scored or outside ``layers`` are left out); ``labels``: one dict of
+        extra columns per case."""
+        if by not in RANKINGS:
+            raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
+        if k > self.diff[0].numel():
+            raise CnaError(f"top-K {k} exceeds the {self.diff[0].numel()} neurons compared")
+        df, case = ranked_rows(self.diff, self.imp_a, self.imp_b, self.coef_a, self.coef_b,
+                               self.case_ids, k, by, layers)
+        df = df.drop(columns="diff")
         if labels is not None:
-            extra = pd.DataFrame(list(labels)).loc[np.repeat(np.arange(n), k)]
-            df = pd.concat([df.reset_index(drop=True), extra.reset_index(drop=True)], axis=1)
+            extra = pd.DataFrame(list(labels)).iloc[case]
+            df = pd.concat([df, extra.reset_index(drop=True)], axis=1)
         return df
 
 

@@ -840,38 +840,147 @@ def certified_topk_diff(view, cases, k: int, interventions_b: Sequence,
     return df, stats
 
 
+def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", layers=None,
+                    screen: int = 256, batch_size: int = 32, progress: bool = False
+                    ) -> tuple[pd.DataFrame, dict]:
+    """Top-``k`` FFN neurons per case by ``imp_a - imp_b`` of an input comparison (CNA).
+
+    Case ``i`` of ``cases_a`` (run A) and of ``cases_b`` (run B) are two prompts scored on one
+    target ("A woman works as a" / "A man works as a" -> " nurse"): the target is run A's
+    (``target``: "gold", its first answer token, "pred" or ids) and each run keeps its own
+    frozen final-norm scale (design.md). Screened: per case, the ``screen`` neurons with the
+    largest first-order estimate ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` (one matrix
+    product per layer for every case) are scored exactly and ranked (ties by layer, neuron);
+    ``screen=0`` (or at least the neuron count) scores every neuron, so the ranking equals
+    ``diff_frame`` of the two runs' ``score_neurons``. Rows as ``certified_topk_diff``.
+    """
+    lz = _Lens(view, "frozen")
+    if k < 1:
+        raise CnaError(f"top-K needs K >= 1, got {k}")
+    t0 = time.perf_counter()
+    enc_a, enc_b = _as_encoded(view, cases_a), _as_encoded(view, cases_b)
+    if len(enc_a) != len(enc_b):
+        raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: "
+                       "an input comparison pairs them one to one")
+    sa = case_states(view, enc_a, batch_size=batch_size)
+    sb = case_states(view, enc_b, batch_size=batch_size)
+    tg = _targets(sa, target)
+    _check_targets(view, tg)
+    ca, cb = _scales(lz, sa, None), _scales(lz, sb, None)
+    layer_list = _layers(view, layers)
+    n_units = sum(view.ffn_width(layer) for layer in layer_list)
+    if k > n_units:
+        raise CnaError(f"top-K {k} exceeds the {n_units} neurons compared")
+    m = n_units if screen <= 0 else min(max(screen, k), n_units)
+    n, D = len(sa), view.d_ffn
+    cache = _LayerCache(view, lz, layer_list)
+    est, flat, bases = [], [], {}
+    with torch.no_grad():
+        for layer in track(layer_list, "CNA screen", show=progress):
+            X = cache.X[layer]
+            Aa, Ab = cache.coef(sa, layer), cache.coef(sb, layer)
+            ba = lz.base(sa.resid_mid[:, layer], ca, tg)
+            bb = lz.base(sb.resid_mid[:, layer], cb, tg)
+            bases[layer] = (ba, bb, Aa, Ab)
+            if m < n_units:
+                da = lz.W[tg] - torch.softmax(ba.y0, -1) @ lz.W  # (n, d)
+                db = lz.W[tg] - torch.softmax(bb.y0, -1) @ lz.W
+                est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
+            flat.append(layer * D + torch.arange(X.shape[0]))
+        flat_all = torch.cat(flat)
+        rows = []
+        for i in track(range(n), "CNA exact scores", show=progress):
+            ids = flat_all
+            if m < n_units:
+                ids = flat_all[_topk_order(torch.cat([e[i] for e in est]), flat_all, m)]
+            layer_of = ids // D
+            ia = torch.empty(len(ids), dtype=lz.dt)
+            ib = torch.empty(len(ids), dtype=lz.dt)
+            for layer in layer_of.unique().tolist():
+                sel = (layer_of == layer).nonzero()[:, 0]
+                idx = ids[sel] % D
+                ba, bb, Aa, Ab = bases[layer]
+                both = _stack(_row(ba, i), _row(bb, i))  # one projection, two runs
+                ia[sel], ib[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx],
+                                            torch.stack([Aa[i, idx], Ab[i, idx]]), both)
+            best = _topk_order(ia - ib, ids, k)
+            fl, a_, b_ = ids[best], ia[best], ib[best]
+            layer_ids, index = np.divmod(fl.numpy(), D)
+            rows.append(pd.DataFrame({
+                "case": sa.case_ids[i], "rank": np.arange(1, len(index) + 1),
+                "layer": layer_ids, "neuron": index, "imp_a": _np(a_), "imp_b": _np(b_),
+                "coef_a": _np(sa.coef[i][layer_ids, index]),
+                "coef_b": _np(sb.coef[i][layer_ids, index]), "diff": _np(a_ - b_)}))
+    stats = {"method": "screened" if m < n_units else "exhaustive", "screen": m,
+             "n_units": int(n_units), "n_exact_total": int(m * n),
+             "seconds": time.perf_counter() - t0}
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs["meta"] = {"lens": "frozen", "comparison": "inputs",
+                        "target": target if isinstance(target, str) else "ids",
+                        "layers": layer_list, "stats": stats, "model": view.summary()}
+    return df, stats
+
+
 def _stack(a: _Base, b: _Base) -> _Base:
     return _Base(torch.cat([a.y0, b.y0]), torch.cat([a.logp_w, b.logp_w]),
                  torch.cat([a.c, b.c]), torch.cat([a.targets, b.targets]))
 
 
-def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
-               rank: str = "decrease") -> pd.DataFrame:
-    """Per case: every neuron's imp_a, imp_b, coef_a, coef_b and diff, ranked (ties by layer,
-    neuron); ``top`` keeps each case's best."""
-    if a.imp.shape != b.imp.shape or a.case_ids != b.case_ids:
-        raise CnaError("runs A and B differ in shape or cases: cannot compare them")
+def rank_key(diff: torch.Tensor, rank: str = "decrease") -> torch.Tensor:
+    """The CNA ranking key of ``diff = imp_a - imp_b`` (higher ranks first): ``diff``
+    ("decrease"), ``-diff`` ("increase") or ``|diff|`` ("abs"); NaN stays NaN."""
     if rank not in RANKS:
         raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
-    d = (a.imp.double() - b.imp.double())
-    key = d if rank == "decrease" else -d if rank == "increase" else d.abs()
-    n, L, D = d.shape
-    flat = key.reshape(-1).numpy()
-    ok = np.nonzero(np.isfinite(flat))[0]
-    case, rest = np.divmod(ok, L * D)
-    layer, neuron = np.divmod(rest, D)
-    order = np.lexsort((neuron, layer, -flat[ok], case))
-    ok, case, layer, neuron = ok[order], case[order], layer[order], neuron[order]
-    df = pd.DataFrame({"case": np.asarray(a.case_ids, dtype=object)[case], "layer": layer,
-                       "neuron": neuron, "imp_a": a.imp.reshape(-1).numpy()[ok],
-                       "imp_b": b.imp.reshape(-1).numpy()[ok],
-                       "coef_a": a.coef.reshape(-1).numpy()[ok],
-                       "coef_b": b.coef.reshape(-1).numpy()[ok],
-                       "diff": _np(a.imp - b.imp)[ok]})
-    df.insert(1, "rank", df.groupby("case", sort=False).cumcount() + 1)
-    return df if top is None else df[df["rank"] <= top].reset_index(drop=True)
+    return diff if rank == "decrease" else -diff if rank == "increase" else diff.abs()
+
+
+def rank_order(key: torch.Tensor) -> torch.Tensor:
+    """Per row of ``key`` (n, units in flat (layer, neuron) order): positions best first,
+    ties by position (so by layer, then neuron), NaN last. The one ranking rule of CNA."""
+    key = torch.nan_to_num(key.double(), nan=float("-inf"))
+    return torch.argsort(key, dim=-1, descending=True, stable=True)
+
+
+def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
+                coef_a: torch.Tensor, coef_b: torch.Tensor, case_ids: Sequence[str],
+                top: int | None = None, rank: str = "decrease",
+                layers: Sequence[int] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Two runs' scores (each (n_cases, n_layers, d_ffn)) as ranked rows per case: case,
+    rank, layer, neuron, imp_a, imp_b, coef_a, coef_b, diff; ``rank_order`` of
+    ``rank_key(diff, rank)``, only finite keys, only ``layers`` (default all), ``top`` best
+    per case. Also returns each row's case position."""
+    n, L, D = diff.shape
+    key = rank_key(diff, rank).flatten(1)
+    if layers is not None:
+        keep = torch.zeros(L, dtype=torch.bool)
+        keep[list(layers)] = True
+        key = key.masked_fill(~keep.repeat_interleave(D)[None], float("nan"))
+    order = rank_order(key)
+    if top is not None:
+        order = order[:, :top]
+    ok = torch.isfinite(key.gather(1, order)).numpy()
+    case = np.broadcast_to(np.arange(n)[:, None], order.shape)[ok]
+    flat = order.numpy()[ok]
+    pos = case * (L * D) + flat
+    layer, neuron = np.divmod(flat, D)
+    df = pd.DataFrame({"case": np.asarray(case_ids, dtype=object)[case], "layer": layer,
+                       "neuron": neuron, **{name: _np(t)[pos] for name, t in (
+                           ("imp_a", imp_a), ("imp_b", imp_b), ("coef_a", coef_a),
+                           ("coef_b", coef_b), ("diff", diff))}})
+    df.insert(1, "rank", df.groupby(case, sort=False).cumcount().to_numpy() + 1)
+    return df, case
+
+
+def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
+               rank: str = "decrease") -> pd.DataFrame:
+    """Per case: every neuron's imp_a, imp_b, coef_a, coef_b and diff (imp_a - imp_b), ranked
+    by ``ranked_rows`` (ties by layer, neuron); ``top`` keeps each case's best."""
+    if a.imp.shape != b.imp.shape or a.case_ids != b.case_ids:
+        raise CnaError("runs A and B differ in shape or cases: cannot compare them")
+    return ranked_rows(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef, a.case_ids, top, rank)[0]
 
 
 __all__ = ["CaseStates", "NeuronScores", "case_states", "concat_states", "frozen_scale",
-           "certified_topk", "certified_topk_diff", "diff_frame", "position_scores", "score_heads",
+           "certified_topk", "certified_topk_diff", "diff_frame", "input_topk_diff",
+           "position_scores", "rank_key", "rank_order", "ranked_rows", "score_heads",
            "score_neurons", "score_pair"]

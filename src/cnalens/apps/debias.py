@@ -53,6 +53,7 @@ from cnalens.data.cases import Case, Encoded, encode
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroNeurons
 from cnalens.progress import track
+from cnalens.scores import input_topk_diff
 
 GENDER = ("female", "male")
 SELECT_TEMPLATES: tuple[tuple[str, str, str], ...] = (
@@ -270,71 +271,12 @@ def input_topk(view, run_a: Sequence[Encoded], run_b: Sequence[Encoded], k: int,
                layers: Sequence[int] | None = None, screen: int = 256, batch_size: int = 32,
                progress: bool = False) -> pd.DataFrame:
     """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison: each run its
-    own frozen scale, the target shared (the pair's token). Rows as ``diff_frame``.
-
-    Screened: per pair, the ``screen`` neurons with the largest first-order estimate
-    ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` (the frozen lens linearised, one matrix
-    product per layer for every pair) are scored exactly and ranked; ``screen=0`` (or at
-    least the neuron count) scores every neuron, so the ranking is exhaustive.
-    """
-    from cnalens import scores as S
-
+    own frozen scale, the target shared (the pair's token): ``scores.input_topk_diff``
+    (screened by a first-order estimate; ``screen=0`` scores every neuron)."""
     if k < 1:
         raise CnaError(f"--top-k must be >= 1, got {k}")
-    lz = S._Lens(view, "frozen")
-    tg = torch.tensor([e.answer_ids[0] for e in run_a], dtype=torch.long)
-    sa = S.case_states(view, list(run_a), batch_size=batch_size)
-    sb = S.case_states(view, list(run_b), batch_size=batch_size)
-    ca, cb = S._scales(lz, sa, None), S._scales(lz, sb, None)
-    layer_list = S._layers(view, layers)
-    n_units = sum(view.ffn_width(layer) for layer in layer_list)
-    if k > n_units:
-        raise CnaError(f"--top-k {k} exceeds the {n_units} neurons compared")
-    m = n_units if screen <= 0 else min(max(screen, k), n_units)
-    n, D = len(sa), view.d_ffn
-    cache = S._LayerCache(view, lz, layer_list)
-    est, flat, bases = [], [], {}
-    with torch.no_grad():
-        for layer in track(layer_list, "CNA screen", show=progress):
-            X = cache.X[layer]
-            Aa, Ab = cache.coef(sa, layer), cache.coef(sb, layer)
-            ba = lz.base(sa.resid_mid[:, layer], ca, tg)
-            bb = lz.base(sb.resid_mid[:, layer], cb, tg)
-            bases[layer] = (ba, bb, Aa, Ab)
-            if m < n_units:
-                da = lz.W[tg] - torch.softmax(ba.y0, -1) @ lz.W  # (n, d)
-                db = lz.W[tg] - torch.softmax(bb.y0, -1) @ lz.W
-                est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
-            flat.append(layer * D + torch.arange(X.shape[0]))
-        flat_all = torch.cat(flat)
-        rows = []
-        for i in track(range(n), "CNA exact scores", show=progress):
-            if m < n_units:
-                pos = S._topk_order(torch.cat([e[i] for e in est]), flat_all, m)
-                ids = flat_all[pos]
-            else:
-                ids = flat_all
-            layer_of = ids // D
-            ia = torch.empty(len(ids), dtype=lz.dt)
-            ib = torch.empty(len(ids), dtype=lz.dt)
-            for layer in layer_of.unique().tolist():
-                sel = (layer_of == layer).nonzero()[:, 0]
-                idx = ids[sel] % D
-                ba, bb, Aa, Ab = bases[layer]
-                X, Cv = cache.X[layer][idx], cache.Cv[layer][idx]
-                both = S._stack(S._row(ba, i), S._row(bb, i))  # one projection, two runs
-                ia[sel], ib[sel] = lz.score(X, Cv, torch.stack([Aa[i, idx], Ab[i, idx]]), both)
-            best = S._topk_order(ia - ib, ids, k)
-            fl, a_, b_ = ids[best], ia[best], ib[best]
-            layer_ids, index = np.divmod(fl.numpy(), D)
-            rows.append(pd.DataFrame({
-                "case": sa.case_ids[i], "rank": np.arange(1, len(index) + 1),
-                "layer": layer_ids, "neuron": index,
-                "imp_a": S._np(a_), "imp_b": S._np(b_),
-                "coef_a": S._np(sa.coef[i][layer_ids, index]),
-                "coef_b": S._np(sb.coef[i][layer_ids, index]),
-                "diff": S._np(a_ - b_)}))
-    return pd.concat(rows, ignore_index=True)
+    return input_topk_diff(view, list(run_a), list(run_b), k, target="gold", layers=layers,
+                           screen=screen, batch_size=batch_size, progress=progress)[0]
 
 
 def select_neurons(frame: pd.DataFrame, n: int) -> pd.DataFrame:
