@@ -126,3 +126,23 @@ def test_heads_with_robustness(capsys, tmp_path):
     assert rob.spearman_dlogp.between(-1, 1).all()
     page = (out / "report.html").read_text()
     assert "Robustness across prompt formats" in page and "top heads" in stdout
+
+
+@pytest.mark.real
+def test_heads_attribution_beside_an_exact_scan(capsys, tmp_path):
+    out = tmp_path / "h"
+    rc, _, err = run(capsys, "heads", "--model", "smollm2-135m", "--ops", "+", "--layers",
+                     "1", "--n", "8", "--out", str(out), "-q")
+    assert rc == 0, err
+    exact = (out / "heads.csv").read_bytes()
+    rc, stdout, err = run(capsys, "heads", "--model", "smollm2-135m", "--ops", "+", "--n", "8",
+                          "--method", "attribution", "--out", str(out), "-q")
+    assert rc == 0, err
+    assert (out / "heads.csv").read_bytes() == exact  # the estimate never replaces it
+    att = pd.read_csv(out / "heads_attribution.csv")
+    assert len(att) == 30 * 9 and att.dlogp_est.notna().all()
+    summ = pd.read_json(out / "heads_attribution.json", typ="series")
+    assert summ["vs_exact"][0]["n_heads"] == 9
+    assert "attribution vs the exact scan" in stdout
+    page = (out / "report.html").read_text()
+    assert "attribution pre-scan" in page and "Agreement with the exact scan" in page

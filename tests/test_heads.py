@@ -220,3 +220,38 @@ def test_attribution_is_the_first_order_effect():
     exact = scan_heads(v, cases, progress=False)
     m = att.merge(exact, on=["layer", "head", "op", "digits"])
     assert spearmanr(m["dlogp_est"], m["dlogp"]).statistic > 0.5
+
+
+def test_attribution_summary_against_hand_ranks(tmp_path):
+    from cnalens.heads import attribution_summary, write_attribution
+
+    rng = np.random.default_rng(0)
+    rows = [(lay, hd, op, d) for lay in range(3) for hd in range(4) for op in "+-"
+            for d in (1, 2)]
+    att = pd.DataFrame(rows, columns=["layer", "head", "op", "digits"])
+    att["n"] = np.where(att["digits"] == 1, 10, 30)
+    att["dlogp_est"] = rng.normal(size=len(att))
+    exact = att[["layer", "head", "op", "digits", "n"]].copy()
+    exact["dlogp"] = att["dlogp_est"] * 0.5 + rng.normal(size=len(att)) * 0.5
+    exact["drop"] = -exact["dlogp"] + rng.normal(size=len(att))
+    s = attribution_summary(att, exact, k=3)
+    for op in "+-":  # top: digits pooled by n, most negative estimate first
+        a = att[att.op == op]
+        pooled = (a.dlogp_est * a.n).groupby([a.layer, a["head"]]).sum() / a.n.groupby(
+            [a.layer, a["head"]]).sum()
+        want = [f"{la}.{he}" for la, he in pooled.sort_values().index[:3]]
+        assert [t["name"] for t in s["top"] if t["op"] == op] == want
+        m = a.merge(exact, on=["layer", "head", "op", "digits"])
+        r = m[["dlogp_est", "dlogp", "drop"]].rank()
+        got = next(x for x in s["vs_exact"] if x["op"] == op)
+        assert got["n_heads"] == 24
+        assert got["spearman_dlogp"] == pytest.approx(r.dlogp_est.corr(r.dlogp))
+        assert got["spearman_drop"] == pytest.approx(-r.dlogp_est.corr(r["drop"]))
+    assert attribution_summary(att, None)["vs_exact"] == []
+    # written beside an exact heads.csv, which stays untouched
+    exact.to_csv(tmp_path / "heads.csv", index=False)
+    before = (tmp_path / "heads.csv").read_bytes()
+    out = write_attribution(tmp_path, att, {"stage": "heads_attribution"}, k=3)
+    assert out["vs_exact"] == s["vs_exact"]
+    assert (tmp_path / "heads.csv").read_bytes() == before
+    assert len(pd.read_csv(tmp_path / "heads_attribution.csv")) == len(att)

@@ -199,7 +199,21 @@ def heads(
         finish_distributed()
     if rank != 0:
         return
-    if method != "attribution":
+    stage = "heads"
+    if method == "attribution":
+        import pandas as pd
+
+        from cnalens.io import read_json
+
+        stage = "heads_attribution"
+        summ = read_json(out / "heads_attribution.json")
+        top_df = pd.DataFrame(summ["top"])
+        _print_table(top_df[top_df["rank"] <= top][["op", "rank", "name", "dlogp_est"]],
+                     "top heads by estimated Δ log p (attribution)")
+        if summ["vs_exact"]:
+            _print_table(pd.DataFrame(summ["vs_exact"]),
+                         f"attribution vs the exact scan in {out}/heads.csv (Spearman)")
+    else:
         _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
                                           "drop", "dlogp"]],
                      "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
@@ -212,8 +226,8 @@ def heads(
         write_csv(out / "heads_robustness.csv", rob)
         _print_table(rob[["op", "a", "b", "spearman_drop", "spearman_dlogp", "top_a",
                           "top_b"]], "head ranking across prompt formats (Spearman)")
-    report = record_stage(out, view, _command(), "heads", time.perf_counter() - t0)
-    console.print(f"wrote {out}/heads.csv; report: {report}")
+    report = record_stage(out, view, _command(), stage, time.perf_counter() - t0)
+    console.print(f"wrote {out}/{stage}.csv; report: {report}")
 
 
 @app.command()

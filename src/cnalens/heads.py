@@ -499,6 +499,49 @@ def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
     return pd.concat(parts, ignore_index=True)
 
 
+def attribution_summary(att: pd.DataFrame, exact: pd.DataFrame | None = None,
+                        k: int = 10) -> dict:
+    """The attribution pre-scan's top ``k`` heads per op (most negative estimated
+    ``dlogp`` first, digits pooled by n) and, given an exact scan (``heads.csv``) of the
+    same cases, the Spearman correlation of the estimate with its ``dlogp`` and ``drop``
+    per op over the heads both scanned."""
+    from scipy.stats import spearmanr
+
+    d = att.assign(w=att["dlogp_est"] * att["n"])
+    g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
+    g = g.assign(dlogp_est=g["w"] / g["n"]).sort_values(
+        ["op", "dlogp_est", "layer", "head"], kind="stable")
+    top = [{"op": op, "rank": i + 1, "name": f"{r.layer}.{r.head}", "layer": int(r.layer),
+            "head": int(r.head), "dlogp_est": float(r.dlogp_est)}
+           for op, grp in g.groupby("op", sort=True)
+           for i, r in enumerate(grp.head(k).itertuples())]
+    agree = []
+    if exact is not None and len(exact):
+        keys = ["layer", "head", "op", "digits"]
+        m = att.merge(exact[[*keys, "dlogp", "drop"]], on=keys)
+        for op, grp in m.groupby("op", sort=True):
+            if len(grp) < 3:
+                continue
+            agree.append({"op": op, "n_heads": int(len(grp)),
+                          "spearman_dlogp": float(spearmanr(grp["dlogp_est"],
+                                                            grp["dlogp"]).statistic),
+                          "spearman_drop": float(spearmanr(-grp["dlogp_est"],
+                                                           grp["drop"]).statistic)})
+    return {"top": top, "vs_exact": agree}
+
+
+def write_attribution(dir: Path, att: pd.DataFrame, meta: dict, k: int = 10) -> dict:
+    """``DIR/heads_attribution.csv`` and ``.json`` (top heads; Spearman against
+    ``DIR/heads.csv`` when an exact scan is there), atomically; ``heads.csv`` is left as
+    it is. Returns the summary."""
+    path = Path(dir) / "heads.csv"
+    exact = pd.read_csv(path, dtype={"op": str}) if path.is_file() else None
+    summary = attribution_summary(att, exact, k)
+    write_csv(Path(dir) / "heads_attribution.csv", att)
+    write_json(Path(dir) / "heads_attribution.json", {**meta, **summary})
+    return summary
+
+
 # ----------------------------------------------------------------- distributed
 def init_distributed() -> tuple[int, int, int]:
     """Start ``torch.distributed`` from the launcher's environment (``torchrun`` or

@@ -93,18 +93,30 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
     the scan is sharded over the processes and only rank 0 writes."""
     import shutil
 
-    from cnalens.heads import _dist, scan_heads, scan_heads_attribution, write_heads
+    from cnalens.heads import (
+        _dist,
+        scan_heads,
+        scan_heads_attribution,
+        write_attribution,
+        write_heads,
+    )
 
     t0 = time.perf_counter()
     rank = _dist()[0]
     enc = encode_all(view.tokenizer, cases)
     partial = Path(out) / "heads.partial"
-    if method == "attribution":
-        df = scan_heads_attribution(view, enc, progress=progress and rank == 0)
-    else:
-        df = scan_heads(view, enc, heads=heads, layers=layers, method=method, metric=metric,
-                        batch_size=batch_size, progress=progress, checkpoint=partial,
-                        resume=resume)
+    if method == "attribution":  # an estimate: its own files, an exact heads.csv is kept
+        df = scan_heads_attribution(view, enc, batch_size=batch_size,
+                                    progress=progress and rank == 0)
+        if rank == 0:
+            write_attribution(out, df, {
+                "stage": "heads_attribution", "model": view.summary(), "settings": settings,
+                "n_cases": len(enc), "method": method,
+                "seconds": round(time.perf_counter() - t0, 2), "finished": now()})
+        return df
+    df = scan_heads(view, enc, heads=heads, layers=layers, method=method, metric=metric,
+                    batch_size=batch_size, progress=progress, checkpoint=partial,
+                    resume=resume)
     if rank == 0:
         write_heads(out, df, {"stage": "heads", "model": view.summary(), "settings": settings,
                               "n_cases": len(enc), "method": method, "metric": metric,

@@ -45,6 +45,7 @@ class Section(NamedTuple):
 ORDER: tuple[str, ...] = (
     "eval",
     "heads",
+    "heads_attribution",
     "cna",
     "verification",
     "shallow",

@@ -1,0 +1,87 @@
+"""The ``heads_attribution`` section: the first-order pre-scan of the heads.
+
+Reads ``DIR/heads_attribution.csv`` (layer, head, op, digits, n, dlogp_est) and
+``DIR/heads_attribution.json`` (top heads; Spearman against the exact scan when one was in
+the folder). Shows a layer x head heatmap of the estimate, the agreement table and the top
+heads per operation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cnalens.report import html as h
+from cnalens.report import plots
+from cnalens.report.sections import Section, read_csv, read_meta
+
+STAGE = "heads_attribution"
+REQUIRED = ("layer", "head", "op", "digits", "n", "dlogp_est")
+TOP = 5
+
+
+def heatmap(df: pd.DataFrame) -> Figure:
+    """One panel per op: layers x heads, colour = estimated change of log p (digits pooled)."""
+    d = df.assign(w=df["dlogp_est"] * df["n"])
+    g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
+    g = g.assign(v=g["w"] / g["n"])
+    ops = plots.ordered(g["op"].tolist(), plots.OP_ORDER)
+    n_layers, n_heads = int(df["layer"].max()) + 1, int(df["head"].max()) + 1
+    vmax = max(1e-6, float(np.nanmax(np.abs(g["v"].to_numpy()))))
+    width = min(12.0, 1.2 + len(ops) * max(1.6, 0.28 * n_heads + 0.8))
+    fig = plots.new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
+    axes = fig.subplots(1, len(ops), squeeze=False, sharey=True)[0]
+    im = None
+    for ax, op in zip(axes, ops, strict=True):
+        grid = np.full((n_layers, n_heads), np.nan)
+        sub = g[g["op"] == op]
+        grid[sub["layer"].astype(int), sub["head"].astype(int)] = -sub["v"]
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
+                       origin="lower", interpolation="nearest")
+        ax.set_title(plots.op_label(op), fontsize=10, color="#222222")
+        ax.set_xlabel("head", fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("layer", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.9, label="estimated log p lost when zeroed")
+    return fig
+
+
+def render(dir: Path, meta: dict[str, Any]) -> str | None:
+    df = read_csv(dir, STAGE, required=REQUIRED, text=("op",))
+    if df is None or df.empty:
+        return None
+    stage = read_meta(dir, STAGE)
+    parts = [h.what("A first-order estimate of each head's zeroing effect on the answer's "
+                    "log-probability from one forward and one backward pass per batch "
+                    "(attribution patching): a cheap screen for large models; confirm its "
+                    "top heads with the exact scan."),
+             h.note(f"{h.fmt_int(stage.get('n_cases'))} cases · time: "
+                    f"{h.fmt_seconds(stage.get('seconds'))}")]
+    uri = plots.embed(heatmap(df), dir, "heads_attribution")
+    parts.append(h.figure(uri, "estimated effect per layer and head",
+                          "Estimated log-probability of the answer lost when each head is "
+                          "zeroed; red = the head helps."))
+    agree = stage.get("vs_exact") or []
+    if agree:
+        rows = [[plots.op_label(a["op"]), h.fmt_int(a["n_heads"]),
+                 h.fmt_num(a["spearman_dlogp"]), h.fmt_num(a["spearman_drop"])]
+                for a in agree]
+        parts.append(h.tag("h3", "Agreement with the exact scan"))
+        parts.append(h.table(["op", "heads", "Spearman (Δ log p)", "Spearman (accuracy drop)"],
+                             rows, num_cols=(1, 2, 3), caption="Rank correlation of the "
+                             "estimate with the exact zero-ablation scan in this folder."))
+    top = [t for t in stage.get("top") or [] if t["rank"] <= TOP]
+    if top:
+        rows = [[plots.op_label(t["op"]), t["rank"], t["name"], h.fmt_num(t["dlogp_est"])]
+                for t in top]
+        parts.append(h.tag("h3", "Top heads by the estimate"))
+        parts.append(h.table(["op", "rank", "head", "estimated Δ log p"], rows,
+                             num_cols=(1, 3)))
+    return "".join(parts)
+
+
+SECTION = Section(STAGE, "Attention heads: attribution pre-scan", render)
