@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -75,6 +76,33 @@ def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
 def op_label(op: str) -> str:
     name = OP_NAMES.get(op)
     return f"{op}  {name}" if name else op
+
+
+def head_heatmaps(g: pd.DataFrame, value: str, label: str, scale: float = 1.0,
+                  floor: float = 1.0) -> Figure:
+    """One panel per op of a (op, layer, head, ``value``) frame: layers (rows) x heads
+    (columns), colour = ``value * scale`` on a symmetric red-blue scale (at least
+    ``floor``)."""
+    ops = ordered(g["op"].tolist(), OP_ORDER)
+    n_layers, n_heads = int(g["layer"].max()) + 1, int(g["head"].max()) + 1
+    vmax = max(floor, float(np.nanmax(np.abs(g[value].to_numpy()))) * abs(scale))
+    width = min(12.0, 1.2 + len(ops) * max(1.6, 0.28 * n_heads + 0.8))
+    fig = new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
+    axes = fig.subplots(1, len(ops), squeeze=False, sharey=True)[0]
+    im = None
+    for ax, op in zip(axes, ops, strict=True):
+        grid = np.full((n_layers, n_heads), np.nan)
+        sub = g[g["op"] == op]
+        grid[sub["layer"].astype(int), sub["head"].astype(int)] = sub[value] * scale
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
+                       origin="lower", interpolation="nearest")
+        ax.set_title(op_label(op), fontsize=10, color="#222222")
+        ax.set_xlabel("head", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
+    axes[0].set_ylabel("layer", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.9, label=label)
+    return fig
 
 
 def eval_accuracy_chart(df: pd.DataFrame) -> Figure | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -37,28 +36,7 @@ def heatmap(df: pd.DataFrame) -> Figure | None:
     """One panel per op: layers (rows) x heads (columns), colour = accuracy drop (%)."""
     if df.empty:
         return None
-    g = _pooled(df)
-    ops = plots.ordered(g["op"].tolist(), plots.OP_ORDER)
-    n_layers = int(df["layer"].max()) + 1
-    n_heads = int(df["head"].max()) + 1
-    vmax = max(1.0, float(np.nanmax(np.abs(g["drop"].to_numpy()))) * 100)
-    width = min(12.0, 1.2 + len(ops) * max(1.6, 0.28 * n_heads + 0.8))
-    fig = plots.new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
-    axes = fig.subplots(1, len(ops), squeeze=False, sharey=True)[0]
-    im = None
-    for ax, op in zip(axes, ops, strict=True):
-        grid = np.full((n_layers, n_heads), np.nan)
-        sub = g[g["op"] == op]
-        grid[sub["layer"].astype(int), sub["head"].astype(int)] = sub["drop"] * 100
-        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
-                       origin="lower", interpolation="nearest")
-        ax.set_title(plots.op_label(op), fontsize=10, color="#222222")
-        ax.set_xlabel("head", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
-    axes[0].set_ylabel("layer", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.9, label="accuracy drop (points)")
-    return fig
+    return plots.head_heatmaps(_pooled(df), "drop", "accuracy drop (points)", scale=100)
 
 
 def top_table(df: pd.DataFrame, k: int) -> str:

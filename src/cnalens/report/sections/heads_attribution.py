@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -25,29 +24,12 @@ TOP = 5
 
 
 def heatmap(df: pd.DataFrame) -> Figure:
-    """One panel per op: layers x heads, colour = estimated change of log p (digits pooled)."""
+    """One panel per op: layers x heads, colour = estimated log p lost (digits pooled)."""
     d = df.assign(w=df["dlogp_est"] * df["n"])
     g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
     g = g.assign(v=g["w"] / g["n"])
-    ops = plots.ordered(g["op"].tolist(), plots.OP_ORDER)
-    n_layers, n_heads = int(df["layer"].max()) + 1, int(df["head"].max()) + 1
-    vmax = max(1e-6, float(np.nanmax(np.abs(g["v"].to_numpy()))))
-    width = min(12.0, 1.2 + len(ops) * max(1.6, 0.28 * n_heads + 0.8))
-    fig = plots.new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
-    axes = fig.subplots(1, len(ops), squeeze=False, sharey=True)[0]
-    im = None
-    for ax, op in zip(axes, ops, strict=True):
-        grid = np.full((n_layers, n_heads), np.nan)
-        sub = g[g["op"] == op]
-        grid[sub["layer"].astype(int), sub["head"].astype(int)] = -sub["v"]
-        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
-                       origin="lower", interpolation="nearest")
-        ax.set_title(plots.op_label(op), fontsize=10, color="#222222")
-        ax.set_xlabel("head", fontsize=9)
-        ax.tick_params(labelsize=8)
-    axes[0].set_ylabel("layer", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.9, label="estimated log p lost when zeroed")
-    return fig
+    return plots.head_heatmaps(g, "v", "estimated log p lost when zeroed", scale=-1,
+                               floor=1e-6)
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
