@@ -28,7 +28,7 @@ def heatmap(df: pd.DataFrame) -> Figure:
     d = df.assign(w=df["dlogp_est"] * df["n"])
     g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
     g = g.assign(v=g["w"] / g["n"])
-    return plots.head_heatmaps(g, "v", "estimated log p lost when zeroed", scale=-1,
+    return plots.head_heatmaps(g, "v", "est. log p lost", scale=-1,
                                floor=1e-6)
 
 
