@@ -262,3 +262,21 @@ def test_sweep_without_cna_and_saved_adapter_reevaluated(tmp_path, one_thread):
     acc2 = pd.read_csv(tmp_path / "re" / "lora.csv", dtype={"op": str})
     pd.testing.assert_frame_equal(acc[acc["layer"] != 2].reset_index(drop=True), acc2)
     assert (tmp_path / "re" / "lora_cna.csv").is_file()
+
+
+def test_full_profile_is_the_papers_scale():
+    from cnalens.apps.lora import sweep_layers
+
+    s = LoraSettings.full()
+    assert (s.n_train, s.n_test, s.epochs, s.lr, s.profile) == (18_000, 2_000, 4, 1e-3, "full")
+    assert LoraSettings.full(epochs=1).epochs == 1  # options override the profile
+    train, test = lora_cases(s)  # the paper's split, an equal share per op, disjoint pairs
+    count = lambda cs, op: sum(c.labels["op"] == op for c in cs)  # noqa: E731
+    for op in "+-*":
+        assert (count(train, op), count(test, op)) == (4500, 500)
+    assert 0 < count(test, "/") < count(train, "/") < 4500  # 2-digit exact division is rarer
+    assert not {(c.labels["op"], c.labels["a"], c.labels["b"]) for c in train} & {
+        (c.labels["op"], c.labels["a"], c.labels["b"]) for c in test}
+    v = _view("llama")
+    assert sweep_layers(v, "auto", "full") == list(range(v.n_layers))
+    assert len(sweep_layers(v, "auto", "quick")) < v.n_layers or v.n_layers <= 4
