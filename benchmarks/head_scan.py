@@ -275,7 +275,8 @@ def main() -> None:
     if args.steps:
         steps = [("(a) heads per pass", {"reuse": False, "share_prefix": False}),
                  ("(a)+(b) reuse lower layers", {"share_prefix": False}),
-                 ("(a)+(b)+(c) prefix cache", {})]
+                 ("(a)+(b)+(c) prefix cache", {"tree": False}),
+                 ("(a)-(d) token tree", {})]
     t_fast = None
     for name, kw in steps:
         fast, t = timed(scan_fast, view, enc, heads, batch_size=args.batch_size,

@@ -13,6 +13,9 @@ from cnalens.errors import CnaError
 from cnalens.evaluate import evaluate
 from cnalens.heads import (
     COLUMNS,
+    _stats_full,
+    _stats_tiled,
+    _tree_chunks,
     head_means,
     head_table,
     parse_heads,
@@ -74,8 +77,11 @@ def test_fast_equals_naive_tiny(family):
     naive = scan_naive(v, enc, heads, batch_size=16)
     assert 0.2 < naive.orig["correct_first"].float().mean() <= 1
     assert (naive.ablated["logp"] - naive.orig["logp"][None]).abs().max() > 1e-3
+    # every family runs token trees (gemma/gemma2/3: window masks per layer type)
+    trees = _tree_chunks(v, enc, 128)
+    assert trees and isinstance(trees[0].mask, dict) == (family == "gemma3")
     for kw in ({}, {"heads_per_pass": 3, "batch_size": 7}, {"reuse": False},
-               {"share_prefix": False}):
+               {"tree": False}, {"tree": False, "batch_size": 7}, {"share_prefix": False}):
         _same(naive, scan_fast(v, enc, heads, **kw), 1e-6)
     # the naive loop is cnalens.evaluate under ZeroHeads
     for j in (0, len(heads) - 1):
@@ -99,6 +105,47 @@ def test_fast_equals_naive_gemma2_and_mean():
     assert means.shape == (v.n_layers, v.n_heads, v.head_dim)
     assert not torch.equal(head_means(v, enc, "last"), means)
     _same(scan_naive(v, enc, heads, means), scan_fast(v, enc, heads, means), 1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: soft-capped logits
+def test_tiled_vocabulary_stats_equal_whole_rows(family):
+    v = _view(family)
+    torch.manual_seed(0)
+    h = torch.randn(9, v.d_model, dtype=v.dtype)
+    target = torch.randint(0, v.vocab_size, (9,))
+    first = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    pred, margin, logp = _stats_full(v, h, target, first)
+    lg = v.logits(h).float()  # by hand (scores are float32, like cnalens.evaluate)
+    assert torch.equal(pred, lg.argmax(-1))
+    assert torch.allclose(logp, lg.log_softmax(-1)[first, target[first]], atol=1e-5)
+    for tile in (1, 2, 7, v.vocab_size - 1, v.vocab_size, 4096):
+        p, m, lp = _stats_tiled(v, h, target, first, tile)
+        assert torch.equal(p, pred), tile
+        assert torch.allclose(m, margin, atol=1e-5) and torch.allclose(lp, logp, atol=1e-5)
+    none = torch.zeros(9, dtype=torch.bool)  # no first-token rows: no log-probs
+    assert _stats_tiled(v, h, target, none, 7)[2].shape == (0,)
+    v.unembed = torch.nn.Sequential(v.unembed)  # not a plain linear layer: one tile
+    assert [s for s, _ in v.logit_tiles(h, 7)] == [0]
+    p, m, lp = _stats_tiled(v, h, target, first, 7)
+    assert torch.equal(p, pred) and torch.allclose(lp, logp, atol=1e-5)
+
+
+def test_scan_without_trees_falls_back_to_rows():
+    """A sliding window the model cannot take per layer: rows after a prefix cache."""
+    import transformers as tf
+    cfg = tf.MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=40,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1)
+    model = tf.MistralForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.add_(0.3 * torch.randn_like(p))
+    v = ModelView(model, TinyTokenizer(), {"spec": "mistral"})
+    enc = encode_all(v.tokenizer, _cases(v))
+    assert _tree_chunks(v, enc, 128) is None
+    heads = select_heads(v, layers=[0, 2])
+    _same(scan_naive(v, enc, heads), scan_fast(v, enc, heads), 1e-6)
 
 
 def test_scan_heads_table_and_top():
@@ -220,6 +267,11 @@ def test_attribution_is_the_first_order_effect():
     exact = scan_heads(v, cases, progress=False)
     m = att.merge(exact, on=["layer", "head", "op", "digits"])
     assert spearmanr(m["dlogp_est"], m["dlogp"]).statistic > 0.5
+    # --layers / --heads keep the selected heads' rows, with the same estimates
+    sub = scan_heads_attribution(v, cases, progress=False, layers=[2], heads=[(2, 1), (0, 3)])
+    assert set(zip(sub["layer"], sub["head"], strict=True)) == {(2, 1)}
+    pd.testing.assert_frame_equal(
+        sub, att[(att.layer == 2) & (att["head"] == 1)].reset_index(drop=True), atol=1e-12)
 
 
 def test_attribution_summary_against_hand_ranks(tmp_path):

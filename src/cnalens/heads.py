@@ -14,9 +14,16 @@ of every batch per head under ``ZeroHeads``), computed with less work:
   that layer's ``z`` zeroes head ``h`` in replica ``h`` only;
 * layers below the intervened layer are not recomputed: a reference pass records every
   decoder layer's output and ``view.reuse_layers`` returns it (tiled over replicas);
-* the few-shot prefix shared by a group of cases is computed once per intervention, as a
-  key/value cache expanded over the batch; suffixes are right-padded after it;
-* logits only at the scored positions (the answer tokens), in chunks.
+* every token prefix shared by cases is computed once per intervention: the cases of a
+  chunk are packed as one token tree (``cnalens.trees``, one node per distinct prefix,
+  the few-shot prefix included) and run as one row with a tree attention mask
+  (``view.tree_mask``); no padding. Models that cannot take such a mask (an attention
+  implementation other than eager/sdpa, or a sliding window they would need per layer
+  and do not accept per layer) run right-padded rows after a key/value cache of the
+  group's common prefix instead (``tree=False`` forces this);
+* logits only at the scored positions (the answer tokens), the scored rows of several
+  passes together, reduced a vocabulary tile at a time while the tile is in cache
+  (top-2 and an online log-sum-exp, ``_stats_tiled``) instead of whole logit rows.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from cnalens.io import _atomic, write_csv, write_json
 from cnalens.models.view import Batch
 from cnalens.names import parse_ints, parse_units
 from cnalens.progress import track
+from cnalens.trees import token_tree
 
 Head = tuple[int, int]
 METHODS = ("zero", "mean")
@@ -50,7 +58,13 @@ MEAN_OVER = ("all", "last")
 COLUMNS = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "drop",
            "drop_rel", "drop_lo", "drop_hi", "dlogp")
 FIELDS = ("correct", "correct_first", "logp", "pred", "margin")
-LOGIT_CHUNK = 128
+LOGIT_CHUNK = 128  # rows of whole logits at a time (the naive loop)
+TILE_ROWS = 2048  # rows per vocabulary sweep of the fast scan
+
+
+def vocab_tile(device) -> int:
+    """Vocabulary tile of the fast scan's scoring: cache-sized on CPU, large on GPUs."""
+    return 65536 if torch.device(device).type == "cuda" else 4096
 
 
 # ----------------------------------------------------------------- names and selection
@@ -104,31 +118,34 @@ class _Layout:
     case: torch.Tensor  # (N,) case index within the chunk
     first: torch.Tensor  # (N,) bool, the answer's first token
     n: int  # cases in the chunk
-    width: int
+    stride: int  # positions per replica (rows * width)
 
 
 def _layout(items: Sequence[Encoded], width: int, starts: Sequence[int]) -> _Layout:
     """``starts[i]``: index in row i of the position that predicts the first answer token."""
+    return _flat_layout(items, [range(i * width + s, i * width + s + len(e.answer_ids))
+                                for i, (e, s) in enumerate(zip(items, starts, strict=True))],
+                        len(items) * width)
+
+
+def _flat_layout(items: Sequence[Encoded], where: Sequence[Sequence[int]], stride: int
+                 ) -> _Layout:
+    """``where[i]``: flat positions predicting case i's answer tokens, in order."""
     pos, tgt, case, first = [], [], [], []
-    for i, (e, s) in enumerate(zip(items, starts, strict=True)):
+    for i, (e, w) in enumerate(zip(items, where, strict=True)):
         k = len(e.answer_ids)
-        pos += range(i * width + s, i * width + s + k)
+        pos += w
         tgt += e.answer_ids
         case += [i] * k
         first += [True] + [False] * (k - 1)
     t = torch.as_tensor
-    return _Layout(t(pos), t(tgt), t(case), t(first), len(items), width)
+    return _Layout(t(pos), t(tgt), t(case), t(first), len(items), stride)
 
 
-def _score(view, hidden: torch.Tensor, lay: _Layout, reps: int = 1) -> dict[str, torch.Tensor]:
-    """Scores of ``reps`` stacked copies of a chunk: each field (reps, n). Logits only at
-    the scored positions, in chunks; float32 like ``cnalens.evaluate.score_batch``."""
-    d = hidden.shape[-1]
-    off = torch.arange(reps)[:, None]
-    pos = (off * lay.n * lay.width + lay.pos[None]).reshape(-1).to(hidden.device)
-    h = hidden.reshape(-1, d)[pos]
-    target = lay.target.repeat(reps).to(hidden.device)
-    first = lay.first.repeat(reps)
+def _stats_full(view, h: torch.Tensor, target: torch.Tensor, first: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pred, top-2 margin) per row and the log-prob of ``target`` at the ``first`` rows,
+    from whole logit rows, ``LOGIT_CHUNK`` rows at a time (as the naive loop does it)."""
     preds, margins, logps = [], [], []
     for i in range(0, len(h), LOGIT_CHUNK):
         lg = view.logits(h[i:i + LOGIT_CHUNK]).float()
@@ -139,9 +156,75 @@ def _score(view, hidden: torch.Tensor, lay: _Layout, reps: int = 1) -> dict[str,
         lf = lg[f]
         logps.append(lf.gather(-1, target[i:i + LOGIT_CHUNK][f, None])[:, 0]
                      - torch.logsumexp(lf, -1))
-    pred, margin, logp = (torch.cat(x).cpu() for x in (preds, margins, logps))
+    return torch.cat(preds), torch.cat(margins), torch.cat(logps)
+
+
+def _stats_tiled(view, h: torch.Tensor, target: torch.Tensor, first: torch.Tensor,
+                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_stats_full`` a vocabulary tile at a time: every row in one product per tile, the
+    top-2 and an online log-sum-exp reduced while the tile is in cache (no whole logit
+    rows are ever stored)."""
+    order = torch.argsort((~first).to(torch.int8), stable=True)  # first-token rows on top
+    k = int(first.sum())
+    h, target = h[order], target.to(h.device)[order]
+    n, dev = len(h), h.device
+    top_v = torch.full((n, 2), float("-inf"), device=dev)
+    top_i = torch.zeros((n, 2), dtype=torch.long, device=dev)
+    m = torch.full((k,), float("-inf"), device=dev)
+    z = torch.zeros(k, device=dev)
+    gold = torch.zeros(k, device=dev)
+    tk = target[:k]
+    for start, lg in view.logit_tiles(h, tile):
+        w = lg.shape[1]
+        tv, ti = lg.topk(min(2, w), -1)
+        top_v, j = torch.cat([top_v, tv], 1).topk(2, -1)
+        top_i = torch.cat([top_i, ti + start], 1).gather(1, j)
+        if k:
+            a = lg[:k]
+            loc = tk - start
+            inside = (loc >= 0) & (loc < w)
+            gold = torch.where(inside, a.gather(1, loc.clamp(0, w - 1)[:, None])[:, 0], gold)
+            top = torch.maximum(m, tv[:k, 0])
+            z = z * torch.exp(m - top) + a.sub_(top[:, None]).exp_().sum(-1)
+            m = top
+    back = torch.empty_like(order)
+    back[order] = torch.arange(n, device=order.device)
+    back = back.to(dev)
+    pred, margin = top_i[back, 0], (top_v[:, 0] - top_v[:, 1])[back]
+    logp = (gold - (m + torch.log(z)))[back[first.to(dev)]]  # first rows, in row order
+    return pred, margin, logp
+
+
+def _rows(hidden: torch.Tensor, lay: _Layout, reps: int = 1) -> torch.Tensor:
+    """The hidden states at the scored positions of ``reps`` stacked copies of a chunk."""
+    off = torch.arange(reps)[:, None]
+    pos = (off * lay.stride + lay.pos[None]).reshape(-1).to(hidden.device)
+    return hidden.reshape(-1, hidden.shape[-1])[pos]
+
+
+def _score(view, hidden: torch.Tensor, lay: _Layout, reps: int = 1,
+           tile: int | None = None) -> dict[str, torch.Tensor]:
+    """Scores of ``reps`` stacked copies of a chunk: each field (reps, n). Logits only at
+    the scored positions, float32 like ``cnalens.evaluate.score_batch``."""
+    return _score_rows(view, _rows(hidden, lay, reps), lay, reps, tile)
+
+
+def _score_rows(view, h: torch.Tensor, lay: _Layout, reps: int = 1,
+                tile: int | None = None) -> dict[str, torch.Tensor]:
+    """``_score`` from the scored rows (``_rows``); ``tile``: reduce the vocabulary in
+    tiles of that many tokens (``_stats_tiled``) instead of whole logit rows."""
+    target = lay.target.repeat(reps).to(h.device)
+    first = lay.first.repeat(reps)
+    if tile:
+        parts = [_stats_tiled(view, h[i:i + TILE_ROWS], target[i:i + TILE_ROWS],
+                              first[i:i + TILE_ROWS], tile)
+                 for i in range(0, len(h), TILE_ROWS)]
+        stats = tuple(torch.cat(x) for x in zip(*parts, strict=True))
+    else:
+        stats = _stats_full(view, h, target, first)
+    pred, margin, logp = (x.cpu() for x in stats)
     target = target.cpu()
-    case = (off * lay.n + lay.case[None]).reshape(-1)
+    case = (torch.arange(reps)[:, None] * lay.n + lay.case[None]).reshape(-1)
     rows = reps * lay.n
     wrong = torch.zeros(rows).index_add_(0, case, (pred != target).float())
     out = {"correct": wrong == 0,
@@ -315,7 +398,7 @@ class _Runner:
         with view.capture(["resid_post"]) as c:
             hidden = self._run(ch.suffix, ch.mask, ch.pos, cache)
         self.suffix_out = [c[("resid_post", i)] for i in range(view.n_layers)]
-        self.orig = _score(view, hidden, ch.layout)
+        self.orig = _score(view, hidden, ch.layout, tile=vocab_tile(view.device))
 
     def _prefix_pos(self, rows: int) -> torch.Tensor:
         return torch.arange(self.p, device=self.view.device).expand(rows, self.p)
@@ -337,19 +420,73 @@ class _Runner:
             cache = view.expand_cache(c, len(ch.idx), self.prefix_cache, below)
         with view.edit("z", layer, fn), view.reuse_layers(self.suffix_out, below, r):
             hidden = self._run(_tile(ch.suffix, r), _tile(ch.mask, r), _tile(ch.pos, r), cache)
-        return _score(view, hidden, ch.layout, r)
+        return _rows(hidden, ch.layout, r)
+
+
+@dataclass
+class _TreeChunk:
+    """Cases packed as one token tree (``cnalens.trees``): shared prefixes once, no pads."""
+
+    idx: list[int]
+    ids: torch.Tensor  # (N,)
+    depth: torch.Tensor  # (N,)
+    mask: torch.Tensor | dict
+    layout: _Layout
+
+
+def _tree_chunks(view, enc: Sequence[Encoded], batch_size: int) -> list | None:
+    """Cases grouped by few-shot prefix, in token order (so a chunk holds whole branches),
+    ``batch_size`` a tree; None where the model cannot run trees (``tree_mask``)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(enc):
+        groups[e.case.prefix].append(i)
+    out = []
+    for idx in groups.values():
+        idx = sorted(idx, key=lambda i: enc[i].input_ids)
+        for c in range(0, len(idx), batch_size):
+            part = idx[c:c + batch_size]
+            items = [enc[i] for i in part]
+            tree = token_tree([e.input_ids for e in items])
+            mask = view.tree_mask(tree)
+            if mask is None:
+                return None
+            where = [path[len(e.prompt_ids) - 1:] for e, path in zip(items, tree.nodes,
+                                                                     strict=True)]
+            lay = _flat_layout(items, where, len(tree))
+            dev = view.device
+            out.append(_TreeChunk(part, tree.ids.to(dev), tree.depth.to(dev), mask, lay))
+    return out
+
+
+class _TreeRunner:
+    """``_Runner`` for a ``_TreeChunk``: every pass is one row per replica."""
+
+    def __init__(self, view, ch: _TreeChunk, reuse: bool):
+        self.view, self.ch, self.reuse = view, ch, reuse
+        with view.capture(["resid_post"]) as c:
+            hidden = view.run_tree(ch.ids, ch.depth, ch.mask)
+        self.out = [c[("resid_post", i)] for i in range(view.n_layers)]
+        self.orig = _score(view, hidden, ch.layout, tile=vocab_tile(view.device))
+
+    def ablate(self, layer: int, heads: Sequence[int], fill: torch.Tensor | None):
+        view, ch, r = self.view, self.ch, len(heads)
+        below = layer if self.reuse else 0
+        with view.edit("z", layer, _replica_edit(view, heads, fill)), \
+                view.reuse_layers(self.out, below, r):
+            hidden = view.run_tree(ch.ids, ch.depth, ch.mask, r)
+        return _rows(hidden, ch.layout, r)
 
 
 @torch.inference_mode()
 def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
               means: torch.Tensor | None = None, batch_size: int = 128,
               heads_per_pass: int | None = None, reuse: bool = True,
-              share_prefix: bool = True, progress: bool = False) -> Scan:
+              share_prefix: bool = True, tree: bool = True, progress: bool = False) -> Scan:
     """The same results as ``scan_naive``, with shared work (module docstring).
 
     ``batch_size``: cases per chunk; ``heads_per_pass``: replicas per pass (default: all
-    heads of a layer). ``reuse`` and ``share_prefix`` switch the two reuse steps off, for
-    measuring them.
+    heads of a layer). ``reuse``, ``share_prefix`` and ``tree`` switch the reuse steps
+    off, for measuring them (``tree=False``: rows after a prefix cache).
     """
     by_layer: dict[int, list[int]] = defaultdict(list)
     for j, (layer, _) in enumerate(heads):
@@ -357,23 +494,38 @@ def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
     r_max = heads_per_pass or view.n_heads
     passes = [(layer, js[i:i + r_max]) for layer, js in sorted(by_layer.items())
               for i in range(0, len(js), r_max)]
-    chunks = _chunks(view, enc, batch_size, share_prefix)
+    chunks = (_tree_chunks(view, enc, batch_size) if tree and share_prefix else None) \
+        or _chunks(view, enc, batch_size, share_prefix)
+    make = _TreeRunner if chunks and isinstance(chunks[0], _TreeChunk) else _Runner
     orig, abl = _empty(len(enc)), _empty(len(enc), len(heads))
     work = [(c, ps) for c in range(len(chunks)) for ps in [None, *passes]]
-    runner = None
+    runner, pending = None, []
+    tile = vocab_tile(view.device)
+
+    def flush() -> None:  # score the pending passes' rows together: larger products
+        if not pending:
+            return
+        js = [j for p, _ in pending for j in p]
+        out = _score_rows(view, torch.cat([h for _, h in pending]), runner.ch.layout,
+                          len(js), tile)
+        ix = torch.as_tensor(runner.ch.idx)
+        for f in FIELDS:
+            abl[f][torch.as_tensor(js)[:, None], ix[None]] = out[f]
+        pending.clear()
+
     for c, ps in track(work, "head scan", show=progress):
-        ch = chunks[c]
-        ix = torch.as_tensor(ch.idx)
         if ps is None:
-            runner = _Runner(view, ch, reuse)
+            flush()
+            runner = make(view, chunks[c], reuse)
             for f in FIELDS:
-                orig[f][ix] = runner.orig[f][0]
+                orig[f][torch.as_tensor(runner.ch.idx)] = runner.orig[f][0]
             continue
         layer, js = ps
         fill = None if means is None else means[layer]
-        out = runner.ablate(layer, [heads[j][1] for j in js], fill)
-        for f in FIELDS:
-            abl[f][torch.as_tensor(js)[:, None], ix[None]] = out[f]
+        pending.append((js, runner.ablate(layer, [heads[j][1] for j in js], fill)))
+        if sum(len(h) for _, h in pending) >= TILE_ROWS:
+            flush()
+    flush()
     return Scan(list(heads), orig, abl)
 
 
@@ -479,10 +631,14 @@ def _attribution_batch(view, items: Sequence[Encoded]) -> torch.Tensor:
 
 
 def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
-                           batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+                           batch_size: int = 32, progress: bool = True,
+                           heads: Sequence[Head] | None = None,
+                           layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Attribution patching: every head's estimated ``dlogp`` from one forward and one
     backward pass per batch (columns layer, head, op, digits, n, dlogp_est). A cheap
-    pre-scan for large models; confirm its top heads with ``scan_heads``."""
+    pre-scan for large models; confirm its top heads with ``scan_heads``. The passes
+    estimate every head at once; ``heads``/``layers`` select the rows kept."""
+    keep = select_heads(view, heads, layers)
     enc = (list(cases) if cases and isinstance(cases[0], Encoded)
            else encode_all(view.tokenizer, cases))
     est = torch.zeros(len(enc), view.n_layers, view.n_heads)
@@ -496,7 +652,11 @@ def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
                            "digits": d, "n": len(g),
                            "dlogp_est": est[list(g.index)].mean(0).numpy().ravel()})
              for (op, d), g in labels.groupby(["op", "digits"], sort=True)]
-    return pd.concat(parts, ignore_index=True)
+    df = pd.concat(parts, ignore_index=True)
+    if len(keep) < view.n_layers * view.n_heads:
+        rows = pd.MultiIndex.from_frame(df[["layer", "head"]]).isin(keep)
+        df = df[rows].reset_index(drop=True)
+    return df
 
 
 def attribution_summary(att: pd.DataFrame, exact: pd.DataFrame | None = None,

@@ -107,7 +107,8 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
     partial = Path(out) / "heads.partial"
     if method == "attribution":  # an estimate: its own files, an exact heads.csv is kept
         df = scan_heads_attribution(view, enc, batch_size=batch_size,
-                                    progress=progress and rank == 0)
+                                    progress=progress and rank == 0, heads=heads,
+                                    layers=layers)
         if rank == 0:
             write_attribution(out, df, {
                 "stage": "heads_attribution", "model": view.summary(), "settings": settings,

@@ -235,6 +235,24 @@ class ModelView:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
+    def logit_tiles(self, hidden: torch.Tensor, tile: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, logits[:, start:start + tile])`` over the vocabulary, in float32.
+
+        The same numbers as ``logits(hidden)``, a slice of the unembedding at a time, so a
+        caller can reduce each tile while it is in cache. An unembedding that is not a
+        plain linear layer comes as one tile.
+        """
+        w, b = getattr(self.unembed, "weight", None), getattr(self.unembed, "bias", None)
+        if type(self.unembed) is not nn.Linear or w is None:
+            yield 0, self.logits(hidden).float()
+            return
+        for s in range(0, w.shape[0], tile):
+            out = torch.nn.functional.linear(hidden, w[s:s + tile],
+                                             None if b is None else b[s:s + tile])
+            if self.softcap:
+                out = torch.tanh(out / self.softcap) * self.softcap
+            yield s, out.float()
+
     # ----------------------------------------------------------------- running
     def batch(self, seqs: Sequence[Sequence[int]]) -> Batch:
         """Left-pad token id lists into one batch on the model's device."""
@@ -384,6 +402,60 @@ class ModelView:
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids, cache=cache, use_cache=True)
         return out.last_hidden_state, cache
+
+    def tree_mask(self, tree) -> torch.Tensor | dict | None:
+        """The attention mask that runs a ``cnalens.trees.TokenTree`` as one row.
+
+        An additive (1, 1, N, N) mask where node i sees node j iff j is i or an ancestor
+        (and, in sliding-window layers, their depths differ by less than the window), or
+        a dict of such masks per layer type. None where this model cannot take one (an
+        attention implementation other than eager/sdpa, or a sliding window it would need
+        per layer but does not accept per layer): callers then run sequences as rows.
+        """
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            return None
+        anc = tree.ancestors()
+        window = getattr(self.config, "sliding_window", None)
+        types = set(getattr(self.config, "layer_types", None) or ["full_attention"])
+        masks = {"full_attention": anc}
+        if window and len(tree) and int(tree.depth.max()) >= window:
+            if not self._takes_mask_dict() or not types <= {"full_attention",
+                                                             "sliding_attention"}:
+                return None
+            near = (tree.depth[:, None] - tree.depth[None, :]) < window
+            masks["sliding_attention"] = anc & near
+        elif not types <= {"full_attention", "sliding_attention"}:
+            return None
+        low = torch.finfo(self.dtype).min
+        out = {t: torch.zeros(m.shape, dtype=self.dtype).masked_fill_(~m, low)[None, None]
+               .to(self.device) for t, m in masks.items()}
+        if len(out) == 1:
+            return out["full_attention"]
+        return {t: out.get(t, out["full_attention"]) for t in types}
+
+    def _takes_mask_dict(self) -> bool:
+        """Whether the base model's forward accepts one mask per layer type (a dict)."""
+        import inspect
+        try:
+            src = inspect.getsource(type(self.model.base_model).forward)
+        except (OSError, TypeError):
+            return False
+        return "causal_mask_mapping := attention_mask, dict" in src
+
+    def run_tree(self, ids: torch.Tensor, depth: torch.Tensor, mask, rows: int = 1
+                 ) -> torch.Tensor:
+        """Final-normed hidden states (rows, N, d) of a token tree (``tree_mask``) repeated
+        in ``rows`` identical rows (e.g. one per intervention replica)."""
+        n = ids.shape[-1]
+        if isinstance(mask, dict):
+            mask = {k: v.expand(rows, -1, -1, -1) for k, v in mask.items()}
+        else:
+            mask = mask.expand(rows, -1, -1, -1)
+        out = self.model.base_model(input_ids=ids.reshape(1, n).expand(rows, n),
+                                    attention_mask=mask,
+                                    position_ids=depth.reshape(1, n).expand(rows, n),
+                                    use_cache=False)
+        return out.last_hidden_state
 
     @staticmethod
     def expand_cache(cache, repeats: int, base=None, below: int = 0):
