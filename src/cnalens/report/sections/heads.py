@@ -25,18 +25,18 @@ NUMERIC = ("layer", "head", "digits", "n", "acc_orig", "acc_ablated", "drop", "d
 DEFAULT_TOP = 5
 
 
-def _pooled(df: pd.DataFrame) -> pd.DataFrame:
-    """Drop per (op, layer, head), digits pooled by n."""
-    d = df.assign(w=df["drop"] * df["n"])
+def pooled(df: pd.DataFrame, col: str = "drop") -> pd.DataFrame:
+    """``col`` per (op, layer, head), digits pooled by n."""
+    d = df.assign(w=df[col] * df["n"])
     g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
-    return g.assign(drop=g["w"] / g["n"])
+    return g.assign(**{col: g["w"] / g["n"]})
 
 
 def heatmap(df: pd.DataFrame) -> Figure | None:
     """One panel per op: layers (rows) x heads (columns), colour = accuracy drop (%)."""
     if df.empty:
         return None
-    return plots.head_heatmaps(_pooled(df), "drop", "accuracy drop (points)", scale=100)
+    return plots.head_heatmaps(pooled(df), "drop", "accuracy drop (points)", scale=100)
 
 
 def top_table(df: pd.DataFrame, k: int) -> str:

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
+from cnalens.report.sections.heads import pooled
 
 STAGE = "heads_attribution"
 REQUIRED = ("layer", "head", "op", "digits", "n", "dlogp_est")
@@ -25,11 +26,8 @@ TOP = 5
 
 def heatmap(df: pd.DataFrame) -> Figure:
     """One panel per op: layers x heads, colour = estimated log p lost (digits pooled)."""
-    d = df.assign(w=df["dlogp_est"] * df["n"])
-    g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
-    g = g.assign(v=g["w"] / g["n"])
-    return plots.head_heatmaps(g, "v", "est. log p lost", scale=-1,
-                               floor=1e-6)
+    return plots.head_heatmaps(pooled(df, "dlogp_est"), "dlogp_est", "est. log p lost",
+                               scale=-1, floor=1e-6)
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
