@@ -340,14 +340,19 @@ class _Chunk:
     layout: _Layout
 
 
+def _prefix_groups(enc: Sequence[Encoded], by_prefix: bool = True) -> list[list[int]]:
+    """Case indices grouped by few-shot prefix (one group if not ``by_prefix``)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(enc):
+        groups[e.case.prefix if by_prefix else ""].append(i)
+    return list(groups.values())
+
+
 def _chunks(view, enc: Sequence[Encoded], batch_size: int, share_prefix: bool) -> list[_Chunk]:
     """Group cases by their few-shot prefix; P = their longest common token prefix, kept
     shorter than every prompt so each case scores suffix tokens only."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(enc):
-        groups[e.case.prefix if share_prefix else ""].append(i)
     out = []
-    for idx in groups.values():
+    for idx in _prefix_groups(enc, share_prefix):
         p = min(len(enc[i].prompt_ids) for i in idx) - 1 if share_prefix else 0
         first = enc[idx[0]].prompt_ids
         for i in idx:
@@ -437,11 +442,8 @@ class _TreeChunk:
 def _tree_chunks(view, enc: Sequence[Encoded], batch_size: int) -> list | None:
     """Cases grouped by few-shot prefix, in token order (so a chunk holds whole branches),
     ``batch_size`` a tree; None where the model cannot run trees (``tree_mask``)."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(enc):
-        groups[e.case.prefix].append(i)
     out = []
-    for idx in groups.values():
+    for idx in _prefix_groups(enc):
         idx = sorted(idx, key=lambda i: enc[i].input_ids)
         for c in range(0, len(idx), batch_size):
             part = idx[c:c + batch_size]
@@ -569,20 +571,24 @@ def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
     return df.sort_values(["layer", "head", "op", "digits"], ignore_index=True)[list(COLUMNS)]
 
 
+def pooled(df: pd.DataFrame, cols: str | Sequence[str] = "drop") -> pd.DataFrame:
+    """``cols`` per (op, layer, head), digits pooled: means weighted by ``n`` (columns op,
+    layer, head, n and ``cols``; groups in order of first appearance)."""
+    cols = [cols] if isinstance(cols, str) else list(cols)
+    keys = ["op", "layer", "head"]
+    d = pd.concat([df[[*keys, "n"]], df[cols].mul(df["n"], axis=0)], axis=1)
+    g = d.groupby(keys, sort=False)[["n", *cols]].sum().reset_index()
+    g[cols] = g[cols].div(g["n"], axis=0)
+    return g
+
+
 def top_heads(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """The ``k`` heads with the largest drop per op (digits pooled, weighted by n), and
     over all ops (op ``"all"``). Columns: op, rank, name (``L.H``), layer, head, n,
     acc_orig, acc_ablated, drop, drop_rel, dlogp."""
-    d = df.assign(w_o=df["acc_orig"] * df["n"], w_a=df["acc_ablated"] * df["n"],
-                  w_l=df["dlogp"] * df["n"])
-    pooled = pd.concat([d, d.assign(op="all")])
-    g = pooled.groupby(["op", "layer", "head"], sort=False)[["n", "w_o", "w_a", "w_l"]].sum()
-    g = g.reset_index()
-    g["acc_orig"] = g["w_o"] / g["n"]
-    g["acc_ablated"] = g["w_a"] / g["n"]
+    g = pooled(pd.concat([df, df.assign(op="all")]), ["acc_orig", "acc_ablated", "dlogp"])
     g["drop"] = g["acc_orig"] - g["acc_ablated"]
     g["drop_rel"] = g["drop"] / g["acc_orig"].where(g["acc_orig"] > 0)
-    g["dlogp"] = g["w_l"] / g["n"]
     g = g.sort_values(["op", "drop", "dlogp"], ascending=[True, False, True], kind="stable")
     g = g.groupby("op", sort=False).head(k).copy()
     g["rank"] = g.groupby("op").cumcount() + 1
@@ -667,10 +673,8 @@ def attribution_summary(att: pd.DataFrame, exact: pd.DataFrame | None = None,
     per op over the heads both scanned."""
     from scipy.stats import spearmanr
 
-    d = att.assign(w=att["dlogp_est"] * att["n"])
-    g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
-    g = g.assign(dlogp_est=g["w"] / g["n"]).sort_values(
-        ["op", "dlogp_est", "layer", "head"], kind="stable")
+    g = pooled(att, "dlogp_est").sort_values(["op", "dlogp_est", "layer", "head"],
+                                             kind="stable")
     top = [{"op": op, "rank": i + 1, "name": f"{r.layer}.{r.head}", "layer": int(r.layer),
             "head": int(r.head), "dlogp_est": float(r.dlogp_est)}
            for op, grp in g.groupby("op", sort=True)

@@ -15,6 +15,7 @@ embeddings included), and the final residual is ``resid_post[n_layers - 1]``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -419,7 +420,7 @@ class ModelView:
         types = set(getattr(self.config, "layer_types", None) or ["full_attention"])
         masks = {"full_attention": anc}
         if window and len(tree) and int(tree.depth.max()) >= window:
-            if not self._takes_mask_dict() or not types <= {"full_attention",
+            if not self._takes_mask_dict or not types <= {"full_attention",
                                                              "sliding_attention"}:
                 return None
             near = (tree.depth[:, None] - tree.depth[None, :]) < window
@@ -433,6 +434,7 @@ class ModelView:
             return out["full_attention"]
         return {t: out.get(t, out["full_attention"]) for t in types}
 
+    @functools.cached_property
     def _takes_mask_dict(self) -> bool:
         """Whether the base model's forward accepts one mask per layer type (a dict)."""
         import inspect

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cnalens.heads import top_heads
+from cnalens.heads import pooled, top_heads
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
@@ -23,13 +23,6 @@ REQUIRED = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "dr
 NUMERIC = ("layer", "head", "digits", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
            "drop_lo", "drop_hi", "dlogp")
 DEFAULT_TOP = 5
-
-
-def pooled(df: pd.DataFrame, col: str = "drop") -> pd.DataFrame:
-    """``col`` per (op, layer, head), digits pooled by n."""
-    d = df.assign(w=df[col] * df["n"])
-    g = d.groupby(["op", "layer", "head"], as_index=False)[["w", "n"]].sum()
-    return g.assign(**{col: g["w"] / g["n"]})
 
 
 def heatmap(df: pd.DataFrame) -> Figure | None:

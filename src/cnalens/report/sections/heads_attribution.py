@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cnalens.heads import pooled
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
-from cnalens.report.sections.heads import pooled
 
 STAGE = "heads_attribution"
 REQUIRED = ("layer", "head", "op", "digits", "n", "dlogp_est")
