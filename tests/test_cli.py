@@ -19,23 +19,58 @@ def run(capsys, *argv):
     (["eval", "--digits", "x"], "--digits: 'x' is not an integer"),
     (["eval", "--cases", "/no/such.jsonl"], "case file not found"),
     (["eval", "--device", "tpu"], "tpu"),
-    (["eval", "--dtype", "int3"], "int3"),
+    (["eval", "--dtype", "int3"], "'int3' is not one of"),
     (["eval", "--no-such-option"], "No such option"),
-    (["run", "arithmetic", "--profile", "huge"], "unknown profile 'huge'"),
+    (["run", "arithmetic", "--profile", "huge"], "'huge' is not one of 'quick', 'full'"),
     (["heads", "--model", "smollm2-135m", "--heads", "99.0"], "out of range"),
     (["heads", "--model", "smollm2-135m", "--layers", "3-40"], "out of range"),
-    (["heads", "--method", "magic"], "unknown method"),
+    (["heads", "--method", "magic"], "'magic' is not one of 'zero', 'mean', 'attribution'"),
+    (["heads", "--metric", "f1"], "--metric"),
+    (["heads", "--model", "gemma3-270m", "--layers", "3-40"], "layer 18 out of range"),
+    (["cna", "--by", "foo", "--head", "1.1"], "'foo' is not one of 'decrease', 'increase'"),
+    (["neuron", "--model", "smollm2-135m", "3.99999"], "neuron 3.99999 out of range"),
+    (["neuron", "--model", "smollm2-135m", "3.1", "--sign", "up"], "--sign"),
+    (["shallow", "--model", "smollm2-135m", "--head", "40.1"], "layer 40 out of range"),
+    (["shallow", "--transforms", "some"], "--transforms"),
+    (["explain", "--model", "smollm2-135m", "3+5=", "--head", "3.9"], "head 3.9 out of range"),
+    (["lora", "--model", "smollm2-135m", "--layer", "30"], "layer 30 out of range"),
+    (["lora", "--profile", "huge"], "--profile"),
+    (["debias", "--model", "smollm2-135m", "--layers", "0-30"], "layer 30 out of range"),
     (["cna", "--model", "smollm2-135m"], "no --head"),
     (["cna", "--model", "smollm2-135m", "--head", "3.99"], "out of range"),
     (["report", "/no/such/results"], "run.json missing"),
 ])
-def test_bad_input_one_line(capsys, tmp_path, argv, msg):
+def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, msg):
+    """From a cold model cache: one error line, found before any model is converted."""
+    monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     rc, _, err = run(capsys, *argv, *(["--out", str(out)] if argv[0] != "report" else []))
     assert rc != 0
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err
+    assert lines[0].startswith("cnalens: error: ")
     assert not out.exists()  # nothing half-written
+    assert not (tmp_path / "cache" / "models").exists()  # nothing converted
+
+
+@pytest.mark.real
+def test_first_use_notices_then_one_error_line(capsys, tmp_path, monkeypatch):
+    """A conversion on first use prints ``cnalens:`` notices, each on one line; an error
+    after the load is still exactly one ``cnalens: error:`` line."""
+    monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "40")  # long notices must not wrap
+    rc, _, err = run(capsys, "explain", "--model", "smollm2-135m", "3+5=", "--head", "3.1",
+                     "--target", " eight hundred", "--out", str(tmp_path / "out"))
+    lines = [x for x in err.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("cnalens: error: ")]
+    notices = [x for x in lines if not x.startswith("cnalens: error: ")]
+    assert rc == 2 and len(errors) == 1 and "target" in errors[0], err
+    assert [x.split(":")[1].split()[0] for x in notices] == ["first", "converted"], err
+    assert all(x.startswith("cnalens: ") for x in notices)
+    assert not (tmp_path / "out").exists()
+    rc, _, err = run(capsys, "explain", "--model", "smollm2-135m", "3+5=", "--head", "3.1",
+                     "--target", " eight hundred", "--out", str(tmp_path / "out"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1  # warm cache: no notices
 
 
 def test_corrupt_gguf(capsys, tmp_path):

@@ -273,7 +273,7 @@ def test_real_gemma_cli(capsys, tmp_path, gemma, monkeypatch):
     from cnalens.explain import case_from_prompt
     from cnalens.interventions import ZeroHeads
 
-    monkeypatch.setattr(reading, "_view", lambda *a, **k: gemma)  # no second load
+    monkeypatch.setattr(reading, "load_view", lambda *a, **k: gemma)  # no second load
     rc, out, err = _cli(capsys, "explain", "3+5=", "--model", "gemma3-270m", "--head", "7.0",
                         "--top", "3", "--out", str(tmp_path), "-q")
     assert rc == 0, err
@@ -306,3 +306,27 @@ def test_view_ffn_module(tiny_view):
         y = mod(got["x"])
     assert torch.allclose(y, got["y"], atol=1e-12)
     assert torch.allclose(seen["m"], cache[("coef", 1)], atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["+", "-", "*", "/"])
+def test_pick_case_says_why(op, one_thread):
+    """The paper's example when the model answers it; otherwise a reason that is true."""
+    from cnalens.data.arithmetic import arithmetic_cases
+    from cnalens.evaluate import evaluate
+    from cnalens.explain import PREFERRED, pick_case
+
+    view = ModelView(tiny_model("llama"), TinyTokenizer())
+    case, why = pick_case(view, op)
+    a, b = PREFERRED[op]
+    asked = [c for c in arithmetic_cases([op], (1,), ("eq",))
+             if (c.labels["a"], c.labels["b"]) == (a, b)]
+    if not asked:  # a few-shot example of its own prompt is never evaluated
+        assert "few-shot" in why
+        return
+    right = bool(evaluate(view, asked, progress=False)["correct"].iloc[0])
+    if right:
+        assert case == asked[0] and why.endswith("the paper's example")
+    else:
+        assert f"answers {a}{op}{b}= wrongly" in why
+        if case is not None:
+            assert bool(evaluate(view, [case], progress=False)["correct"].iloc[0])

@@ -1,7 +1,9 @@
 """LoRA on one attention layer (cnalens.apps.lora) on tiny float64 models: training,
 the answer-position loss, save/load, mismatches, and the LoRA-vs-original CNA."""
 
+import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -232,7 +234,7 @@ def test_stage_and_report_on_tiny(tmp_path, one_thread):
 @pytest.mark.parametrize("argv, msg", [
     (["lora", "--adapter", "/no/such/dir"], "no LoRA adapter"),
     (["lora", "--n-train", "0"], "training split is empty"),
-    (["lora", "--profile", "huge"], "unknown profile"),
+    (["lora", "--profile", "huge"], "'huge' is not one of 'quick', 'full'"),
     (["lora", "--lr", "0"], "learning rate"),
 ])
 def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
@@ -279,4 +281,138 @@ def test_full_profile_is_the_papers_scale():
         (c.labels["op"], c.labels["a"], c.labels["b"]) for c in test}
     v = _view("llama")
     assert sweep_layers(v, "auto", "full") == list(range(v.n_layers))
-    assert len(sweep_layers(v, "auto", "quick")) < v.n_layers or v.n_layers <= 4
+    assert sweep_layers(v, "auto", "quick") == [0, 1, 2]  # 3 layers: four spots, all of them
+    deep = SimpleNamespace(n_layers=32)  # "auto" reads only the depth
+    assert sweep_layers(deep, "auto", "quick") == [3, 8, 16, 25]  # four layers spread out
+    assert sweep_layers(deep, "auto", "full") == list(range(32))
+
+
+# --------------------------------------------------------------------------- adapted weights
+def _random_lora(view, targets=("down_proj", "attn"), layers=(1, 2), seed=1):
+    """A peft LoRA (in place) on ``targets`` with random non-zero B (peft starts B at 0)
+    and dropout, which eval mode turns off."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    names = target_names(view, layers, targets)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=names,
+                        fan_in_fan_out=view.family.conv1d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(view.model, config)
+    pm.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return pm
+
+
+def _merged_view(pm, family):
+    """A merged copy of the LoRA model (peft's merge_and_unload on a deep copy)."""
+    return ModelView(copy.deepcopy(pm).merge_and_unload(), TinyTokenizer(), {"spec": family})
+
+
+def _weights(view, layers=(1, 2)):
+    out = {}
+    for layer in layers:
+        out.update({("value_vectors", layer): view.value_vectors(layer),
+                    ("o_proj_by_head", layer): view.o_proj_by_head(layer),
+                    ("v_proj_by_head", layer): view.v_proj_by_head(layer),
+                    ("down_bias", layer): view.down_bias(layer),
+                    ("o_proj_bias", layer): view.o_proj_bias(layer)})
+    return {k: v.detach().clone() for k, v in out.items() if v is not None}
+
+
+def _assert_weights(have, want, differ=()):
+    assert have.keys() == want.keys()
+    for k in have:
+        if k[0] in differ:
+            assert not torch.allclose(have[k], want[k]), k
+        else:
+            torch.testing.assert_close(have[k], want[k], rtol=1e-12, atol=1e-12, msg=str(k))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])  # separate, Conv1D, fused qkv
+def test_view_reads_adapted_weights(family):
+    view = _view(family)
+    base = _weights(view)
+    pm = _random_lora(view)
+    merged = _weights(_merged_view(pm, family))
+    lora = _weights(view)
+    assert lora["value_vectors", 1].dtype == torch.float64
+    _assert_weights(lora, merged)  # the LoRA model's weights are the merged model's
+    _assert_weights(lora, base, differ=("value_vectors", "o_proj_by_head", "v_proj_by_head"))
+    with pm.disable_adapter():
+        _assert_weights(_weights(view), base)  # the original's
+    pm.merge_adapter()  # merged in place: the base weights now hold the deltas
+    _assert_weights(_weights(view), merged)
+    with pm.disable_adapter():  # the forward unmerges: so does the view, read-only
+        have = _weights(view)
+        for k in have:
+            torch.testing.assert_close(have[k], base[k], msg=str(k))
+    pm.unmerge_adapter()
+    _assert_weights(_weights(view), merged)
+    unload_lora(pm)
+    _assert_weights(_weights(view), base)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_residual_decomposition_with_adapter(family):
+    from test_view import test_residual_decomposition as decomposition
+
+    view = _view(family)
+    pm = _random_lora(view)
+    decomposition(view)  # z and coef are the LoRA layers' inputs, weights the adapted ones
+    unload_lora(pm)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_cna_scores_the_adapted_model(family, data, one_thread):
+    from cnalens.scores import score_neurons
+
+    enc = data[1][:4]
+    view = _view(family)
+    pm = _random_lora(view)
+    comp = lora_comparison(view, pm, enc, 1, progress=False)
+    merged = score_neurons(_merged_view(pm, family), enc, layers=[1, 2], progress=False)
+    orig = score_neurons(_view(family), enc, layers=[1, 2], target=merged.target,
+                         scale=merged.scale, progress=False)
+    torch.testing.assert_close(comp.imp_a[:, 1:], merged.imp[:, 1:])
+    torch.testing.assert_close(comp.coef_a[:, 1:], merged.coef[:, 1:])
+    torch.testing.assert_close(comp.imp_b[:, 1:], orig.imp[:, 1:])
+    assert not torch.allclose(comp.imp_a[:, 1:], comp.imp_b[:, 1:])
+    with pm.disable_adapter():  # the LoRA model, adapter off, is the original
+        off = score_neurons(view, enc, layers=[1, 2], target=merged.target,
+                            scale=merged.scale, progress=False)
+    torch.testing.assert_close(off.imp[:, 1:], orig.imp[:, 1:])
+    unload_lora(pm)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pruning_refuses_a_lora_ffn_and_works_once_merged(family):
+    from cnalens.interventions import KeepOnlyNeurons
+    from cnalens.models.pruned import prune_ffn
+
+    view = _view(family)
+    pm = _random_lora(view)
+    keep = {1: torch.tensor([0, 3, 7, 8]), 2: torch.arange(5)}
+    before = {k: v.clone() for k, v in view.model.state_dict().items()}
+    with pytest.raises(CnaError, match="cannot prune layer 1: its FFN carries a LoRA") as err:
+        prune_ffn(view, keep)
+    assert "\n" not in str(err.value)
+    after = view.model.state_dict()  # nothing was shrunk before the refusal
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k])
+                                                 for k in before)
+    merged = _merged_view(pm, family)
+    b = merged.batch([[1, 5, 9, 13, 7, 22], [1, 40, 3, 3, 17, 9]])
+    units = [(la, int(n)) for la, idx in keep.items() for n in idx]
+    with torch.no_grad(), merged.intervene(KeepOnlyNeurons((1, 2), units)):
+        ref = merged.last_logits(b, 6)
+    pm.merge_and_unload()  # in place: view.model now holds plain merged layers
+    prune_ffn(view, keep)
+    assert view.ffn_widths[1:] == [4, 5]
+    with torch.no_grad():
+        torch.testing.assert_close(view.last_logits(b, 6), ref, rtol=0, atol=1e-10)

@@ -12,6 +12,7 @@ from cnalens.cna import Comparison
 from cnalens.errors import CnaError
 from cnalens.interventions import KeepOnlyNeurons
 from cnalens.models import ModelView, load_model
+from cnalens.models.load import model_shape
 from cnalens.models.pruned import PRUNING_FILE, prune_ffn, save_pruned, weights_bytes
 from tiny import FAMILY_NAMES, VOCAB, TinyTokenizer, tiny_model
 
@@ -95,6 +96,7 @@ def test_saved_pruned_model_reloads(name, tmp_path, one_thread):
     back = load_model(str(d), dtype="float64", progress=False)
     ref = load_model(str(tmp_path / "orig"), dtype="float64", progress=False)
     assert back.ffn_widths == view.ffn_widths and back.info["pruned"]
+    assert model_shape(str(d)) == back.shape != ref.shape  # per-layer widths, from the files
     b = ref.batch(_ids(1))
     with torch.no_grad(), ref.intervene(KeepOnlyNeurons((0, 2), _units(keep))):
         want = ref.last_logits(b, 6)

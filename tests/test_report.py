@@ -213,3 +213,31 @@ def test_cna_and_verification_sections(tmp_path):
     assert "head 5.1 zeroed, n = 7" in page
     assert "Comparative Neuron Analysis (CNA)" in page and "10.100" in page
     assert (d / "plots" / "verification.png").exists()
+
+
+def test_findings_name_the_top_head_and_the_verification(tmp_path):
+    from cnalens.report.findings import findings
+
+    rows = []
+    for op, best in (("+", (1, 2)), ("-", (0, 1))):
+        for layer in range(2):
+            for head in range(3):
+                for digits, n in ((1, 40), (2, 10)):
+                    drop = 0.5 if (layer, head) == best else 0.01 * (layer + head)
+                    rows.append({"op": op, "digits": digits, "layer": layer, "head": head,
+                                 "name": f"{layer}.{head}", "n": n, "acc_orig": 0.9,
+                                 "acc_ablated": 0.9 - drop, "drop": drop, "drop_rel": drop / .9,
+                                 "dlogp": -drop})
+    pd.DataFrame(rows).to_csv(tmp_path / "heads.csv", index=False)
+    assert findings(tmp_path) == [
+        "top head for +: 1.2 (layer.head); zeroing it takes accuracy from 90% to 40% (n = 50)",
+        "top head for -: 0.1 (layer.head); zeroing it takes accuracy from 90% to 40% (n = 50)"]
+    ver = pd.DataFrame([{"op": "+", "head": "1.2", "experiment": e, "k": k, "value": v,
+                         "random_mean": 0.05, "random_std": 0.01, "n": 11}
+                        for e, k, v in (("zero_topk", 20, 0.8), ("zero_topk", 10, 0.6),
+                                        ("keep_topk", 10, 0.9))])
+    ver.to_csv(tmp_path / "verification.csv", index=False)
+    assert findings(tmp_path)[-1] == (
+        "+ (head 1.2 zeroed in run B), each case's top-K CNA neurons zeroed: accuracy drop "
+        "vs random neurons K=10: 60% vs 5%, K=20: 80% vs 5% (n = 11)")
+    assert findings(tmp_path / "nothing") == []

@@ -257,7 +257,7 @@ def _run(capsys, *argv):
     (["neuron", "3.x"], "is not of the form"),
     (["shallow", "--model", "smollm2-135m"], "no --head"),
     (["shallow", "--head", "7.0", "--deep-from", "3"], "not both"),
-    (["shallow", "--head", "7.0", "--sign", "up"], "unknown sign"),
+    (["shallow", "--head", "7.0", "--sign", "up"], "'up' is not one of 'pos', 'neg', 'both'"),
     (["shallow", "--model", "smollm2-135m", "--head", "3.99"], "out of range"),
 ])
 def test_cli_errors_one_line(capsys, tmp_path, argv, msg):

@@ -6,8 +6,9 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -24,9 +25,12 @@ run_app = typer.Typer(no_args_is_help=True, help="Run a whole study and write it
 app.add_typer(run_app, name="run")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=(
-    "alias (gemma3-270m, smollm2-135m), model directory, .gguf file, or hub id"))]
+    "alias (gemma3-270m, smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), "
+    "model directory, .gguf file, or hub id"))]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, float64 or auto")]
+Dtype = Literal["float32", "bfloat16", "float16", "float64", "auto"]
+DtypeOpt = Annotated[Dtype, typer.Option(help="weights' dtype")]
+Profile = Literal["quick", "full"]
 DeviceMapOpt = Annotated[str | None, typer.Option(
     "--device-map", help="'auto' shards a large model over GPUs (accelerate)")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="results folder")]
@@ -38,14 +42,25 @@ TemplatesOpt = Annotated[str, typer.Option(help="eq,nl,qa,verbal")]
 CasesOpt = Annotated[Path | None, typer.Option(help="JSONL/CSV with prompt,target")]
 NOpt = Annotated[int | None, typer.Option(
     "--n", "--n-pairs", help="at most N operand pairs per op x digits")]
+GroupByOpt = Annotated[str | None, typer.Option(
+    "--group-by", help="label column(s) the summaries are grouped by, e.g. region,lang "
+    "(default: the arithmetic labels the cases have, else one pooled group)")]
 
 
-def _view(model: str, device: str, dtype: str, device_map: str | None, quiet: bool = False):
+def load_view(model: str, device: str, dtype: str, device_map: str | None,
+              quiet: bool = False, *, layers: Iterable[int] = (),
+              heads: Iterable[tuple[int, int]] = (), neurons: Iterable[tuple[int, int]] = ()):
+    """The command's model, after checking the device and any layer, head or neuron
+    numbers against the model's config (before a first-use conversion or a load)."""
     from cnalens.models import load_model
-    from cnalens.models.load import resolve_device
+    from cnalens.models.load import model_shape, resolve_device
 
-    return load_model(model, device=resolve_device(device), dtype=dtype,
-                      device_map=device_map, progress=not quiet)
+    device = resolve_device(device)
+    layers, heads, neurons = list(layers), list(heads), list(neurons)
+    if layers or heads or neurons:
+        model_shape(model).check(layers=layers, heads=heads, neurons=neurons)
+    return load_model(model, device=device, dtype=dtype, device_map=device_map,
+                      progress=not quiet)
 
 
 def _command() -> str:
@@ -61,6 +76,8 @@ def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
         for col, val in zip(df.columns, row, strict=True):
             if col in pct:
                 cells.append(f"{100 * val:.1f}")
+            elif col == "digits" and val == 0:  # the pooled row
+                cells.append("all")
             elif isinstance(val, float):
                 cells.append(f"{val:.3f}")
             else:
@@ -69,8 +86,22 @@ def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
     console.print(table)
 
 
+def print_findings(out: Path) -> None:
+    """The folder's findings (``cnalens.report.findings``), one line each."""
+    from cnalens.report.findings import findings
+
+    lines = findings(out)
+    if lines:
+        console.print("[bold]findings[/]")
+        for line in lines:
+            console.print(f"- {line}", highlight=False)
+
+
 def print_accuracy(table) -> None:
-    cols = ["op", "digits", "template", "n", "acc", "acc_lo", "acc_hi", "acc_first", "logp"]
+    from cnalens.evaluate import SUMMARY_COLUMNS
+
+    cols = [*[c for c in table.columns if c not in SUMMARY_COLUMNS],
+            "n", "acc", "acc_lo", "acc_hi", "acc_first", "logp"]
     _print_table(table[cols], "accuracy (%; acc_lo/acc_hi: Wilson 95%)",
                  pct=("acc", "acc_lo", "acc_hi", "acc_first"))
 
@@ -79,7 +110,7 @@ def print_accuracy(table) -> None:
 def info(model: ModelOpt = "gemma3-270m", device: DeviceOpt = "cpu",
          dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None) -> None:
     """Architecture summary of a model, as the model view sees it."""
-    view = _view(model, device, dtype, device_map)
+    view = load_view(model, device, dtype, device_map)
     table = Table(title=f"{model}", show_header=False)
     for k, v in view.summary().items():
         table.add_row(k, str(v))
@@ -93,9 +124,11 @@ def eval_cmd(
     digits: DigitsOpt = "1",
     templates: TemplatesOpt = "eq",
     cases: CasesOpt = None,
+    group_by: GroupByOpt = None,
     n: NOpt = None,
     seed: int = 0,
-    split: Annotated[str, typer.Option(help="all, train or test")] = "all",
+    split: Annotated[Literal["all", "train", "test"], typer.Option(
+        help="operand pairs: all, or the train or test half")] = "all",
     words: Annotated[bool, typer.Option(help="operands as English words")] = False,
     negative: Annotated[bool, typer.Option(help="allow negative differences")] = False,
     shots: Annotated[int, typer.Option(help="few-shot examples in the prefix")] = 3,
@@ -106,6 +139,7 @@ def eval_cmd(
 ) -> None:
     """Accuracy (acc, acc_first, logp with 95% intervals) on arithmetic or a case file."""
     from cnalens.data import arithmetic_cases, encode_all
+    from cnalens.evaluate import group_keys
     from cnalens.pipeline import eval_stage, record_stage
 
     if cases is not None:
@@ -117,10 +151,12 @@ def eval_cmd(
                                 negative=negative, words=words, shots=shots)
         settings = {"ops": op_list, "digits": dig, "templates": tmpl, "n": n, "seed": seed,
                     "split": split, "words": words, "negative": negative, "shots": shots}
-    view = _view(model, device, dtype, device_map, quiet)
+    keys = group_keys(data, group_by)  # bad columns before loading the model
+    view = load_view(model, device, dtype, device_map, quiet)
     encode_all(view.tokenizer, data)
     t0 = time.perf_counter()
-    table = eval_stage(view, data, out, settings, batch_size, progress=not quiet)
+    table = eval_stage(view, data, out, settings, batch_size, progress=not quiet,
+                       group_by=keys)
     print_accuracy(table)
     report = record_stage(out, view, _command(), "eval", time.perf_counter() - t0)
     console.print(f"wrote {out}/eval.csv; report: {report}")
@@ -145,12 +181,15 @@ def heads(
     digits: DigitsOpt = "1",
     templates: TemplatesOpt = "eq",
     cases: CasesOpt = None,
+    group_by: GroupByOpt = None,
     n: NOpt = None,
     seed: int = 0,
     layers: Annotated[str | None, typer.Option(help="layers to scan, e.g. 10-17")] = None,
     heads_: Annotated[str | None, typer.Option("--heads", help="heads, e.g. 17.22,15.9")] = None,
-    method: Annotated[str, typer.Option(help="zero, mean or attribution")] = "zero",
-    metric: Annotated[str, typer.Option(help="acc or acc_first")] = "acc",
+    method: Annotated[Literal["zero", "mean", "attribution"], typer.Option(
+        help="zero or mean ablation, or the first-order attribution pre-scan")] = "zero",
+    metric: Annotated[Literal["acc", "acc_first"], typer.Option(
+        help="the accuracy whose drop ranks the heads")] = "acc",
     top: Annotated[int, typer.Option(help="top heads printed per op")] = 5,
     robustness: Annotated[bool, typer.Option(
         help="also: Spearman of the head drops across templates (eq, verbal) and two "
@@ -166,18 +205,20 @@ def heads(
 
     Under torchrun or accelerate launch the layers are shared out over the processes
     (one GPU each with --device cuda) and rank 0 writes the merged table."""
+    from cnalens.evaluate import group_keys
     from cnalens.heads import (
+        GROUP_BY,
         finish_distributed,
         init_distributed,
+        panel_columns,
         parse_heads,
         parse_layers,
         top_heads,
     )
     from cnalens.pipeline import heads_stage, record_stage
 
-    if method not in ("zero", "mean", "attribution"):
-        raise CnaError(f"unknown method '{method}': use zero, mean or attribution")
     data, settings = _cases(cases, ops, digits, templates, n, seed)
+    keys = group_keys(data, group_by, GROUP_BY)  # bad columns before loading the model
     hl = parse_heads(heads_) if heads_ else None
     ll = parse_layers(layers) if layers else None
     rank, world, local = init_distributed()
@@ -187,14 +228,13 @@ def heads(
         if torch.cuda.is_available():
             device = f"cuda:{local}"
     quiet = quiet or rank != 0
-    view = _view(model, device, dtype, device_map, quiet)
-    from cnalens.heads import select_heads
-
-    select_heads(view, hl, ll)  # range errors before any work
+    view = load_view(model, device, dtype, device_map, quiet, layers=ll or (),
+                     heads=hl or ())
     t0 = time.perf_counter()
     try:
         df = heads_stage(view, data, out, {**settings, "layers": layers, "heads": heads_},
-                         method, metric, hl, ll, batch_size, progress=not quiet, resume=resume)
+                         method, metric, hl, ll, batch_size, progress=not quiet, resume=resume,
+                         group_by=keys)
     finally:
         finish_distributed()
     if rank != 0:
@@ -208,14 +248,15 @@ def heads(
         stage = "heads_attribution"
         summ = read_json(out / "heads_attribution.json")
         top_df = pd.DataFrame(summ["top"])
-        _print_table(top_df[top_df["rank"] <= top][["op", "rank", "name", "dlogp_est"]],
+        _print_table(top_df[top_df["rank"] <= top][[*panel_columns(top_df), "rank", "name",
+                                                     "dlogp_est"]],
                      "top heads by estimated Δ log p (attribution)")
         if summ["vs_exact"]:
             _print_table(pd.DataFrame(summ["vs_exact"]),
                          f"attribution vs the exact scan in {out}/heads.csv (Spearman)")
     else:
-        _print_table(top_heads(df, top)[["op", "rank", "name", "n", "acc_orig", "acc_ablated",
-                                          "drop", "dlogp"]],
+        _print_table(top_heads(df, top)[[*panel_columns(df), "rank", "name", "n", "acc_orig",
+                                          "acc_ablated", "drop", "dlogp"]],
                      "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
     if robustness:
         from cnalens.io import write_csv
@@ -226,6 +267,8 @@ def heads(
         write_csv(out / "heads_robustness.csv", rob)
         _print_table(rob[["op", "a", "b", "spearman_drop", "spearman_dlogp", "top_a",
                           "top_b"]], "head ranking across prompt formats (Spearman)")
+    if stage == "heads":
+        print_findings(out)
     report = record_stage(out, view, _command(), stage, time.perf_counter() - t0)
     console.print(f"wrote {out}/{stage}.csv; report: {report}")
 
@@ -237,12 +280,15 @@ def cna(
         help="head to zero (L.H); default: each op's top head in DIR/heads.csv")] = None,
     ops: Annotated[str, typer.Option(help="operations")] = "+,-",
     cases: CasesOpt = None,
+    group_by: GroupByOpt = None,
     n: Annotated[int, typer.Option(help=(
         "sampled 1-digit cases per op (training half of the pairs; the other half is held "
         "out for held-out verification)"))] = 20,
     top_k: Annotated[str, typer.Option("--top-k", help="K values")] = "10,20,30,50,100",
     seeds: Annotated[int, typer.Option(help="random baselines")] = 3,
-    by: Annotated[str, typer.Option(help="rank by decrease, increase or abs")] = "decrease",
+    by: Annotated[Literal["decrease", "increase", "abs"], typer.Option(
+        help="rank neurons by the decrease, increase or absolute change of importance")
+    ] = "decrease",
     seed: int = 0,
     out: OutOpt = Path("results/cna"),
     batch_size: BatchOpt = 32,
@@ -253,14 +299,31 @@ def cna(
     import pandas as pd
 
     from cnalens.heads import parse_heads
-    from cnalens.pipeline import cna_cases, cna_stage, record_stage, top_head_per_op
+    from cnalens.pipeline import (
+        cases_by_group,
+        cna_cases,
+        cna_stage,
+        group_name,
+        record_stage,
+        top_head_per_op,
+    )
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
+    cols, labels = ("op",), ()
+    settings = {"ops": op_list, "n": n, "seed": seed}
     if cases is not None:
         from cnalens.data import load_cases
+        from cnalens.evaluate import group_keys, label_columns
 
         custom = load_cases(cases)
-        op_list = ["custom"]
+        keys = group_keys(custom, group_by, ("op",))  # bad columns before loading the model
+        labels = tuple(label_columns(custom))
+        by_group = cases_by_group(custom, keys)
+        cols, op_list = tuple(keys) or ("op",), list(by_group)
+        settings = {"cases": str(cases), "group_by": keys}
+    elif group_by is not None and parse_list(group_by, "group-by") != ["op"]:
+        raise CnaError("--group-by: CNA on arithmetic compares operations (op); "
+                       "group other labels with --cases FILE")
     if head:
         hs = parse_heads(head)
         if len(hs) != 1:
@@ -268,23 +331,23 @@ def cna(
         heads_by_op = {op: hs[0] for op in op_list}
     elif (out / "heads.csv").is_file():
         heads_by_op = top_head_per_op(pd.read_csv(out / "heads.csv", dtype={"op": str}),
-                                      op_list)
-        missing = [op for op in op_list if op not in heads_by_op]
+                                      op_list, cols)
+        missing = [group_name(op) for op in op_list if op not in heads_by_op]
         if missing:
-            raise CnaError(f"{out}/heads.csv has no head scan for {','.join(missing)}")
+            raise CnaError(f"{out}/heads.csv has no head scan for {','.join(cols)} = "
+                           f"{', '.join(missing)}")
     else:
         raise CnaError(f"no --head and no {out}/heads.csv: run 'cnalens heads --out {out}' "
                        "first or pass --head L.H")
-    view = _view(model, device, dtype, device_map, quiet)
-    view.check_heads(heads_by_op.values())
+    view = load_view(model, device, dtype, device_map, quiet, heads=heads_by_op.values())
     t0 = time.perf_counter()
-    by_op, heldout = ({"custom": custom}, None) if cases is not None else cna_cases(
-        op_list, n, seed)
+    by_op, heldout = (by_group, None) if cases is not None else cna_cases(op_list, n, seed)
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
-                    progress=not quiet, settings={"ops": op_list, "n": n, "seed": seed},
-                    heldout_by_op=heldout)
-    _print_table(ver[["op", "head", "experiment", "k", "value", "random_mean", "n"]],
+                    progress=not quiet, settings=settings, heldout_by_op=heldout,
+                    group_cols=cols, label_cols=labels)
+    _print_table(ver[[*cols, "head", "experiment", "k", "value", "random_mean", "n"]],
                  "verification (drops as fractions)")
+    print_findings(out)
     report = record_stage(out, view, _command(), "cna", time.perf_counter() - t0)
     console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv; report: {report}")
 
@@ -293,7 +356,9 @@ def cna(
 def run_arithmetic_cmd(
     model: ModelOpt = "gemma3-270m",
     out: OutOpt = Path("results/arithmetic"),
-    profile: Annotated[str, typer.Option(help="quick (15 min on 2 CPU cores) or full")] = "quick",
+    profile: Annotated[Literal["quick", "full", "smoke"], typer.Option(
+        help="quick (15 min on 2 CPU cores), full (the paper's scale) or smoke "
+             "(seconds, for tests)")] = "quick",
     ops: Annotated[str, typer.Option(help="operations")] = "+,-,*,/",
     stages: Annotated[str | None, typer.Option(help=(
         "comma-separated stages (default: the profile's); eval,heads,cna,shallow,explain,"
@@ -304,18 +369,17 @@ def run_arithmetic_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """The main job: every stage on arithmetic, then DIR/report.html."""
-    from cnalens.pipeline import DEFAULT_STAGES, PROFILES, check_stages, read_stage, run_arithmetic
+    from cnalens.pipeline import DEFAULT_STAGES, check_stages, read_stage, run_arithmetic
 
-    if profile not in PROFILES:
-        raise CnaError(f"unknown profile '{profile}': use {', '.join(PROFILES)}")
     chosen = check_stages(parse_list(stages, "stages") if stages else DEFAULT_STAGES)
     t0 = time.perf_counter()
-    view = _view(model, device, dtype, device_map, quiet)
+    view = load_view(model, device, dtype, device_map, quiet)
     report = run_arithmetic(view, out, profile, parse_list(ops, "ops"), seed, batch_size,
                             progress=not quiet, command=_command(), stages=chosen)
     if "eval" in chosen:
         table, _ = read_stage(out, "eval")
         print_accuracy(table[table["template"] == "all"])
+    print_findings(out)
     console.print(f"report: {report}  ({time.perf_counter() - t0:.0f} s)")
 
 

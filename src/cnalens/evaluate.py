@@ -13,11 +13,58 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from cnalens.data.arithmetic import COLUMNS as KEYS  # op, digits, template
 from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.errors import CnaError
+from cnalens.names import parse_list
 from cnalens.progress import track
 from cnalens.stats import wilson
 
-KEYS = ("op", "digits", "template")
+CASE_COLUMNS = ("case_id", "prompt", "target", "target_first", "pred", "n_answer_tokens",
+                "moved_space", "merged", "correct", "correct_first", "logp")
+SUMMARY_COLUMNS = ("n", "acc", "acc_lo", "acc_hi", "acc_first", "acc_first_lo",
+                   "acc_first_hi", "logp")
+# the columns result tables write themselves (eval, heads, cna, verification): no label
+# may take one of these names
+RESERVED = frozenset({
+    *CASE_COLUMNS, *SUMMARY_COLUMNS, "case", "rank", "name", "layer", "neuron", "head",
+    "imp_a", "imp_b", "coef_a", "coef_b", "acc_orig", "acc_ablated", "drop", "drop_rel",
+    "drop_lo", "drop_hi", "dlogp", "dlogp_est", "model", "experiment", "k", "value",
+    "random_mean", "random_std", "case_index", "importance", "real"})
+POOLED = "all"
+
+
+def label_columns(cases: Sequence[Case] | Sequence[Encoded]) -> list[str]:
+    """The label columns per-case tables carry (``Case.shown``), in order of first
+    appearance; CnaError if one is named like a result column (``RESERVED``)."""
+    names = list(dict.fromkeys(k for c in cases
+                               for k in (c.case if isinstance(c, Encoded) else c).shown))
+    bad = [k for k in names if k in RESERVED]
+    if bad:
+        raise CnaError(f"label column(s) {', '.join(bad)} clash with result columns; "
+                       "rename them in the case file")
+    return names
+
+
+def group_keys(data: Sequence[Case] | Sequence[Encoded] | pd.DataFrame,
+               group_by: str | Sequence[str] | None = None,
+               default: Sequence[str] = KEYS) -> list[str]:
+    """The label columns summaries are grouped by: ``group_by`` (``"a,b"`` or a list),
+    checked against the labels of ``data`` (cases, or a per-case frame); without it the
+    ``default`` columns the data has (the arithmetic keys), else none (one pooled row)."""
+    if isinstance(data, pd.DataFrame):
+        names = [c for c in data.columns if c not in RESERVED]
+    else:
+        names = label_columns(data)
+    if group_by is None:
+        return [k for k in default if k in names]
+    keys = parse_list(group_by, "group-by") if isinstance(group_by, str) else list(group_by)
+    missing = [k for k in keys if k not in names]
+    if missing:
+        have = ", ".join(names) if names else "none"
+        raise CnaError(f"--group-by: no label column {', '.join(map(repr, missing))} in "
+                       f"the cases (their labels: {have})")
+    return list(dict.fromkeys(keys))
 
 
 def batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
@@ -70,14 +117,15 @@ def evaluate(view, cases: Sequence[Case] | Sequence[Encoded], *interventions,
 
 
 def per_case_frame(view, enc: Sequence[Encoded], out: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per case: case_id, its labels (``label_columns``), prompt, target, results."""
     tok = view.tokenizer
     preds = out["pred"].tolist()
+    names = label_columns(enc)
     rows = []
     for e, p in zip(enc, preds, strict=True):
         lab = e.case.labels
         rows.append({
-            "case_id": e.case.case_id, "op": lab.get("op", "custom"),
-            "digits": lab.get("digits", 0), "template": lab.get("template", "custom"),
+            "case_id": e.case.case_id, **{k: lab.get(k) for k in names},
             "prompt": e.case.question, "target": e.case.target,
             "target_first": tok.decode([e.answer_ids[0]]), "pred": tok.decode([p]),
             "n_answer_tokens": len(e.answer_ids), "moved_space": e.moved_space,
@@ -99,17 +147,27 @@ def _summary_row(g: pd.DataFrame) -> dict:
             "acc_first_lo": flo, "acc_first_hi": fhi, "logp": float(g["logp"].mean())}
 
 
-def accuracy_table(per_case: pd.DataFrame, pooled: bool = True) -> pd.DataFrame:
-    """acc, acc_first (with Wilson 95% intervals), logp and n per op x digits x template.
+def _pooled_value(key: str):
+    return 0 if key == "digits" else POOLED  # eval.csv's arithmetic rows: digits 0 = pooled
 
-    With ``pooled``, rows with template "all" pool each op x digits over templates, and
-    one row with op "all" pools everything.
+
+def accuracy_table(per_case: pd.DataFrame, pooled: bool = True,
+                   keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """acc, acc_first (with Wilson 95% intervals), logp and n per group of ``keys``
+    (default ``group_keys(per_case)``: op x digits x template when the cases have them).
+
+    With ``pooled``, rows with the last key "all" pool it for each group of the others
+    (when it takes more than one value; arithmetic: template "all"), and one row with
+    every key "all" (digits 0) pools everything. No keys: that one pooled row only.
     """
-    rows = [{"op": op, "digits": d, "template": t, **_summary_row(g)}
-            for (op, d, t), g in per_case.groupby(list(KEYS), sort=True)]
-    if pooled:
-        if per_case["template"].nunique() > 1:
-            rows += [{"op": op, "digits": d, "template": "all", **_summary_row(g)}
-                     for (op, d), g in per_case.groupby(["op", "digits"], sort=True)]
-        rows.append({"op": "all", "digits": 0, "template": "all", **_summary_row(per_case)})
+    keys = group_keys(per_case) if keys is None else list(keys)
+    groups = per_case.groupby(keys, sort=True, dropna=False) if keys else []
+    rows = [{**dict(zip(keys, vals, strict=True)), **_summary_row(g)} for vals, g in groups]
+    if pooled or not keys:
+        *outer, last = keys or [None]
+        if outer and per_case[last].nunique(dropna=False) > 1:
+            rows += [{**dict(zip(outer, vals, strict=True)), last: _pooled_value(last),
+                      **_summary_row(g)}
+                     for vals, g in per_case.groupby(outer, sort=True, dropna=False)]
+        rows.append({**{k: _pooled_value(k) for k in keys}, **_summary_row(per_case)})
     return pd.DataFrame(rows)

@@ -702,9 +702,10 @@ def write_explain(out, chains: list[Chain], view, settings: dict, seconds: float
 PREFERRED = {"+": (3, 5), "-": (8, 3), "*": (2, 3), "/": (8, 2)}
 
 
-def pick_case(view, op: str, tries: int = 16) -> Case | None:
+def pick_case(view, op: str, tries: int = 16) -> tuple[Case | None, str]:
     """A 1-digit ``eq`` case of ``op`` that the model answers correctly with a one-token
-    answer: the paper-like example first (3+5, 8-3, 2*3, 8/2), then a seeded sample."""
+    answer: the paper-like example first (3+5, 8-3, 2*3, 8/2), then a seeded sample; and
+    a sentence saying why this case (or none) was chosen."""
     import random
 
     from cnalens.data.arithmetic import arithmetic_cases
@@ -712,16 +713,27 @@ def pick_case(view, op: str, tries: int = 16) -> Case | None:
     from cnalens.evaluate import evaluate
 
     cases = arithmetic_cases([op], (1,), ("eq",))
-    first = [c for c in cases if (c.labels["a"], c.labels["b"]) == PREFERRED.get(op)]
+    a, b = PREFERRED.get(op, (None, None))
+    paper = f"{a}{op}{b}"
+    first = [c for c in cases if (c.labels["a"], c.labels["b"]) == (a, b)]
     rest = [c for c in cases if c not in first]
     random.Random(f"explain|{op}").shuffle(rest)
     pool = (first + rest)[:tries]
     enc = encode_all(view.tokenizer, pool)
     res = evaluate(view, enc, progress=False)
+    if not first:
+        why = f"{paper} is one of the prompt's few-shot examples, so it is never asked"
+    elif not res["correct"].iloc[0]:
+        why = f"the model answers {paper}= wrongly ({str(res['pred'].iloc[0]).strip()!r})"
+    elif len(enc[0].answer_ids) != 1:
+        why = f"the answer to {paper}= is more than one token"
+    else:
+        return pool[0], f"{paper}=, the paper's example"
     for e, ok in zip(enc, res["correct"], strict=True):
         if ok and len(e.answer_ids) == 1:
-            return e.case
-    return None
+            return e.case, (f"{e.case.question.strip()} instead of {paper}=: {why}; the first "
+                            "correctly answered one-token case of a seeded sample")
+    return None, f"{why}, and no other correctly answered one-token case among {tries} tried"
 
 
 def explain_stage(ctx) -> None:
@@ -733,21 +745,22 @@ def explain_stage(ctx) -> None:
     from cnalens.progress import console
 
     t0 = time.perf_counter()
-    chains, skipped = [], {}
+    chains, skipped, chosen = [], {}, {}
     ops = ctx.ops[:1] if ctx.profile.name == "smoke" else ctx.ops  # smoke: seconds
     for op in ops:
         head = ctx.top_heads.get(op)
         if head is None:
             skipped[op] = "no head scan for this operation"
             continue
-        case = pick_case(ctx.view, op)
+        case, why = pick_case(ctx.view, op)
         if case is None:
-            skipped[op] = "no correctly answered one-token case among those tried"
+            skipped[op] = why
             continue
+        chosen[op] = why
         chains.append(explain_case(ctx.view, case, head, top=10))
     if not chains:
         console.print("[yellow]explain: no case to explain; stage skipped[/]")
         return
     write_explain(ctx.out, chains, ctx.view, {**ctx.settings, "top": 10,
-                                              "skipped": skipped},
+                                              "skipped": skipped, "chosen": chosen},
                   time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Head scan: how much accuracy drops when one attention head is zeroed (or mean-ablated).
 
-``scan_heads(view, cases)`` gives one row per (layer, head, op, digits) with ``acc_orig``,
+``scan_heads(view, cases)`` gives one row per (layer, head, op, digits; or the groups of
+other labels, ``keys``) with ``acc_orig``,
 ``acc_ablated``, ``drop`` (absolute, with a paired bootstrap 95% interval over cases),
 ``drop_rel`` and ``dlogp`` (mean change of the gold first token's log-probability).
 The intervention is the paper's: the head's slice of the attention output projection's
@@ -43,7 +44,7 @@ import torch
 
 from cnalens.data.cases import Case, Encoded, encode_all
 from cnalens.errors import CnaError
-from cnalens.evaluate import batches
+from cnalens.evaluate import batches, group_keys
 from cnalens.interventions import ReplaceHeads, ZeroHeads
 from cnalens.io import _atomic, write_csv, write_json
 from cnalens.models.view import Batch
@@ -58,6 +59,10 @@ MEAN_OVER = ("all", "last")
 COLUMNS = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "drop",
            "drop_rel", "drop_lo", "drop_hi", "dlogp")
 FIELDS = ("correct", "correct_first", "logp", "pred", "margin")
+GROUP_BY = ("op", "digits")  # the default grouping (those the cases have); digits pooled on top
+RESULTS = frozenset({"layer", "head", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
+                     "drop_lo", "drop_hi", "dlogp", "dlogp_est", "rank", "name"})
+OP_RANK = {op: i for i, op in enumerate(["+", "-", "*", "/"])}
 LOGIT_CHUNK = 128  # rows of whole logits at a time (the naive loop)
 TILE_ROWS = 2048  # rows per vocabulary sweep of the fast scan
 
@@ -307,13 +312,13 @@ def _replica_edit(view, heads: Sequence[int], fill: torch.Tensor | None):
 @torch.inference_mode()
 def scan_naive(view, enc: Sequence[Encoded], heads: Sequence[Head],
                means: torch.Tensor | None = None, batch_size: int = 64,
-               progress: bool = False) -> Scan:
+               progress: bool = False, label: str = "head scan (naive)") -> Scan:
     """The loop people write: per head, one full forward pass of every batch (left-padded,
     logits at the last positions only) under ``ZeroHeads`` / mean replacement."""
     groups = batches(enc, batch_size)
     runs = [None, *heads]
     res = [_empty(len(enc)) for _ in runs]
-    for j, head in enumerate(track(runs, "head scan (naive)", show=progress)):
+    for j, head in enumerate(track(runs, label, show=progress)):
         ivs = [] if head is None else [_single(view, head, means)]
         with view.intervene(*ivs):
             for idx in groups:
@@ -483,12 +488,14 @@ class _TreeRunner:
 def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
               means: torch.Tensor | None = None, batch_size: int = 128,
               heads_per_pass: int | None = None, reuse: bool = True,
-              share_prefix: bool = True, tree: bool = True, progress: bool = False) -> Scan:
+              share_prefix: bool = True, tree: bool = True, progress: bool = False,
+              label: str = "head scan") -> Scan:
     """The same results as ``scan_naive``, with shared work (module docstring).
 
     ``batch_size``: cases per chunk; ``heads_per_pass``: replicas per pass (default: all
-    heads of a layer). ``reuse``, ``share_prefix`` and ``tree`` switch the reuse steps
-    off, for measuring them (``tree=False``: rows after a prefix cache).
+    heads of a layer); ``label``: the progress bar's. ``reuse``, ``share_prefix`` and
+    ``tree`` switch the reuse steps off, for measuring them (``tree=False``: rows after a
+    prefix cache).
     """
     by_layer: dict[int, list[int]] = defaultdict(list)
     for j, (layer, _) in enumerate(heads):
@@ -515,7 +522,7 @@ def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
             abl[f][torch.as_tensor(js)[:, None], ix[None]] = out[f]
         pending.clear()
 
-    for c, ps in track(work, "head scan", show=progress):
+    for c, ps in track(work, label, show=progress):
         if ps is None:
             flush()
             runner = make(view, chunks[c], reuse)
@@ -539,21 +546,52 @@ def _boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(float)
 
 
+def case_groups(enc: Sequence[Encoded], keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """Each case's group labels, one column per key (default: op and digits where the
+    cases have them, ``GROUP_BY``); with no key, one group: op ``"custom"``."""
+    keys = group_keys(enc, None, GROUP_BY) if keys is None else list(keys)
+    if not keys:
+        return pd.DataFrame({"op": ["custom"] * len(enc)})
+    return pd.DataFrame([{k: e.case.labels.get(k) for k in keys} for e in enc], columns=keys)
+
+
+def group_columns(df: pd.DataFrame) -> list[str]:
+    """A head table's group columns (op, digits on arithmetic): those not results."""
+    return [c for c in df.columns if c not in RESULTS]
+
+
+def panel_columns(df: pd.DataFrame) -> list[str]:
+    """The group columns summaries keep apart: all but ``digits`` (pooled)."""
+    return [c for c in group_columns(df) if c != "digits"]
+
+
+def _group_order(s: pd.Series) -> pd.Series:
+    """Sort key of group values: the arithmetic ops in their order, numbers before text,
+    ``"all"`` last."""
+    def key(v):
+        num = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v == v
+        return (v == "all", OP_RANK.get(v, 9) if s.name == "op" else 0, not num,
+                float(v) if num else 0.0, str(v))
+    return s.map(key)
+
+
 def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
-               n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """One row per (layer, head, op, digits); the drop's interval is a paired bootstrap."""
+               n_boot: int = 2000, seed: int = 0,
+               keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per (layer, head, group of ``keys``; default op, digits: ``case_groups``);
+    the drop's interval is a paired bootstrap."""
     if metric not in METRICS:
         raise CnaError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
     field = "correct" if metric == "acc" else "correct_first"
-    labels = pd.DataFrame([{"op": e.case.labels.get("op", "custom"),
-                            "digits": int(e.case.labels.get("digits", 0))} for e in enc])
+    labels = case_groups(enc, keys)
+    keys = list(labels.columns)
     a_orig = scan.orig[field].numpy().astype(float)
     a_abl = scan.ablated[field].numpy().astype(float)
     dl = (scan.ablated["logp"] - scan.orig["logp"][None]).numpy().astype(float)
     layer = np.array([h[0] for h in scan.heads])
     head = np.array([h[1] for h in scan.heads])
     parts = []
-    for (op, digits), g in labels.groupby(["op", "digits"], sort=True):
+    for vals, g in labels.groupby(keys, sort=True, dropna=False):
         ix = g.index.to_numpy()
         n = len(ix)
         acc_o = a_orig[ix].mean()
@@ -563,40 +601,43 @@ def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
         lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
         drop = acc_o - acc_a
         parts.append(pd.DataFrame({
-            "layer": layer, "head": head, "op": op, "digits": digits, "n": n,
+            "layer": layer, "head": head, **dict(zip(keys, vals, strict=True)), "n": n,
             "acc_orig": acc_o, "acc_ablated": acc_a, "drop": drop,
             "drop_rel": drop / acc_o if acc_o > 0 else np.nan,
             "drop_lo": lo, "drop_hi": hi, "dlogp": dl[:, ix].mean(1)}))
     df = pd.concat(parts, ignore_index=True)
-    return df.sort_values(["layer", "head", "op", "digits"], ignore_index=True)[list(COLUMNS)]
+    cols = ["layer", "head", *keys, *COLUMNS[COLUMNS.index("n"):]]
+    return df.sort_values(["layer", "head", *keys], ignore_index=True)[cols]
 
 
 def pooled(df: pd.DataFrame, cols: str | Sequence[str] = "drop") -> pd.DataFrame:
-    """``cols`` per (op, layer, head), digits pooled: means weighted by ``n`` (columns op,
-    layer, head, n and ``cols``; groups in order of first appearance)."""
+    """``cols`` per (group, layer, head), digits pooled: means weighted by ``n`` (columns
+    ``panel_columns``, layer, head, n and ``cols``; groups in order of first appearance)."""
     cols = [cols] if isinstance(cols, str) else list(cols)
-    keys = ["op", "layer", "head"]
+    keys = [*panel_columns(df.drop(columns=cols)), "layer", "head"]
     d = pd.concat([df[[*keys, "n"]], df[cols].mul(df["n"], axis=0)], axis=1)
-    g = d.groupby(keys, sort=False)[["n", *cols]].sum().reset_index()
+    g = d.groupby(keys, sort=False, dropna=False)[["n", *cols]].sum().reset_index()
     g[cols] = g[cols].div(g["n"], axis=0)
     return g
 
 
 def top_heads(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """The ``k`` heads with the largest drop per op (digits pooled, weighted by n), and
-    over all ops (op ``"all"``). Columns: op, rank, name (``L.H``), layer, head, n,
+    """The ``k`` heads with the largest drop per group (``panel_columns``: op on
+    arithmetic; digits pooled, weighted by n), and over all groups (each group column
+    ``"all"``). Columns: the group columns, rank, name (``L.H``), layer, head, n,
     acc_orig, acc_ablated, drop, drop_rel, dlogp."""
-    g = pooled(pd.concat([df, df.assign(op="all")]), ["acc_orig", "acc_ablated", "dlogp"])
+    panel = panel_columns(df)
+    both = pd.concat([df, df.assign(**dict.fromkeys(panel, "all"))]) if panel else df
+    g = pooled(both, ["acc_orig", "acc_ablated", "dlogp"])
     g["drop"] = g["acc_orig"] - g["acc_ablated"]
     g["drop_rel"] = g["drop"] / g["acc_orig"].where(g["acc_orig"] > 0)
-    g = g.sort_values(["op", "drop", "dlogp"], ascending=[True, False, True], kind="stable")
-    g = g.groupby("op", sort=False).head(k).copy()
-    g["rank"] = g.groupby("op").cumcount() + 1
+    g = g.sort_values([*panel, "drop", "dlogp"], ascending=[*[True] * len(panel), False, True],
+                      key=lambda s: _group_order(s) if s.name in panel else s, kind="stable")
+    g = (g.groupby(panel, sort=False, dropna=False).head(k) if panel else g.head(k)).copy()
+    g["rank"] = (g.groupby(panel, sort=False, dropna=False).cumcount() if panel
+                 else pd.Series(range(len(g)), index=g.index)) + 1
     g["name"] = g["layer"].astype(str) + "." + g["head"].astype(str)
-    order = {op: i for i, op in enumerate(["+", "-", "*", "/"])}
-    g = g.sort_values(["op", "rank"], key=lambda s: s.map(lambda v: order.get(v, 9))
-                      if s.name == "op" else s, kind="stable")
-    return g[["op", "rank", "name", "layer", "head", "n", "acc_orig", "acc_ablated", "drop",
+    return g[[*panel, "rank", "name", "layer", "head", "n", "acc_orig", "acc_ablated", "drop",
               "drop_rel", "dlogp"]].reset_index(drop=True)
 
 
@@ -639,25 +680,27 @@ def _attribution_batch(view, items: Sequence[Encoded]) -> torch.Tensor:
 def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
                            batch_size: int = 32, progress: bool = True,
                            heads: Sequence[Head] | None = None,
-                           layers: Sequence[int] | None = None) -> pd.DataFrame:
+                           layers: Sequence[int] | None = None,
+                           keys: Sequence[str] | None = None) -> pd.DataFrame:
     """Attribution patching: every head's estimated ``dlogp`` from one forward and one
-    backward pass per batch (columns layer, head, op, digits, n, dlogp_est). A cheap
-    pre-scan for large models; confirm its top heads with ``scan_heads``. The passes
-    estimate every head at once; ``heads``/``layers`` select the rows kept."""
+    backward pass per batch (columns layer, head, the groups of ``keys`` as in
+    ``head_table``, n, dlogp_est). A cheap pre-scan for large models; confirm its top
+    heads with ``scan_heads``. The passes estimate every head at once; ``heads``/``layers``
+    select the rows kept."""
     keep = select_heads(view, heads, layers)
     enc = (list(cases) if cases and isinstance(cases[0], Encoded)
            else encode_all(view.tokenizer, cases))
     est = torch.zeros(len(enc), view.n_layers, view.n_heads)
     for idx in track(batches(enc, batch_size), "attribution", show=progress):
         est[torch.as_tensor(idx)] = _attribution_batch(view, [enc[i] for i in idx])
-    labels = pd.DataFrame([{"op": e.case.labels.get("op", "custom"),
-                            "digits": int(e.case.labels.get("digits", 0))} for e in enc])
+    labels = case_groups(enc, keys)
+    keys = list(labels.columns)
     layer, head = np.meshgrid(np.arange(view.n_layers), np.arange(view.n_heads),
                               indexing="ij")
-    parts = [pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "op": op,
-                           "digits": d, "n": len(g),
+    parts = [pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(),
+                           **dict(zip(keys, vals, strict=True)), "n": len(g),
                            "dlogp_est": est[list(g.index)].mean(0).numpy().ravel()})
-             for (op, d), g in labels.groupby(["op", "digits"], sort=True)]
+             for vals, g in labels.groupby(keys, sort=True, dropna=False)]
     df = pd.concat(parts, ignore_index=True)
     if len(keep) < view.n_layers * view.n_heads:
         rows = pd.MultiIndex.from_frame(df[["layer", "head"]]).isin(keep)
@@ -667,26 +710,32 @@ def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
 
 def attribution_summary(att: pd.DataFrame, exact: pd.DataFrame | None = None,
                         k: int = 10) -> dict:
-    """The attribution pre-scan's top ``k`` heads per op (most negative estimated
-    ``dlogp`` first, digits pooled by n) and, given an exact scan (``heads.csv``) of the
-    same cases, the Spearman correlation of the estimate with its ``dlogp`` and ``drop``
-    per op over the heads both scanned."""
+    """The attribution pre-scan's top ``k`` heads per group (``panel_columns``: op on
+    arithmetic; most negative estimated ``dlogp`` first, digits pooled by n) and, given an
+    exact scan (``heads.csv``) of the same cases and groups, the Spearman correlation of
+    the estimate with its ``dlogp`` and ``drop`` per group over the heads both scanned."""
     from scipy.stats import spearmanr
 
-    g = pooled(att, "dlogp_est").sort_values(["op", "dlogp_est", "layer", "head"],
+    panel = panel_columns(att)
+
+    def groups(frame):
+        return (frame.groupby(panel, sort=True, dropna=False) if panel else [((), frame)])
+
+    g = pooled(att, "dlogp_est").sort_values([*panel, "dlogp_est", "layer", "head"],
                                              kind="stable")
-    top = [{"op": op, "rank": i + 1, "name": f"{r.layer}.{r.head}", "layer": int(r.layer),
+    top = [{**dict(zip(panel, vals, strict=True)), "rank": i + 1,
+            "name": f"{r.layer}.{r.head}", "layer": int(r.layer),
             "head": int(r.head), "dlogp_est": float(r.dlogp_est)}
-           for op, grp in g.groupby("op", sort=True)
-           for i, r in enumerate(grp.head(k).itertuples())]
+           for vals, grp in groups(g) for i, r in enumerate(grp.head(k).itertuples())]
     agree = []
-    if exact is not None and len(exact):
-        keys = ["layer", "head", "op", "digits"]
+    if (exact is not None and len(exact)
+            and set(group_columns(exact)) == set(group_columns(att))):
+        keys = ["layer", "head", *group_columns(att)]
         m = att.merge(exact[[*keys, "dlogp", "drop"]], on=keys)
-        for op, grp in m.groupby("op", sort=True):
+        for vals, grp in groups(m):
             if len(grp) < 3:
                 continue
-            agree.append({"op": op, "n_heads": int(len(grp)),
+            agree.append({**dict(zip(panel, vals, strict=True)), "n_heads": int(len(grp)),
                           "spearman_dlogp": float(spearmanr(grp["dlogp_est"],
                                                             grp["dlogp"]).statistic),
                           "spearman_drop": float(spearmanr(-grp["dlogp_est"],
@@ -818,8 +867,10 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
                metric: str = "acc", batch_size: int = 128, progress: bool = True,
                fast: bool = True, layers: Sequence[int] | None = None,
                mean_over: str = "all", heads_per_pass: int | None = None,
-               checkpoint: Path | None = None, resume: bool = False) -> pd.DataFrame:
-    """Scan heads (all, those of ``layers``, or ``heads``) and tabulate (``COLUMNS``).
+               checkpoint: Path | None = None, resume: bool = False,
+               keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """Scan heads (all, those of ``layers``, or ``heads``) and tabulate (``COLUMNS``; the
+    groups of ``keys``, default op and digits: ``head_table``).
 
     ``method``: ``zero`` (the paper's) or ``mean`` (the head's mean ``z`` over the
     dataset, ``mean_over`` = all positions or the last prompt position; ``head_means``).
@@ -865,12 +916,15 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
     means = head_means(view, enc, mean_over) if method == "mean" and todo else None
     parts = []
     every = max(CHECKPOINT_HEADS, -(-len(todo) // CHECKPOINT_FILES))
-    for unit in _units(todo, every if folder is not None else None):
+    units = _units(todo, every if folder is not None else None)
+    for i, unit in enumerate(units):  # one bar per checkpointed group of layers
+        label = "head scan" if len(units) == 1 else (
+            f"head scan, part {i + 1}/{len(units)}: layers {unit[0][0]}-{unit[-1][0]}")
         if fast:
             part = scan_fast(view, enc, unit, means, batch_size, heads_per_pass,
-                             progress=show)
+                             progress=show, label=label)
         else:
-            part = scan_naive(view, enc, unit, means, batch_size, show)
+            part = scan_naive(view, enc, unit, means, batch_size, show, label=label)
         if folder is not None:
             _save_partial(folder, part)
         parts.append(part)
@@ -880,7 +934,7 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
         parts = [p for ps in every for p in ps] if rank == 0 else []
     df = None
     if rank == 0:
-        df = head_table(_merge(loaded + parts, chosen, len(enc)), enc, metric)
+        df = head_table(_merge(loaded + parts, chosen, len(enc)), enc, metric, keys=keys)
         df.attrs["meta"] = {"method": method, "metric": metric, "n_cases": len(enc),
                             "n_heads": len(chosen), "mean_over": mean_over if method == "mean"
                             else None, "fast": fast, "position": "all",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +14,7 @@ import pandas as pd
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
@@ -28,6 +30,28 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_with(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically by ``write(tmp)`` on a temp file beside it, then rename.
+
+    If ``write`` raises, the temp file is removed and ``path`` is left as it was.
+    """
+    return _atomic(path, write)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, memoised per process on (path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
 
 
 def write_text(path: Path, text: str) -> Path:

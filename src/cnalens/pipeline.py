@@ -20,7 +20,7 @@ from cnalens import __version__
 from cnalens.data.arithmetic import OPS, TEMPLATES, arithmetic_cases
 from cnalens.data.cases import Case, encode_all
 from cnalens.errors import CnaError
-from cnalens.evaluate import accuracy_table, evaluate
+from cnalens.evaluate import accuracy_table, evaluate, group_keys
 from cnalens.io import read_json, write_csv, write_json
 from cnalens.progress import console
 
@@ -42,7 +42,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=14),
+    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=10),
     "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500},
                     heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=100,
                     cna_ks=(10, 20, 30, 50, 100), cna_seeds=5),
@@ -57,12 +57,16 @@ def now() -> str:
 
 
 def eval_stage(view, cases: list[Case], out: Path, settings: dict, batch_size: int = 64,
-               progress: bool = True) -> pd.DataFrame:
-    """Evaluate cases; write eval.csv (the table), eval_cases.csv and eval.json."""
+               progress: bool = True, group_by: str | list[str] | None = None
+               ) -> pd.DataFrame:
+    """Evaluate cases; write eval.csv (the table, grouped by ``group_keys(cases,
+    group_by)``, recorded as settings ``group_by``), eval_cases.csv and eval.json."""
     t0 = time.perf_counter()
+    keys = group_keys(cases, group_by)
+    settings = {**settings, "group_by": keys}
     enc = encode_all(view.tokenizer, cases)
     per_case = evaluate(view, enc, batch_size=batch_size, progress=progress)
-    table = accuracy_table(per_case)
+    table = accuracy_table(per_case, keys=keys)
     prefixes = {f"{c.labels.get('op')}|{c.labels.get('template')}|{c.labels.get('digits')}":
                 c.prefix for c in cases if c.prefix}
     meta = {
@@ -85,8 +89,11 @@ def eval_stage(view, cases: list[Case], out: Path, settings: dict, batch_size: i
 
 def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str = "zero",
                 metric: str = "acc", heads=None, layers=None, batch_size: int = 64,
-                progress: bool = True, resume: bool = False) -> pd.DataFrame:
+                progress: bool = True, resume: bool = False,
+                group_by: str | list[str] | None = None) -> pd.DataFrame:
     """Zero (or mean-ablate) every head, measure the accuracy drop; heads.csv/.json.
+    Rows per group of ``group_by`` (default: op and digits where the cases have them;
+    recorded as settings ``group_by``).
 
     Partial results go to ``DIR/heads.partial`` as they are computed (``resume=True``
     picks them up) and are removed when the stage completes. Under ``torch.distributed``
@@ -94,6 +101,7 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
     import shutil
 
     from cnalens.heads import (
+        GROUP_BY,
         _dist,
         scan_heads,
         scan_heads_attribution,
@@ -103,12 +111,14 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
 
     t0 = time.perf_counter()
     rank = _dist()[0]
+    keys = group_keys(cases, group_by, GROUP_BY)
+    settings = {**settings, "group_by": keys}
     enc = encode_all(view.tokenizer, cases)
     partial = Path(out) / "heads.partial"
     if method == "attribution":  # an estimate: its own files, an exact heads.csv is kept
         df = scan_heads_attribution(view, enc, batch_size=batch_size,
                                     progress=progress and rank == 0, heads=heads,
-                                    layers=layers)
+                                    layers=layers, keys=keys)
         if rank == 0:
             write_attribution(out, df, {
                 "stage": "heads_attribution", "model": view.summary(), "settings": settings,
@@ -117,7 +127,7 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
         return df
     df = scan_heads(view, enc, heads=heads, layers=layers, method=method, metric=metric,
                     batch_size=batch_size, progress=progress, checkpoint=partial,
-                    resume=resume)
+                    resume=resume, keys=keys)
     if rank == 0:
         write_heads(out, df, {"stage": "heads", "model": view.summary(), "settings": settings,
                               "n_cases": len(enc), "method": method, "metric": metric,
@@ -127,14 +137,21 @@ def heads_stage(view, cases: list[Case], out: Path, settings: dict, method: str 
     return df
 
 
-def top_head_per_op(heads: pd.DataFrame, ops) -> dict[str, tuple[int, int]]:
-    """Each operation's head with the largest accuracy drop (digits pooled)."""
+def top_head_per_op(heads: pd.DataFrame, ops, by: tuple[str, ...] = ("op",)) -> dict:
+    """Each operation's head with the largest accuracy drop (digits pooled). ``by``: the
+    group columns ``ops`` name, one value each (a tuple of values for several columns)."""
     from cnalens.heads import top_heads
 
     top = top_heads(heads, 1)
+    if any(c not in top.columns for c in by):
+        return {}
     out = {}
     for op in ops:
-        row = top[top["op"] == op]
+        vals = op if isinstance(op, tuple) else (op,)
+        hit = pd.Series(True, index=top.index)
+        for c, v in zip(by, vals, strict=True):
+            hit &= top[c].astype(str) == str(v)
+        row = top[hit]
         if len(row):
             out[op] = (int(row["layer"].iloc[0]), int(row["head"].iloc[0]))
     return out
@@ -281,6 +298,23 @@ def correct_cases(view, cases: list[Case], batch_size: int = 64, progress: bool 
     return keep, len(enc) - len(keep)
 
 
+def cases_by_group(cases: list[Case], keys: list[str]) -> dict:
+    """Cases by their values of ``keys`` (a tuple of values for several keys); no keys:
+    one group, ``"custom"``."""
+    if not keys:
+        return {"custom": list(cases)}
+    out: dict = {}
+    for c in cases:
+        vals = tuple(c.labels.get(k) for k in keys)
+        out.setdefault(vals if len(keys) > 1 else vals[0], []).append(c)
+    return out
+
+
+def group_name(key) -> str:
+    """A group's name: its value, or its values joined by ``|``."""
+    return "|".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
 HELDOUT_FRACTION = 0.5  # of each op's 1-digit operand pairs, kept for held-out verification
 
 
@@ -299,8 +333,14 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
               heads_by_op: dict[str, tuple[int, int]], ks: list[int], seeds: int = 3,
               by: str = "decrease", batch_size: int = 32, progress: bool = True,
               settings: dict | None = None, require: bool = True,
-              heldout_by_op: dict[str, list[Case]] | None = None) -> pd.DataFrame | None:
+              heldout_by_op: dict[str, list[Case]] | None = None,
+              group_cols: tuple[str, ...] = ("op",),
+              label_cols: tuple[str, ...] = ()) -> pd.DataFrame | None:
     """CNA of the original model (A) against each op's head zeroed (B), then verification.
+
+    Groups other than operations: the keys of ``cases_by_op`` are values of the
+    ``group_cols`` (a tuple for several), written as those columns of every table;
+    ``label_cols``: case labels cna_neurons.csv carries besides.
 
     With no correctly answered case at all: CnaError, or (``require=False``) a warning and
     None, with nothing written.
@@ -319,16 +359,19 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
 
     t0 = time.perf_counter()
+    group_cols = tuple(group_cols)
     per_op: dict[str, dict] = {}
     encs, runs_a, runs_b = {}, [], []
     for op, cases in cases_by_op.items():
         head = heads_by_op[op]
         view.check_heads([head])
         enc, skipped = correct_cases(view, cases, batch_size, progress)
-        per_op[op] = {"head": f"{head[0]}.{head[1]}", "n": len(enc), "skipped_wrong": skipped,
-                      "deep_layers": [head[0], view.n_layers - 1]}
+        per_op[group_name(op)] = {"head": f"{head[0]}.{head[1]}", "n": len(enc),
+                                  "skipped_wrong": skipped,
+                                  "deep_layers": [head[0], view.n_layers - 1]}
         if not enc:
-            console.print(f"[yellow]cna {op}: no correctly answered case; skipped[/]")
+            console.print(f"[yellow]cna {group_name(op)}: no correctly answered case; "
+                          "skipped[/]")
             continue
         encs[op] = enc
         runs_a.append(case_states(view, enc, batch_size=batch_size))
@@ -350,20 +393,25 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     frames, vers, faiths, i0 = [], [], [], 0
     for op, enc in encs.items():
         head = heads_by_op[op]
+        name = group_name(op)
+        group = dict(zip(group_cols, op if isinstance(op, tuple) else (op,), strict=True))
         deep = list(range(head[0], view.n_layers))
         rows = slice(i0, i0 + len(enc))
         rows_b = slice(n + i0, n + i0 + len(enc))
         i0 += len(enc)
         comp = Comparison(sc.imp[rows] - sc.imp[rows_b], sc.imp[rows], sc.imp[rows_b],
                           sc.coef[rows], sc.coef[rows_b], [e.case.case_id for e in enc],
-                          {"op": op, "head": per_op[op]["head"]})
-        labels = [{"op": op, "head": per_op[op]["head"], "prompt": e.case.question,
-                   "target": e.case.target} for e in enc]
+                          {**group, "head": per_op[name]["head"]})
+        labels = [{**group, "head": per_op[name]["head"], "prompt": e.case.question,
+                   "target": e.case.target,
+                   **{c: e.case.labels.get(c) for c in label_cols if c not in group}}
+                  for e in enc]
         frames.append(comp.frame(max(ks), by, deep, labels))
         faith = lens_faithfulness(view, enc, comp.imp_a, top=10, batch_size=batch_size)
-        faith.insert(0, "op", op)
+        for c, v in reversed(group.items()):
+            faith.insert(0, c, v)
         faiths.append(faith)
-        per_op[op]["faithfulness"] = {
+        per_op[name]["faithfulness"] = {
             "n": len(faith), "what": "run A's top-10 neurons per case: lens importance vs "
             "the real log-prob drop when each is zeroed alone",
             "spearman": float(spearmanr(faith["importance"], faith["real"]).statistic),
@@ -372,13 +420,14 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
                      progress=progress)
         if heldout_by_op and heldout_by_op.get(op):
             test_enc, test_wrong = correct_cases(view, heldout_by_op[op], batch_size, progress)
-            per_op[op]["heldout"] = {"n": len(test_enc), "skipped_wrong": test_wrong}
+            per_op[name]["heldout"] = {"n": len(test_enc), "skipped_wrong": test_wrong}
             if test_enc:
                 ver = pd.concat([ver, verify_heldout(view, test_enc, comp, ks, by, seeds=seeds,
                                                      batch_size=batch_size, progress=progress)],
                                 ignore_index=True)
-        ver.insert(0, "op", op)
-        ver.insert(0, "head", per_op[op]["head"])
+        for c, v in reversed(group.items()):
+            ver.insert(0, c, v)
+        ver.insert(0, "head", per_op[name]["head"])
         ver.insert(0, "model", view.info.get("spec"))
         vers.append(ver)
     write_csv(out / "cna_neurons.csv", pd.concat(frames, ignore_index=True))
@@ -387,7 +436,7 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     write_csv(out / "verification.csv", ver_df)
     meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,
             "seeds": seeds, "ranking": by, "lens": "frozen", "scoring": "exhaustive",
-            "target": "run A's prediction", "per_op": per_op,
+            "target": "run A's prediction", "group_by": list(group_cols), "per_op": per_op,
             "runs": {"a": "original model", "b": "the op's head zeroed (o_proj input)"},
             "seconds": round(time.perf_counter() - t0, 2), "finished": now()}
     write_json(out / "cna.json", meta)

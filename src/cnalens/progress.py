@@ -47,3 +47,11 @@ def track(items: Iterable[T], description: str, total: int | None = None,
         for item in items:
             yield item
             progress.advance(task)
+
+
+def notice(message: str, show: bool = True) -> None:
+    """One ``cnalens: ...`` line on stderr (a first-use conversion, say), never wrapped."""
+    if show:
+        import sys
+
+        print(f"cnalens: {message}", file=sys.stderr, flush=True)

@@ -18,9 +18,9 @@ from cnalens.cli import (
     QuietOpt,
     _command,
     _print_table,
-    _view,
     app,
     console,
+    load_view,
 )
 from cnalens.errors import CnaError
 
@@ -81,7 +81,7 @@ def debias(
         from cnalens.apps.debias import load_pairs
 
         load_pairs(pairs)  # a bad file fails before the model loads
-    view = _view(model, device, dtype, device_map, quiet)
+    view = load_view(model, device, dtype, device_map, quiet, layers=ll or ())
     t0 = time.perf_counter()
     summary = run_debias(view, out, n_neurons=n_neurons, top_k=ks, seeds=seeds,
                          pairs_file=pairs, professions=prof, per_group=per_group,

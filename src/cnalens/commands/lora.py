@@ -16,12 +16,13 @@ from cnalens.cli import (
     ModelOpt,
     OpsOpt,
     OutOpt,
+    Profile,
     QuietOpt,
     _command,
     _print_table,
-    _view,
     app,
     console,
+    load_view,
 )
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list
@@ -65,7 +66,7 @@ def lora(
     shots: Annotated[int | None, typer.Option(
         help="few-shot examples before each prompt (default 0)")] = None,
     ops: OpsOpt = "+,-,*,/",
-    profile: Annotated[str, typer.Option(
+    profile: Annotated[Profile, typer.Option(
         help="quick (minutes on a CPU) or full (18,000/2,000 cases, 4 epochs)")] = "quick",
     seed: int = 0,
     sweep_layers: Annotated[str | None, typer.Option(
@@ -91,8 +92,6 @@ def lora(
     from cnalens.apps.lora import sweep_layers as sweep
     from cnalens.pipeline import record_stage
 
-    if profile not in ("quick", "full"):
-        raise CnaError(f"unknown profile '{profile}': use quick or full")
     given = {"rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
              "batch_size": batch_size, "n_train": n_train, "n_test": n_test, "shots": shots}
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -106,13 +105,14 @@ def lora(
         raise CnaError("--top-k values must be at least 1")
     if adapter is not None:
         read_adapter_meta(adapter)  # a missing or foreign adapter fails before loading
-    view = _view(model, device, dtype, None, quiet)
+    deep = _deep_from(out, deep_from)
+    view = load_view(model, device, dtype, None, quiet,
+                     layers=[x for x in (layer, deep) if x is not None])
     main_layer = default_layer(view) if layer is None else layer
-    view.check_layers([main_layer])
     layers = sweep(view, sweep_layers, profile)
     t0 = time.perf_counter()
     meta = run_lora(view, out, settings.replace(layers=(main_layer,)), main_layer, layers,
-                    ks, _deep_from(out, deep_from), seeds, n_cna, eval_batch,
+                    ks, deep, seeds, n_cna, eval_batch,
                     progress=not quiet, adapter=adapter)
     _report(out, meta)
     report = record_stage(out, view, _command(), "lora", time.perf_counter() - t0)

@@ -15,12 +15,13 @@ from cnalens.cli import (
     DtypeOpt,
     ModelOpt,
     OutOpt,
+    Profile,
     QuietOpt,
     _command,
     _print_table,
-    _view,
     app,
     console,
+    load_view,
 )
 from cnalens.errors import CnaError
 
@@ -39,7 +40,7 @@ def prune(
     deep_from: Annotated[int | None, typer.Option(
         "--deep-from", help="first deep layer; default: the top head's layer in "
         "OUT/heads.csv or LORA/heads.csv")] = None,
-    profile: Annotated[str, typer.Option(
+    profile: Annotated[Profile, typer.Option(
         help="quick: 10 operand pairs per op for the selection, 2 random seeds; full: every "
         "1-digit case, 5 seeds")] = "quick",
     n: Annotated[int | None, typer.Option(
@@ -68,8 +69,6 @@ def prune(
     from cnalens.models import load_model
     from cnalens.pipeline import record_stage
 
-    if profile not in PRUNE_PROFILES:
-        raise CnaError(f"unknown profile '{profile}': use {', '.join(PRUNE_PROFILES)}")
     if keep_top is not None and prune_fraction is not None:
         raise CnaError("give either --keep-top N or --prune-fraction F, not both")
     if keep_top is None and prune_fraction is None:
@@ -96,7 +95,7 @@ def prune(
             raise CnaError(f"no --deep-from and no heads.csv in {out} or {lora}: pass "
                            "--deep-from L (the arithmetic head's layer; 'cnalens heads' "
                            "finds it)")
-    view = _view(model, device, dtype, None, quiet)
+    view = load_view(model, device, dtype, None, quiet, layers=[deep_from])
 
     def fresh():
         return load_model(model, device=str(view.device), dtype=dtype, progress=False)

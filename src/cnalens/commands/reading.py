@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -18,9 +18,9 @@ from cnalens.cli import (
     QuietOpt,
     _command,
     _print_table,
-    _view,
     app,
     console,
+    load_view,
 )
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list, parse_units
@@ -68,8 +68,8 @@ def neuron(
     head: Annotated[str | None, typer.Option(
         help="L.H: also transform by this head alone; without neurons, print the head's "
              "OV circuit's top tokens")] = None,
-    sign: Annotated[str | None, typer.Option(
-        help="pos, neg or both (default: the coefficient's sign with --case, else pos)")] = None,
+    sign: Annotated[Literal["pos", "neg", "both"] | None, typer.Option(
+        help="the side shown (default: the coefficient's sign with --case, else pos)")] = None,
     k: Annotated[int, typer.Option("--k", help="tokens shown per side")] = 10,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="folder for neuron.csv/.json (or head_ov.csv/.json)")] = None,
@@ -83,15 +83,10 @@ def neuron(
     layers = parse_ints(transform_layer, "transform-layer") if transform_layer else []
     if not units and hd is None:
         raise CnaError("give FFN neurons (L.N) or --head L.H")
-    if sign is not None and sign not in ("pos", "neg", "both"):
-        raise CnaError(f"unknown sign '{sign}': use pos, neg or both")
     if k < 1:
         raise CnaError("--k must be at least 1")
-    view = _view(model, device, dtype, device_map, quiet)
-    if hd is not None:
-        view.check_heads([hd])
-    view.check_neurons(units)
-    view.check_layers(layers)
+    view = load_view(model, device, dtype, device_map, quiet, layers=layers,
+                     heads=[hd] if hd is not None else (), neurons=units)
     if not units:
         _head_ov(view, hd, k, out)
         return
@@ -185,10 +180,11 @@ def shallow(
     top_tokens: Annotated[int, typer.Option("--top-tokens", help="top tokens matched")] = 50,
     m: Annotated[str, typer.Option("--m", help="thresholds M, e.g. 1,2,3")] = "1,2,3",
     seeds: Annotated[int, typer.Option(help="random same-size sets per M")] = 3,
-    transforms: Annotated[str, typer.Option(
+    transforms: Annotated[Literal["all", "head"], typer.Option(
         help="all: every attention layer above the neuron up to the head's; head: the "
              "head's layer only (faster)")] = "all",
-    sign: Annotated[str, typer.Option(help="coefficient sign: pos, neg or both")] = "pos",
+    sign: Annotated[Literal["pos", "neg", "both"], typer.Option(
+        help="coefficient sign of the located neurons")] = "pos",
     null: Annotated[int, typer.Option(help="random directions per shallow layer")] = 512,
     ops: Annotated[str, typer.Option(help="operations of the sweep's cases")] = "+,-",
     n: Annotated[int | None, typer.Option(
@@ -212,10 +208,8 @@ def shallow(
         raise CnaError("--null must be at least 1")
     hd, deep = _shallow_head(out, head, deep_from, op_list)
     cases = arithmetic_cases(op_list, (1,), ("eq",), n=n, seed=seed)
-    view = _view(model, device, dtype, device_map, quiet)
-    if hd is not None:
-        view.check_heads([hd])
-    view.check_layers([deep])
+    view = load_view(model, device, dtype, device_map, quiet, layers=[deep],
+                     heads=[hd] if hd is not None else ())
     if deep == 0:
         raise CnaError("the deep layers start at layer 0: there are no shallow layers")
     t0 = time.perf_counter()
@@ -287,8 +281,7 @@ def explain(
         raise CnaError("--top must be at least 1")
     case = case_from_prompt(prompt, shots)
     hd = _explain_head(head, out, case.labels.get("op", "custom"))
-    view = _view(model, device, dtype, device_map, quiet)
-    view.check_heads([hd])
+    view = load_view(model, device, dtype, device_map, quiet, heads=[hd])
     target_id(view, target)  # a bad target fails before any work
     t0 = time.perf_counter()
     chain = explain_case(view, case, hd, target=target, top=top, exact=exact)

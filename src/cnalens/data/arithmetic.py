@@ -22,6 +22,7 @@ from cnalens.errors import CnaError
 
 OPS = ("+", "-", "*", "/")
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+COLUMNS = ("op", "digits", "template")  # the labels per-case tables show (Case.columns)
 TEMPLATES: dict[str, dict[str, str]] = {
     "eq": {"+": "{a}+{b}=", "-": "{a}-{b}=", "*": "{a}*{b}=", "/": "{a}/{b}="},
     "nl": {"+": "The sum of {a} and {b} is", "-": "The difference of {a} and {b} is",
@@ -153,7 +154,7 @@ def arithmetic_cases(ops: Sequence[str] = OPS, digits: Sequence[int] = (1,),
                               "answer": value, "words": words}
                     cases.append(Case(format_question(op, template, a, b, words),
                                       format_answer(template, value), prefix, labels,
-                                      f"{OP_NAMES[op]}-{d}-{template}-{a}-{b}"))
+                                      f"{OP_NAMES[op]}-{d}-{template}-{a}-{b}", COLUMNS))
     if not cases:
         raise CnaError("the arithmetic selection is empty")
     return cases

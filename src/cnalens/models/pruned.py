@@ -88,6 +88,11 @@ def prune_ffn(view, keep: Mapping[int, torch.Tensor]) -> dict:
     before = list(view.ffn_widths)
     n0 = sum(p.numel() for p in view.model.parameters())
     conv = view.family.conv1d
+    for layer, idx in keep.items():  # checked before any layer is shrunk
+        mods = (*view.ffn_in(layer), view.module(layer, "down_proj"))
+        if len(idx) != view.ffn_width(layer) and any(hasattr(m, "base_layer") for m in mods):
+            raise CnaError(f"cannot prune layer {layer}: its FFN carries a LoRA adapter "
+                           f"(merge it with merge_and_unload, or unload it, first)")
     with torch.no_grad():
         for layer, idx in keep.items():
             if len(idx) == view.ffn_width(layer):
@@ -120,6 +125,15 @@ def _hf_quiet() -> Iterator[None]:
 
 def is_pruned(path: str | Path) -> bool:
     return (Path(path) / PRUNING_FILE).is_file()
+
+
+def pruned_widths(path: str | Path) -> list[int]:
+    """The per-layer FFN widths a pruned model folder was saved with."""
+    file = Path(path) / PRUNING_FILE
+    try:
+        return [int(w) for w in read_json(file)["ffn_widths"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CnaError(f"cannot read {file}: {e}") from None
 
 
 def save_pruned(view, out: str | Path, meta: dict | None = None) -> Path:
@@ -170,14 +184,11 @@ def load_pruned(path: str | Path, **kwargs) -> nn.Module:
     from cnalens.models.view import ModelView
 
     path = Path(path)
-    try:
-        widths = [int(w) for w in read_json(path / PRUNING_FILE)["ffn_widths"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CnaError(f"cannot read {path / PRUNING_FILE}: {e}") from None
+    widths = pruned_widths(path)
     with _hf_quiet():  # the size-mismatch report is expected
         model = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
                                                      **kwargs)
-    view = ModelView(model)
+    view = ModelView(model, check_weights=False)  # checked once, by the caller's view
     if len(widths) != view.n_layers:
         raise CnaError(f"{PRUNING_FILE} lists {len(widths)} widths for {view.n_layers} layers")
     pruned = [layer for layer, w in enumerate(widths) if w != view.ffn_width(layer)]

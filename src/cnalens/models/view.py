@@ -25,6 +25,8 @@ from torch import nn
 
 from cnalens.errors import CnaError
 from cnalens.models.families import Family, family_for
+from cnalens.models.finite import check_finite, check_finite_weights, finite_flag, nonfinite_error
+from cnalens.models.shape import ModelShape
 
 CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef")
 
@@ -40,6 +42,57 @@ def _get(root: nn.Module, path: str | None) -> nn.Module | None:
 
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
+
+
+def _lora_terms(mod: nn.Module) -> tuple[nn.Module, list[tuple[str, int]]] | None:
+    """For a peft LoRA layer: its base layer and the ``(adapter, sign)`` deltas that turn the
+    base layer's weight into the one its forward applies now (none once merged: the base
+    holds them; the merged ones subtracted while adapters are disabled, as the forward
+    unmerges then). None for any other module."""
+    if not (hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer")):
+        return None
+    if mod.disable_adapters:
+        terms = [(a, -1) for a in mod.merged_adapters]
+    elif mod.merged:
+        terms = []
+    else:
+        terms = [(a, 1) for a in mod.active_adapters if a in mod.lora_A]
+    for a, _ in terms:
+        if a in getattr(mod, "lora_variant", {}):
+            kind = type(mod.lora_variant[a]).__name__
+            raise CnaError(f"adapter '{a}' is a LoRA variant ({kind}) whose weights cnalens "
+                           f"cannot read: merge it into the model first (merge_and_unload)")
+    return mod.get_base_layer(), terms
+
+
+def effective_weight(mod: nn.Module) -> torch.Tensor:
+    """A projection's weight (in its storage layout) as its forward applies it: a peft LoRA
+    layer's base weight plus ``scaling * B @ A`` of each active adapter (in eval mode, where
+    LoRA dropout is the identity), the base weight alone under ``disable_adapter()``; any
+    other module's ``weight``."""
+    lora = _lora_terms(mod)
+    if lora is None:
+        return mod.weight
+    base, terms = lora
+    w = base.weight
+    for a, sign in terms:
+        w = w + sign * mod.get_delta_weight(a).to(w.dtype)
+    return w
+
+
+def effective_bias(mod: nn.Module) -> torch.Tensor | None:
+    """A projection's bias as its forward applies it (a peft LoRA layer's ``lora_bias``
+    included), or None."""
+    lora = _lora_terms(mod)
+    if lora is None:
+        return getattr(mod, "bias", None)
+    base, terms = lora
+    b = getattr(base, "bias", None)
+    for a, sign in terms:
+        if getattr(mod, "lora_bias", {}).get(a):
+            d = sign * mod.lora_B[a].bias * mod.scaling[a]
+            b = d if b is None else b + d.to(b.dtype)
+    return b
 
 
 class ActivationCache(dict):
@@ -63,7 +116,9 @@ class Batch:
 class ModelView:
     """A causal LM seen through uniform names: sizes, weights by head and neuron, hooks."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, info: dict | None = None):
+    def __init__(self, model: nn.Module, tokenizer=None, info: dict | None = None,
+                 check_weights: bool = True):
+        """``check_weights``: CnaError if a weight holds NaN or inf (one pass over them)."""
         self.model = model
         self.tokenizer = tokenizer
         self.info = dict(info or {})
@@ -90,6 +145,8 @@ class ModelView:
         self.embed = _get(model, fam.embed)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._hooks: list = []
+        if check_weights:
+            check_finite_weights(model, self)
 
     # ----------------------------------------------------------------- structure
     def module(self, layer: int, role: str) -> nn.Module | None:
@@ -105,8 +162,10 @@ class ModelView:
         return int(w.shape[1] if self.family.conv1d else w.shape[0])
 
     def _weight_out_in(self, mod: nn.Module) -> torch.Tensor:
-        """A projection's weight as (out, in), whatever its storage."""
-        return mod.weight.t() if self.family.conv1d else mod.weight
+        """A projection's weight as (out, in), whatever its storage; for a peft LoRA layer
+        the weight its forward applies now (``effective_weight``)."""
+        w = effective_weight(mod)
+        return w.t() if self.family.conv1d else w
 
     def ffn_width(self, layer: int) -> int:
         return self.ffn_widths[layer]
@@ -117,7 +176,7 @@ class ModelView:
         return w.reshape(self.d_model, self.n_heads, self.head_dim).permute(1, 0, 2)
 
     def o_proj_bias(self, layer: int) -> torch.Tensor | None:
-        return getattr(self.module(layer, "o_proj"), "bias", None)
+        return effective_bias(self.module(layer, "o_proj"))
 
     def v_proj_by_head(self, layer: int) -> torch.Tensor:
         """W_V split by KV head: (n_kv_heads, head_dim, d_model); query head h reads KV head
@@ -135,7 +194,7 @@ class ModelView:
         return self._weight_out_in(self.module(layer, "down_proj")).t()
 
     def down_bias(self, layer: int) -> torch.Tensor | None:
-        return getattr(self.module(layer, "down_proj"), "bias", None)
+        return effective_bias(self.module(layer, "down_proj"))
 
     def ffn_in(self, layer: int) -> list[nn.Module]:
         """The FFN's input projections (gate and up, or up alone): one output per neuron."""
@@ -184,25 +243,19 @@ class ModelView:
         }
 
     # ----------------------------------------------------------------- checks
+    @property
+    def shape(self) -> ModelShape:
+        """Layer, head and per-layer FFN sizes (the live widths, after any pruning)."""
+        return ModelShape(self.n_layers, self.n_heads, tuple(self.ffn_widths))
+
     def check_layers(self, layers: Iterable[int]) -> None:
-        for layer in layers:
-            if not 0 <= layer < self.n_layers:
-                raise CnaError(f"layer {layer} out of range: the model has layers "
-                               f"0..{self.n_layers - 1}")
+        self.shape.check_layers(layers)
 
     def check_heads(self, heads: Iterable[tuple[int, int]]) -> None:
-        for layer, h in heads:
-            self.check_layers([layer])
-            if not 0 <= h < self.n_heads:
-                raise CnaError(f"head {layer}.{h} out of range: layer {layer} has heads "
-                               f"0..{self.n_heads - 1}")
+        self.shape.check_heads(heads)
 
     def check_neurons(self, neurons: Iterable[tuple[int, int]]) -> None:
-        for layer, n in neurons:
-            self.check_layers([layer])
-            if not 0 <= n < self.ffn_widths[layer]:
-                raise CnaError(f"neuron {layer}.{n} out of range: layer {layer} has FFN "
-                               f"neurons 0..{self.ffn_widths[layer] - 1}")
+        self.shape.check_neurons(neurons)
 
     # ----------------------------------------------------------------- norms and lens
     def frozen_norm(self, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
@@ -234,25 +287,30 @@ class ModelView:
         out = self.unembed(hidden)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return check_finite(self, out, "logits")
 
     def logit_tiles(self, hidden: torch.Tensor, tile: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, logits[:, start:start + tile])`` over the vocabulary, in float32.
 
         The same numbers as ``logits(hidden)``, a slice of the unembedding at a time, so a
         caller can reduce each tile while it is in cache. An unembedding that is not a
-        plain linear layer comes as one tile.
+        plain linear layer comes as one tile. A NaN or inf in any tile raises CnaError
+        once the last tile has been taken (one check per sweep, no sync per tile).
         """
         w, b = getattr(self.unembed, "weight", None), getattr(self.unembed, "bias", None)
         if type(self.unembed) is not nn.Linear or w is None:
             yield 0, self.logits(hidden).float()
             return
+        ok = None  # no NaN or inf in any tile so far: checked once, after the last tile
         for s in range(0, w.shape[0], tile):
             out = torch.nn.functional.linear(hidden, w[s:s + tile],
                                              None if b is None else b[s:s + tile])
             if self.softcap:
                 out = torch.tanh(out / self.softcap) * self.softcap
+            ok = finite_flag(out) if ok is None else ok & finite_flag(out)
             yield s, out.float()
+        if ok is not None and not bool(ok):
+            raise nonfinite_error(self, "logits", "NaN or inf")
 
     # ----------------------------------------------------------------- running
     def batch(self, seqs: Sequence[Sequence[int]]) -> Batch:
@@ -283,9 +341,11 @@ class ModelView:
     def hidden(self, batch: Batch) -> torch.Tensor:
         """Final-normed hidden states of every position (no unembedding)."""
         base = self.model.base_model
-        out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False)
-        return out.last_hidden_state
+
+        def run():
+            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        return check_finite(self, run(), "activations", batch.input_ids, run)
 
     def last_logits(self, batch: Batch, n_last: int = 1) -> torch.Tensor:
         """Logits at the last ``n_last`` positions only: (batch, n_last, vocab)."""
@@ -397,12 +457,20 @@ class ModelView:
         ``attention_mask`` covers the cached tokens and the new ones; returns the hidden
         states and the (extended, in place) transformers ``DynamicCache``.
         """
+        from transformers import DynamicCache
         if cache is None:
-            from transformers import DynamicCache
             cache = DynamicCache(config=self.config)
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, cache=cache, use_cache=True)
-        return out.last_hidden_state, cache
+        start, runs = cache.get_seq_length(), []
+
+        def run():
+            if runs:  # the diagnosis pass: first drop what the first pass added
+                cache.crop(start)
+            runs.append(1)
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, cache=cache,
+                                         use_cache=True).last_hidden_state
+        rerun = run if isinstance(cache, DynamicCache) else None
+        return check_finite(self, run(), "activations", input_ids, rerun), cache
 
     def tree_mask(self, tree) -> torch.Tensor | dict | None:
         """The attention mask that runs a ``cnalens.trees.TokenTree`` as one row.
@@ -453,11 +521,13 @@ class ModelView:
             mask = {k: v.expand(rows, -1, -1, -1) for k, v in mask.items()}
         else:
             mask = mask.expand(rows, -1, -1, -1)
-        out = self.model.base_model(input_ids=ids.reshape(1, n).expand(rows, n),
-                                    attention_mask=mask,
-                                    position_ids=depth.reshape(1, n).expand(rows, n),
-                                    use_cache=False)
-        return out.last_hidden_state
+
+        def run():
+            return self.model.base_model(input_ids=ids.reshape(1, n).expand(rows, n),
+                                         attention_mask=mask,
+                                         position_ids=depth.reshape(1, n).expand(rows, n),
+                                         use_cache=False).last_hidden_state
+        return check_finite(self, run(), "activations", None, run)
 
     @staticmethod
     def expand_cache(cache, repeats: int, base=None, below: int = 0):

@@ -67,7 +67,7 @@ def render_report(
             detail = f"{type(e).__name__}: {e}"
             body = html.error_box("This section could not be rendered:", detail)
         if body is not None:
-            rendered.append((sec.stage, sec.title, body))
+            rendered.append((sec.stage, sec.heading(dir), body))
 
     stage_seconds = {}
     for stage in run.get("stages") or []:

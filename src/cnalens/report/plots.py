@@ -78,25 +78,55 @@ def op_label(op: str) -> str:
     return f"{op}  {name}" if name else op
 
 
+def group_value(col: str, value) -> str:
+    """One group column's value in a table cell: an op by its name, "all" (pooled) as
+    "all ops" for ops."""
+    if str(value) == "all":
+        return "all ops" if col == "op" else "all"
+    return op_label(str(value)) if col == "op" else str(value)
+
+
+def group_label(group: dict) -> str:
+    """A group of rows in text: an operation by its name (``+  addition``), any other
+    label as ``column = value``; several joined by `` · ``; no label (or op "custom", the
+    one group of a case file without labels): "all cases"."""
+    if not group or group == {"op": "custom"}:
+        return "all cases"
+    return " · ".join(op_label(str(v)) if k == "op" else f"{k} = {v}"
+                      for k, v in group.items())
+
+
+def groups_of(df: pd.DataFrame, by: Sequence[str]) -> list[tuple[dict, pd.DataFrame]]:
+    """``df``'s rows per group of the ``by`` columns (ops in their order, the rest sorted
+    as text), each with its group as a dict; no columns: one group, ``{}``."""
+    by = list(by)
+    if not by:
+        return [({}, df)]
+    keys = df[by].astype(str).apply(tuple, axis=1)
+    order = ordered(keys.tolist(), [])
+    if by == ["op"]:
+        order = [(v,) for v in ordered([k[0] for k in order], OP_ORDER)]
+    return [(dict(zip(by, k, strict=True)), df[keys == k]) for k in order]
+
+
 def head_heatmaps(g: pd.DataFrame, value: str, label: str, scale: float = 1.0,
-                  floor: float = 1.0) -> Figure:
-    """One panel per op of a (op, layer, head, ``value``) frame: layers (rows) x heads
-    (columns), colour = ``value * scale`` on a symmetric red-blue scale (at least
-    ``floor``)."""
-    ops = ordered(g["op"].tolist(), OP_ORDER)
+                  floor: float = 1.0, by: Sequence[str] = ("op",)) -> Figure:
+    """One panel per group of ``by`` (op) of a (group, layer, head, ``value``) frame:
+    layers (rows) x heads (columns), colour = ``value * scale`` on a symmetric red-blue
+    scale (at least ``floor``)."""
+    panels = groups_of(g, by)
     n_layers, n_heads = int(g["layer"].max()) + 1, int(g["head"].max()) + 1
     vmax = max(floor, float(np.nanmax(np.abs(g[value].to_numpy()))) * abs(scale))
-    width = min(12.0, 1.2 + len(ops) * max(1.6, 0.28 * n_heads + 0.8))
+    width = min(12.0, 1.2 + len(panels) * max(1.6, 0.28 * n_heads + 0.8))
     fig = new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
-    axes = fig.subplots(1, len(ops), squeeze=False, sharey=True)[0]
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     im = None
-    for ax, op in zip(axes, ops, strict=True):
+    for ax, (group, sub) in zip(axes, panels, strict=True):
         grid = np.full((n_layers, n_heads), np.nan)
-        sub = g[g["op"] == op]
         grid[sub["layer"].astype(int), sub["head"].astype(int)] = sub[value] * scale
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto",
                        origin="lower", interpolation="nearest")
-        ax.set_title(op_label(op), fontsize=10, color="#222222")
+        ax.set_title(group_label(group) if group else "", fontsize=10, color="#222222")
         ax.set_xlabel("head", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
@@ -177,4 +207,34 @@ def eval_accuracy_chart(df: pd.DataFrame) -> Figure | None:
         title="template",
         title_fontsize=9,
     )
+    return fig
+
+
+def group_accuracy_chart(df: pd.DataFrame, keys: Sequence[str]) -> Figure | None:
+    """One bar per group of ``keys`` (eval.csv rows; pooled rows, any key ``"all"``, left
+    out) with 95% whiskers; None with fewer than two groups."""
+    keys = list(keys)
+    if not keys:
+        return None
+    rows = df[~df[keys].astype(str).eq("all").any(axis=1) & df["acc"].notna()]
+    if len(rows) < 2:
+        return None
+    labels = [" · ".join(str(r[k]) for k in keys) for _, r in rows.iterrows()]
+    fig = new_figure(width=min(12.0, 2.0 + 0.55 * len(rows)), height=3.2)
+    ax = fig.subplots()
+    acc = rows["acc"].to_numpy() * 100
+    err = None
+    if {"acc_lo", "acc_hi"} <= set(rows.columns):
+        lo = np.clip(acc - rows["acc_lo"].to_numpy() * 100, 0, None)
+        hi = np.clip(rows["acc_hi"].to_numpy() * 100 - acc, 0, None)
+        err = np.nan_to_num(np.vstack([lo, hi]))
+    ax.bar(range(len(rows)), acc, yerr=err, color=PALETTE[0], capsize=3,
+           error_kw={"elinewidth": 0.9, "ecolor": "#333333"})
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=30 if len(rows) > 6 else 0, ha="right"
+                       if len(rows) > 6 else "center", fontsize=8)
+    ax.set_xlabel(" · ".join(keys), fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)", fontsize=9)
+    style_axes(ax)
     return fig

@@ -36,8 +36,12 @@ Renderer = Callable[[Path, dict[str, Any]], "str | None"]
 
 class Section(NamedTuple):
     stage: str  # results file stem: DIR/<stage>.csv, DIR/<stage>.json
-    title: str  # section heading
+    title: str | Callable[[Path], str]  # section heading, or (dir) -> heading
     render: Renderer  # (dir, run.json dict) -> HTML body, or None to omit the section
+
+    def heading(self, dir: Path) -> str:
+        """The section's heading for the results in ``dir``."""
+        return self.title(dir) if callable(self.title) else self.title
 
 
 # Fixed display order. Stages planned but without a module yet are simply skipped; a module
@@ -78,6 +82,12 @@ def registry() -> list[Section]:
 
 
 # ---------------------------------------------------------------- helpers for renderers
+
+
+def case_file(dir: Path, stage: str) -> str | None:
+    """The case file a stage ran on (its settings' ``cases``); None for arithmetic."""
+    settings = read_meta(dir, stage).get("settings") or {}
+    return str(settings["cases"]) if settings.get("cases") else None
 
 
 def has_results(dir: Path, stage: str) -> bool:

@@ -1,4 +1,9 @@
-"""The ``eval`` section: how well the model does the arithmetic, before anything is changed."""
+"""The ``eval`` section: how well the model does the task, before anything is changed.
+
+Arithmetic (eval.csv grouped by op, digits and template): a table op x digits with one
+column per template, and bars per op and template. Any other grouping (``--group-by``, a
+case file's labels, or none): one row per group, and bars per group.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,18 @@ from typing import Any
 
 import pandas as pd
 
+from cnalens.errors import CnaError
 from cnalens.report import html as h
 from cnalens.report import plots
-from cnalens.report.sections import Section, iter_csv, read_csv, read_meta
+from cnalens.report.sections import Section, case_file, iter_csv, read_csv, read_meta
 
 STAGE = "eval"
+KEYS = ("op", "digits", "template")  # the arithmetic grouping
 MAX_FAILURES = 12
 POOLED = "all"
 CUSTOM = "custom"
 CSV_COLUMNS = ("op", "digits", "template", "n", "acc", "acc_lo", "acc_hi")
+RESULT_COLUMNS = ("n", "acc", "acc_lo", "acc_hi")
 NUMERIC = (
     "digits",
     "n",
@@ -235,17 +243,32 @@ def _spread(groups: dict[tuple[str, str, str], list[Any]], limit: int) -> list[A
     return picked
 
 
-def failures(dir: Path, prefixes: dict[str, str]) -> str | None:
-    """Up to 12 failed cases, spread round-robin over (op, digits, template)."""
-    keys = ("op", "digits", "template")
+def _round_robin(groups: dict[tuple, list[Any]], limit: int) -> list[Any]:
+    """Up to ``limit`` items, one group after the other."""
+    queues = [list(q) for q in groups.values()]
+    picked: list[Any] = []
+    while len(picked) < limit and any(queues):
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop(0))
+    return picked
+
+
+def failures(dir: Path, prefixes: dict[str, str],
+             keys: tuple[str, ...] | list[str] = KEYS) -> str | None:
+    """Up to 12 failed cases, spread round-robin over the groups of ``keys`` (arithmetic:
+    over op, digits and template)."""
+    keys = tuple(keys)
+    arithmetic = keys == KEYS
     total, n_bad, has_first = 0, 0, False
     kept: dict[tuple, list[pd.Series]] = {}
+    text = ("op", "template") if arithmetic else keys
     for chunk in iter_csv(
         dir,
         "eval_cases",
         required=("prompt", "target", "pred", "correct"),
-        text=("op", "template", "prompt", "target", "pred", "correct", "correct_first"),
-        usecols=CASE_COLUMNS,
+        text=(*text, "prompt", "target", "pred", "correct", "correct_first"),
+        usecols=CASE_COLUMNS if arithmetic else (*keys, *CASE_COLUMNS[3:]),
     ):
         total += len(chunk)
         has_first = "correct_first" in chunk.columns
@@ -264,27 +287,36 @@ def failures(dir: Path, prefixes: dict[str, str]) -> str | None:
     if n_bad == 0:
         return h.tag("h3", "Example failures") + h.note(summary)
 
-    picked = _spread(kept, MAX_FAILURES)
+    picked = _spread(kept, MAX_FAILURES) if arithmetic else _round_robin(kept, MAX_FAILURES)
 
-    head = ["op", ("digits", {"class_": "num"}), "template", "prompt", "target", "prediction"]
+    if arithmetic:
+        head: list[Any] = ["op", ("digits", {"class_": "num"}), "template"]
+    else:
+        head = list(keys)
+    head += ["prompt", "target", "prediction"]
     if has_first:
         head.append(("first token", {"title": "was the first answer token right?"}))
     rows = []
     for r in picked:
         op, tpl = str(r.get("op", "")), str(r.get("template", ""))
-        row: list[Any] = [
-            op,
-            (_digits_label(r.get("digits")), {"class_": "num"}),
-            tpl,
-            (_short_prompt(r["prompt"], prefixes.get(f"{op}|{tpl}")), {"class_": "mono"}),
+        if arithmetic:
+            row: list[Any] = [op, (_digits_label(r.get("digits")), {"class_": "num"}), tpl]
+            prefix = prefixes.get(f"{op}|{tpl}")
+        else:
+            row, prefix = [str(r.get(k, "")) for k in keys], None
+        row += [
+            (_short_prompt(r["prompt"], prefix), {"class_": "mono"}),
             (r["target"], {"class_": "mono"}),
             (r["pred"] if r["pred"] != "" else "(empty)", {"class_": "mono bad"}),
         ]
         if has_first:
             row.append("✓" if _is_true(pd.Series([r["correct_first"]])).iloc[0] else "✗")
         rows.append(row)
+    spread = "op, digits and template" if arithmetic else _and(keys)
     cap = summary + (
-        f" Showing {len(picked)}, spread over op, digits and template."
+        f" Showing {len(picked)}, spread over {spread}."
+        if n_bad > len(picked) and keys
+        else f" Showing {len(picked)}."
         if n_bad > len(picked)
         else ""
     )
@@ -351,43 +383,116 @@ def _meta_line(meta: dict[str, Any]) -> str:
     return out
 
 
+def _and(names: tuple[str, ...] | list[str]) -> str:
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
+def eval_keys(dir: Path, stage_meta: dict[str, Any]) -> list[str]:
+    """eval.csv's group columns: the stage's settings ``group_by``; for older files the
+    arithmetic keys when eval.csv has them, else the columns before ``n``."""
+    keys = (stage_meta.get("settings") or {}).get("group_by")
+    header = list(pd.read_csv(dir / f"{STAGE}.csv", nrows=0).columns)
+    if keys is None and set(KEYS) <= set(header):
+        keys = list(KEYS)
+    elif keys is None:
+        keys = header[: header.index("n")] if "n" in header else []
+    return [str(k) for k in keys if k in header]
+
+
+def group_table(df: pd.DataFrame, keys: list[str]) -> str:
+    """One row per group as eval.csv has it (pooled rows: a key "all"): n, accuracy
+    [95% interval], first-token accuracy and log p."""
+    has_first = "acc_first" in df and df["acc_first"].notna().any()
+    has_logp = "logp" in df and df["logp"].notna().any()
+    head: list[Any] = list(keys) or ["cases"]
+    head += [("n", {"class_": "num"}), ("accuracy [95%]", {"class_": "num"})]
+    if has_first:
+        head.append(("first token", {"class_": "num aux",
+                                     "title": "accuracy of the first answer token"}))
+    if has_logp:
+        head.append(("log p", {"class_": "num aux",
+                               "title": "log-probability of the answer's first token"}))
+    body = []
+    for _, r in df.iterrows():
+        pooled = not keys or any(str(r[k]) == POOLED for k in keys)
+        cells: list[Any] = ([("all (pooled)" if str(r[k]) == POOLED else str(r[k]),
+                              {"class_": "grp"}) for k in keys] or ["all (pooled)"])
+        cls = "num pooled" if pooled and keys else "num"
+        cells += [
+            (h.fmt_int(r.get("n")), {"class_": "num"}),
+            (h.fmt_acc(r["acc"], r.get("acc_lo"), r.get("acc_hi")),
+             {"class_": cls, "style": h.shade(r["acc"])}),
+        ]
+        if has_first:
+            ci = h.fmt_acc(r.get("acc_first"), r.get("acc_first_lo"), r.get("acc_first_hi"))
+            cells.append((h.fmt_pct(r.get("acc_first")), {"class_": "num aux", "title": ci}))
+        if has_logp:
+            cells.append((h.fmt_num(r.get("logp")), {"class_": "num aux"}))
+        body.append(cells)
+    cap = ("Accuracy [95% interval] per " + _and(keys) + "; rows with \"all\" pool over "
+           "that column." if keys else "Accuracy [95% interval] over all cases.")
+    return h.tag("div", h.table(head, body, caption=cap), class_="scroll")
+
+
+def _what(keys: list[str], source: str | None) -> str:
+    if source is None and keys == list(KEYS):
+        return ("Exact-match accuracy of the model's greedy answer on arithmetic prompts, by "
+                "operation, operand digits and prompt template, with 95% intervals: the "
+                "baseline every later intervention is measured against.")
+    data = f"the cases of {Path(source).name}" if source else "arithmetic prompts"
+    by = f"by {_and(keys)}" if keys else "all cases pooled"
+    return (f"Exact-match accuracy of the model's greedy answer on {data}, {by}, with 95% "
+            "intervals: the baseline every later intervention is measured against.")
+
+
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
-    df = read_csv(dir, STAGE, required=CSV_COLUMNS, text=("op", "template"))
+    if not (dir / f"{STAGE}.csv").is_file():
+        return None
+    stage_meta = read_meta(dir, STAGE)
+    keys = eval_keys(dir, stage_meta)
+    arithmetic = keys == list(KEYS)
+    df = read_csv(dir, STAGE, required=CSV_COLUMNS if arithmetic else RESULT_COLUMNS,
+                  text=("op", "template") if arithmetic else tuple(keys))
     if df is None:
         return None
     for c in NUMERIC:
-        if c in df:
+        if c in df and (arithmetic or c not in keys):
             df[c] = pd.to_numeric(df[c], errors="coerce")
-    df["digits"] = df["digits"].fillna(0)
-    stage_meta = read_meta(dir, STAGE)
+    if arithmetic:
+        df["digits"] = df["digits"].fillna(0)
     prefixes = {str(k): str(v) for k, v in (stage_meta.get("prefixes") or {}).items()}
 
-    parts = [
-        h.what(
-            "Exact-match accuracy of the model's greedy answer on arithmetic prompts, by "
-            "operation, operand digits and prompt template, with 95% intervals: the "
-            "baseline every later intervention is measured against."
-        ),
-        _meta_line(stage_meta),
-    ]
+    parts = [h.what(_what(keys, case_file(dir, STAGE))), _meta_line(stage_meta)]
     if df.empty:
         parts.append(h.note("eval.csv has no rows."))
         return "".join(parts)
-    parts.append(accuracy_table(df))
-    fig = plots.eval_accuracy_chart(df)
+    if arithmetic:
+        parts.append(accuracy_table(df))
+        fig = plots.eval_accuracy_chart(df)
+        alt, cap = ("accuracy by op, digits and template",
+                    "Accuracy by operation (panels), operand digits (x) and template "
+                    "(colour); whiskers are 95% intervals.")
+    else:
+        parts.append(group_table(df, keys))
+        fig = plots.group_accuracy_chart(df, keys)
+        alt = f"accuracy by {_and(keys)}"
+        cap = f"Accuracy by {_and(keys)}; whiskers are 95% intervals."
     if fig is not None:
         uri = plots.embed(fig, dir, "eval_acc")
-        parts.append(
-            h.figure(
-                uri,
-                "accuracy by op, digits and template",
-                "Accuracy by operation (panels), operand digits (x) and template "
-                "(colour); whiskers are 95% intervals.",
-            )
-        )
-    parts.append(failures(dir, prefixes) or "")
+        parts.append(h.figure(uri, alt, cap))
+    parts.append(failures(dir, prefixes, keys) or "")
     parts.append(_prefix_blocks(prefixes) or "")
     return "".join(parts)
 
 
-SECTION = Section(STAGE, "Arithmetic accuracy (eval)", render)
+def title(dir: Path) -> str:
+    """"Arithmetic accuracy" on arithmetic, "Accuracy" on a case file."""
+    try:
+        source = case_file(dir, STAGE)
+    except CnaError:
+        source = None
+    return "Accuracy (eval)" if source else "Arithmetic accuracy (eval)"
+
+
+SECTION = Section(STAGE, title, render)

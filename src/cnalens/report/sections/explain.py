@@ -207,6 +207,10 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         parts.append(diagram(sub, cm))
         parts.append(h.details(f"all {len(sub)} elements of {cm.get('question', case)}",
                                element_table(sub)))
+    chosen = (stage.get("settings") or {}).get("chosen") or {}
+    if chosen:
+        parts.append(h.note("Cases: " + "; ".join(f"{op}: {why}" for op, why in
+                                                  chosen.items()) + "."))
     skipped = (stage.get("settings") or {}).get("skipped") or {}
     for op, why in skipped.items():
         parts.append(h.note(f"{op}: not explained ({why})"))

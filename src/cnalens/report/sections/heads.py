@@ -1,8 +1,9 @@
 """The ``heads`` section: which attention heads the arithmetic depends on.
 
-Reads ``DIR/heads.csv`` (one row per layer, head, op, digits; see ``cnalens.heads``) and
-``DIR/heads.json`` (method, metric, n_cases, seconds, top_k). Shows a layer x head heatmap
-of the accuracy drop per operation and the top heads per operation.
+Reads ``DIR/heads.csv`` (one row per layer, head and group: op, digits on arithmetic, the
+``--group-by`` labels otherwise; see ``cnalens.heads``) and ``DIR/heads.json`` (method,
+metric, n_cases, seconds, top_k). Shows a layer x head heatmap of the accuracy drop per
+group (operation) and the top heads per group.
 """
 
 from __future__ import annotations
@@ -13,37 +14,52 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cnalens.heads import pooled, top_heads
+from cnalens.heads import group_columns, panel_columns, pooled, top_heads
 from cnalens.report import html as h
 from cnalens.report import plots
-from cnalens.report.sections import Section, read_csv, read_meta
+from cnalens.report.sections import Section, case_file, read_csv, read_meta
 
 STAGE = "heads"
-REQUIRED = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "drop", "dlogp")
+REQUIRED = ("layer", "head", "n", "acc_orig", "acc_ablated", "drop", "dlogp")
 NUMERIC = ("layer", "head", "digits", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
            "drop_lo", "drop_hi", "dlogp")
 DEFAULT_TOP = 5
 
 
 def heatmap(df: pd.DataFrame) -> Figure | None:
-    """One panel per op: layers (rows) x heads (columns), colour = accuracy drop (%)."""
+    """One panel per group (op): layers (rows) x heads (columns), colour = accuracy drop."""
     if df.empty:
         return None
-    return plots.head_heatmaps(pooled(df), "drop", "accuracy drop (points)", scale=100)
+    return plots.head_heatmaps(pooled(df), "drop", "accuracy drop (points)", scale=100,
+                               by=panel_columns(df))
+
+
+def per_group(df: pd.DataFrame) -> str:
+    """How the table's groups read in text: "per operation", "per region", ..."""
+    panel = panel_columns(df)
+    if panel == ["op"] and set(df["op"].astype(str)) <= {"+", "-", "*", "/"}:
+        text = "per operation"
+    elif not panel or (panel == ["op"] and set(df["op"].astype(str)) == {"custom"}):
+        text = "over all cases"
+    else:
+        text = "per " + " and ".join(panel)
+    return text + (" (digits pooled)" if "digits" in group_columns(df) else "")
 
 
 def top_table(df: pd.DataFrame, k: int) -> str:
     top = top_heads(df, k)
-    head = ["op", "rank", "head", "n", "acc orig", "acc ablated", "drop", "rel. drop",
+    panel = panel_columns(df)
+    head = [*panel, "rank", "head", "n", "acc orig", "acc ablated", "drop", "rel. drop",
             "Δ log p"]
-    rows = [[plots.op_label(r.op) if r.op != "all" else "all ops", int(r.rank), r.name,
-             h.fmt_int(r.n), h.fmt_pct(r.acc_orig), h.fmt_pct(r.acc_ablated),
-             h.fmt_pct(r.drop), h.fmt_pct(r.drop_rel), h.fmt_num(r.dlogp)]
-            for r in top.itertuples()]
-    cap = ("Heads ranked by accuracy drop when zeroed, per operation (digits pooled); "
+    rows = [[*[plots.group_value(c, r[c]) for c in panel], int(r["rank"]), r["name"],
+             h.fmt_int(r["n"]), h.fmt_pct(r["acc_orig"]), h.fmt_pct(r["acc_ablated"]),
+             h.fmt_pct(r["drop"]), h.fmt_pct(r["drop_rel"]), h.fmt_num(r["dlogp"])]
+            for _, r in top.iterrows()]
+    cap = (f"Heads ranked by accuracy drop when zeroed, {per_group(df)}; "
            "drop is in accuracy points, Δ log p the mean change of the answer's first "
            "token log-probability.")
-    return h.tag("div", h.table(head, rows, num_cols=range(3, 9), caption=cap),
+    first = len(panel) + 2
+    return h.tag("div", h.table(head, rows, num_cols=range(first, first + 6), caption=cap),
                  class_="scroll")
 
 
@@ -63,16 +79,23 @@ def _meta_line(meta: dict[str, Any]) -> str:
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
-    df = read_csv(dir, STAGE, required=REQUIRED, text=("op",))
+    path = dir / f"{STAGE}.csv"
+    if not path.is_file():
+        return None
+    groups = [c for c in group_columns(pd.read_csv(path, nrows=0)) if c != "digits"]
+    df = read_csv(dir, STAGE, required=REQUIRED, text=tuple(groups))
     if df is None:
         return None
     for c in NUMERIC:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     stage = read_meta(dir, STAGE)
+    source = case_file(dir, STAGE)
+    which = (f"the heads the cases of {Path(source).name} depend on" if source
+             else "the arithmetic heads")
     parts = [h.what("Accuracy drop when one attention head at a time is removed "
                     "(zeroed at the output projection's input): a few heads with large "
-                    "drops are the arithmetic heads."), _meta_line(stage)]
+                    f"drops are {which}."), _meta_line(stage)]
     if df.empty:
         parts.append(h.note("heads.csv has no rows."))
         return "".join(parts)
@@ -80,8 +103,8 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     if fig is not None:
         uri = plots.embed(fig, dir, "heads_drop")
         parts.append(h.figure(uri, "accuracy drop per layer and head",
-                              "Accuracy drop (points) when each head is zeroed, per "
-                              "operation; red = the head helps, blue = it hurts."))
+                              "Accuracy drop (points) when each head is zeroed, "
+                              f"{per_group(df)}; red = the head helps, blue = it hurts."))
     rob_path = dir / "heads_robustness.csv"
     if rob_path.is_file():
         rob = pd.read_csv(rob_path, dtype={"op": str, "top_a": str, "top_b": str})

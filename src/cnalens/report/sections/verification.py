@@ -1,9 +1,10 @@
 """The ``verification`` section: do the CNA neurons carry the head's effect?
 
-Reads ``DIR/verification.csv`` (model, head, op, experiment, k, value, random_mean,
-random_std, n; see ``cnalens.cna.verify``) and ``DIR/verification.json``. One table per
-operation laid out like the paper's (experiments x K, each cell ``value`` beside the random
-baseline) and a plot of value against K with the random baseline dashed.
+Reads ``DIR/verification.csv`` (model, head, the group columns: op, experiment, k, value,
+random_mean, random_std, n; see ``cnalens.cna.verify``) and ``DIR/verification.json``. One
+table per group (operation) laid out like the paper's (experiments x K, each cell ``value``
+beside the random baseline; the paper's numbers beside arithmetic) and a plot of value
+against K with the random baseline dashed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import pandas as pd
 
 from cnalens.report import html as h
 from cnalens.report import plots
-from cnalens.report.sections import Section, read_csv, read_meta
+from cnalens.report.sections import Section, case_file, read_csv, read_meta
 
 STAGE = "verification"
-REQUIRED = ("head", "op", "experiment", "k", "value", "random_mean", "random_std", "n")
+REQUIRED = ("head", "experiment", "k", "value", "random_mean", "random_std", "n")
 EXPERIMENTS = {
     "zero_topk": "accuracy drop, top-K zeroed",
     "keep_topk": "accuracy drop, all OTHER deep neurons zeroed",
@@ -41,56 +42,65 @@ def _cell(r) -> str:
     return f"{h.fmt_pct(r.value)}{rand}"
 
 
-def op_table(df: pd.DataFrame) -> str:
+def op_table(df: pd.DataFrame, paper: bool = True) -> str:
+    """Experiments x K; ``paper``: a column with the paper's arithmetic numbers."""
     ks = sorted(df["k"].unique())
-    head = ["experiment", *[f"K={k}" for k in ks], "paper (Llama-7B)"]
+    head = ["experiment", *[f"K={k}" for k in ks], *(["paper (Llama-7B)"] if paper else [])]
     rows = []
     for exp, label in EXPERIMENTS.items():
         sub = df[df["experiment"] == exp].set_index("k")
         if sub.empty:
             continue
-        paper = PAPER.get(exp, {})
+        ref = PAPER.get(exp, {})
         rows.append([label, *[_cell(sub.loc[k]) if k in sub.index else "—" for k in ks],
-                     ", ".join(f"{k}: {v}" for k, v in sorted(paper.items()) if k in ks)
-                     or "—"])
+                     *([", ".join(f"{k}: {v}" for k, v in sorted(ref.items()) if k in ks)
+                        or "—"] if paper else [])])
     return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1)), class_="scroll")
 
 
-def chart(df: pd.DataFrame):
-    ops = plots.ordered(df["op"].unique().tolist(), plots.OP_ORDER)
+def chart(df: pd.DataFrame, by: list[str] | tuple[str, ...] = ("op",)):
+    groups = plots.groups_of(df, by)
     fig = plots.new_figure(width=min(14.0, 3.2 * len(EXPERIMENTS)), height=3.4)
     axes = fig.subplots(1, len(EXPERIMENTS), squeeze=False)[0]
     for ax, (exp, label) in zip(axes, EXPERIMENTS.items(), strict=True):
-        for op in ops:
-            sub = df[(df["experiment"] == exp) & (df["op"] == op)].sort_values("k")
+        for group, rows in groups:
+            sub = rows[rows["experiment"] == exp].sort_values("k")
             if sub.empty:
                 continue
+            name = plots.group_label(group)
             line = ax.plot(sub["k"], sub["value"] * 100, marker="o",
-                           label=f"{plots.op_label(op)} top-K")[0]
+                           label=f"{name} top-K")[0]
             ax.plot(sub["k"], sub["random_mean"] * 100, ls="--", color=line.get_color(),
-                    alpha=0.7, label=f"{plots.op_label(op)} random")
+                    alpha=0.7, label=f"{name} random")
         ax.set_title(textwrap.fill(label, 30), fontsize=8)
         ax.set_xlabel("K", fontsize=8)
         ax.tick_params(labelsize=7)
         plots.style_axes(ax)
     axes[0].set_ylabel("%", fontsize=8)
-    axes[-1].legend(fontsize=7, frameon=False)
+    drawn = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if drawn:  # panels of experiments that were not run stay empty
+        drawn[-1].legend(fontsize=7, frameon=False)
     return fig
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
-    df = read_csv(dir, STAGE, required=REQUIRED, text=("op", "head", "experiment"))
+    stage = read_meta(dir, STAGE)
+    by = [str(c) for c in stage.get("group_by") or ["op"]]
+    df = read_csv(dir, STAGE, required=(*REQUIRED, *by), text=(*by, "head", "experiment"))
     if df is None:
         return None
     for c in ("k", "value", "random_mean", "random_std", "n"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    stage = read_meta(dir, STAGE)
+    source = case_file(dir, STAGE)
+    held = (" Held-out: one set per K, the neurons most often in the CNA cases' top-K, "
+            "zeroed on disjoint held-out operand pairs."
+            if (df["experiment"] == "heldout_zero_topk").any() else "")
     parts = [h.what(
-        "For each case, its top-K FFN neurons by CNA (importance lost when the arithmetic "
-        "head is zeroed) are ablated, kept alone, or compared; random neurons with the same "
-        "per-layer counts are the baseline. Cases: those the model answers correctly. "
-        "Held-out: one set per K, the neurons most often in the CNA cases' top-K, zeroed on "
-        "disjoint held-out operand pairs.")]
+        "For each case, its top-K FFN neurons by CNA (importance lost when the "
+        f"{'head' if source else 'arithmetic head'} is zeroed) are ablated, kept alone, or "
+        "compared; random neurons with the same per-layer counts are the baseline. Cases: "
+        f"those {f'of {Path(source).name} ' if source else ''}the model answers correctly."
+        + held)]
     bits = [f"ranking: {stage.get('ranking', 'decrease')}", f"lens: {stage.get('lens')}",
             f"seeds: {stage.get('seeds')}"]
     if stage.get("seconds") is not None:
@@ -98,13 +108,15 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     parts.append(h.note(" · ".join(str(b) for b in bits)))
     if df.empty:
         return "".join(parts + [h.note("verification.csv has no rows.")])
-    for (op, head), sub in df.groupby(["op", "head"], sort=False):
-        held = sub["experiment"] == "heldout_zero_topk"
-        n = int(sub.loc[~held, "n"].max()) if (~held).any() else 0
-        n_held = f", held-out n = {int(sub.loc[held, 'n'].max())}" if held.any() else ""
-        parts.append(h.tag("h3", f"{plots.op_label(op)}: head {head} zeroed, n = {n}{n_held}"))
-        parts.append(op_table(sub))
-    uri = plots.embed(chart(df), dir, "verification")
+    for group, rows in plots.groups_of(df, by):
+        for head, sub in rows.groupby("head", sort=False):
+            held = sub["experiment"] == "heldout_zero_topk"
+            n = int(sub.loc[~held, "n"].max()) if (~held).any() else 0
+            n_held = f", held-out n = {int(sub.loc[held, 'n'].max())}" if held.any() else ""
+            parts.append(h.tag("h3", f"{plots.group_label(group)}: head {head} zeroed, "
+                                     f"n = {n}{n_held}"))
+            parts.append(op_table(sub, paper=source is None))
+    uri = plots.embed(chart(df, by), dir, "verification")
     parts.append(h.figure(uri, "verification by K", "Solid: the CNA top-K neurons; dashed: "
                           "random neurons from the same layers."))
     return "".join(parts)
