@@ -35,6 +35,7 @@ def run(capsys, *argv):
     (["explain", "--model", "smollm2-135m", "3+5=", "--head", "3.9"], "head 3.9 out of range"),
     (["lora", "--model", "smollm2-135m", "--layer", "30"], "layer 30 out of range"),
     (["lora", "--profile", "huge"], "--profile"),
+    (["lora", "--model", "smollm2-135m", "--sweep-layers", "2,40"], "layer 40 out of range"),
     (["debias", "--model", "smollm2-135m", "--layers", "0-30"], "layer 30 out of range"),
     (["cna", "--model", "smollm2-135m"], "no --head"),
     (["cna", "--model", "smollm2-135m", "--head", "3.99"], "out of range"),
@@ -47,8 +48,9 @@ def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, msg):
     rc, _, err = run(capsys, *argv, *(["--out", str(out)] if argv[0] != "report" else []))
     assert rc != 0
     lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err
-    assert lines[0].startswith("cnalens: error: ")
+    errors = [x for x in lines if x.startswith("cnalens: error: ")]
+    assert len(errors) == 1 and msg in errors[0] and "Traceback" not in err
+    assert all(x.startswith("cnalens: ") for x in lines)  # the rest: one-line notices
     assert not out.exists()  # nothing half-written
     assert not (tmp_path / "cache" / "models").exists()  # nothing converted
 

@@ -308,25 +308,35 @@ def test_view_ffn_module(tiny_view):
     assert torch.allclose(seen["m"], cache[("coef", 1)], atol=1e-12)
 
 
-@pytest.mark.parametrize("op", ["+", "-", "*", "/"])
-def test_pick_case_says_why(op, one_thread):
-    """The paper's example when the model answers it; otherwise a reason that is true."""
+def test_pick_case_says_why(monkeypatch):
+    """The paper's example when the model answers it; otherwise the true reason."""
+    import pandas as pd
+
+    import cnalens.evaluate as ev
     from cnalens.data.arithmetic import arithmetic_cases
-    from cnalens.evaluate import evaluate
-    from cnalens.explain import PREFERRED, pick_case
+    from cnalens.explain import pick_case
 
     view = ModelView(tiny_model("llama"), TinyTokenizer())
-    case, why = pick_case(view, op)
-    a, b = PREFERRED[op]
-    asked = [c for c in arithmetic_cases([op], (1,), ("eq",))
-             if (c.labels["a"], c.labels["b"]) == (a, b)]
-    if not asked:  # a few-shot example of its own prompt is never evaluated
-        assert "few-shot" in why
-        return
-    right = bool(evaluate(view, asked, progress=False)["correct"].iloc[0])
-    if right:
-        assert case == asked[0] and why.endswith("the paper's example")
-    else:
-        assert f"answers {a}{op}{b}= wrongly" in why
-        if case is not None:
-            assert bool(evaluate(view, [case], progress=False)["correct"].iloc[0])
+    wrong: set[str] = set()
+
+    def fake(view, enc, *a, **k):  # the model answers every case but those in ``wrong``
+        q = [e.case.question for e in enc]
+        return pd.DataFrame({"correct": [x not in wrong for x in q],
+                             "pred": ["1" if x in wrong else "?" for x in q]})
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    case, why = pick_case(view, "+")
+    assert case.question == "3+5=" and why == "3+5=, the paper's example"
+    wrong.add("3+5=")
+    case, why = pick_case(view, "+")
+    assert case.question != "3+5=" and "the model answers 3+5= wrongly ('1')" in why
+    assert why.startswith(f"{case.question} instead of 3+5=")
+    wrong.update(c.question for c in arithmetic_cases(["+"], (1,), ("eq",)))
+    case, why = pick_case(view, "+")
+    assert case is None and why.endswith("no other correctly answered one-token case "
+                                         "among 16 tried")
+    # 8/2 is a few-shot example of the "/" prompt, so it is never asked
+    div = arithmetic_cases(["/"], (1,), ("eq",))
+    assert "8/2=" in div[0].prefix and all(c.question != "8/2=" for c in div)
+    case, why = pick_case(view, "/")
+    assert "8/2 is one of the prompt's few-shot examples" in why and case is not None

@@ -184,3 +184,18 @@ def test_group_by_checked_before_the_model_loads(capsys, tmp_path):
         assert rc == 2 and len(lines) == 1, err
         assert lines[0].startswith("cnalens: error: --group-by: no label column 'regio'")
     assert not out.exists()
+
+
+def test_pooled_digits_read_all_outside_arithmetic(tmp_path):
+    """A case file labelled op and digits (no template) pools to "all", never digits 0."""
+    view = _view()
+    rows = [{"prompt": p, "target": "8", "op": p[1], "digits": 1 + i % 2}
+            for i, p in enumerate(PROMPTS)]
+    cases = load_cases(_write_cases(tmp_path / "c.jsonl", rows))
+    assert group_keys(cases) == ["op", "digits"]
+    table = accuracy_table(evaluate(view, cases, progress=False))
+    pooled = table[table.digits.astype(str) == "all"]
+    assert list(pooled.op) == ["+", "-", "all"] and 0 not in set(table.digits)
+    assert pooled.n.tolist() == [7, 5, 12]
+    arith = accuracy_table(evaluate(view, arithmetic_cases(["+"], [1], n=4), progress=False))
+    assert arith.digits.iloc[-1] == 0  # eval.csv's arithmetic rows keep digits 0 = pooled

@@ -147,8 +147,10 @@ def _summary_row(g: pd.DataFrame) -> dict:
             "acc_first_lo": flo, "acc_first_hi": fhi, "logp": float(g["logp"].mean())}
 
 
-def _pooled_value(key: str):
-    return 0 if key == "digits" else POOLED  # eval.csv's arithmetic rows: digits 0 = pooled
+def _pooled_value(key: str, keys: Sequence[str]):
+    """The value a pooled row shows for ``key``: "all", but on arithmetic's integer digits
+    column 0 (eval.csv's arithmetic rows: digits 0 = pooled)."""
+    return 0 if key == "digits" and list(keys) == list(KEYS) else POOLED
 
 
 def accuracy_table(per_case: pd.DataFrame, pooled: bool = True,
@@ -158,7 +160,7 @@ def accuracy_table(per_case: pd.DataFrame, pooled: bool = True,
 
     With ``pooled``, rows with the last key "all" pool it for each group of the others
     (when it takes more than one value; arithmetic: template "all"), and one row with
-    every key "all" (digits 0) pools everything. No keys: that one pooled row only.
+    every key "all" (arithmetic's digits: 0) pools everything. No keys: that one pooled row only.
     """
     keys = group_keys(per_case) if keys is None else list(keys)
     groups = per_case.groupby(keys, sort=True, dropna=False) if keys else []
@@ -166,8 +168,8 @@ def accuracy_table(per_case: pd.DataFrame, pooled: bool = True,
     if pooled or not keys:
         *outer, last = keys or [None]
         if outer and per_case[last].nunique(dropna=False) > 1:
-            rows += [{**dict(zip(outer, vals, strict=True)), last: _pooled_value(last),
+            rows += [{**dict(zip(outer, vals, strict=True)), last: _pooled_value(last, keys),
                       **_summary_row(g)}
                      for vals, g in per_case.groupby(outer, sort=True, dropna=False)]
-        rows.append({**{k: _pooled_value(k) for k in keys}, **_summary_row(per_case)})
+        rows.append({**{k: _pooled_value(k, keys) for k in keys}, **_summary_row(per_case)})
     return pd.DataFrame(rows)

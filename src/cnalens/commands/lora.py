@@ -106,8 +106,10 @@ def lora(
     if adapter is not None:
         read_adapter_meta(adapter)  # a missing or foreign adapter fails before loading
     deep = _deep_from(out, deep_from)
+    listed = (parse_ints(sweep_layers, "sweep-layers")
+              if sweep_layers and sweep_layers not in ("auto", "all") else [])
     view = load_view(model, device, dtype, None, quiet,
-                     layers=[x for x in (layer, deep) if x is not None])
+                     layers=[*(x for x in (layer, deep) if x is not None), *listed])
     main_layer = default_layer(view) if layer is None else layer
     layers = sweep(view, sweep_layers, profile)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cnalens.errors import CnaError, first_line
 from cnalens.io import sha256_file, write_with
+from cnalens.progress import notice
 
 
 def package_dirs(module: str) -> list[Path]:
@@ -85,6 +86,7 @@ class PackageAssembly:
         target = gguf_dir / pkg.MODEL_NAME
         if target.is_file() and sha256_file(target) == pkg.EXPECTED_SHA256:
             return target, pkg.EXPECTED_SHA256
+        notice(f"first use of {alias.name}: assembling its GGUF into {target} (once)")
         try:  # assemble() writes in place: build under a temporary name, rename when verified
             write_with(target, lambda tmp: pkg.assemble(tmp, overwrite=True))
         except Exception as e:
@@ -152,6 +154,8 @@ class Parts:
                 raise self._corrupt(alias, f"sha256 {h.hexdigest()[:16]}..., "
                                            f"expected {self.sha256[:16]}...")
 
+        notice(f"first use of {alias.name}: joining its {len(paths)} part packages into "
+               f"{target} (once)")
         try:
             write_with(target, join)
         except CnaError:

@@ -91,7 +91,7 @@ def effective_bias(mod: nn.Module) -> torch.Tensor | None:
     for a, sign in terms:
         if getattr(mod, "lora_bias", {}).get(a):
             d = sign * mod.lora_B[a].bias * mod.scaling[a]
-            b = d if b is None else b + d.to(b.dtype)
+            b = d.to(base.weight.dtype) if b is None else b + d.to(b.dtype)
     return b
 
 
