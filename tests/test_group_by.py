@@ -162,6 +162,10 @@ def test_heads_and_cna_group_by_labels(tmp_path):
                     group_cols=("region",), label_cols=("region", "lang"))
     neurons = pd.read_csv(out / "cna_neurons.csv")
     assert {"region", "lang"} <= set(neurons.columns) and "op" not in neurons
+    faith = pd.read_csv(out / "faithfulness.csv")  # per case and neuron: its labels too
+    assert {"region", "lang"} <= set(faith.columns) and len(faith)
+    cases_lang = {c.case_id: c.labels["lang"] for c in cases}
+    assert (faith["lang"] == faith["case"].map(cases_lang)).all()
     assert set(ver.region) <= {"north", "south"} and "op" not in ver
     assert read_json(out / "cna.json")["group_by"] == ["region"]
     _run_json(out)

@@ -408,6 +408,11 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
                   for e in enc]
         frames.append(comp.frame(max(ks), by, deep, labels))
         faith = lens_faithfulness(view, enc, comp.imp_a, top=10, batch_size=batch_size)
+        own = [c for c in label_cols if c not in group]  # each case's other labels
+        if own:
+            lab = pd.DataFrame([{"case": e.case.case_id, **{c: e.case.labels.get(c)
+                                                            for c in own}} for e in enc])
+            faith = faith.merge(lab, on="case", how="left")
         for c, v in reversed(group.items()):
             faith.insert(0, c, v)
         faiths.append(faith)
