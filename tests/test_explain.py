@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from cnalens.data.cases import Case
+from cnalens.data.cases import Case, encode_prompt
 from cnalens.explain import _adjoint, _plain_run, deep_key, deep_ranking, explain_case
 from cnalens.models import ModelView
 from cnalens.vocab import transform
@@ -94,7 +94,7 @@ def test_effects_equal_brute_force(family, one_thread):
 
 def test_fast_cna_equals_exhaustive(one_thread):
     view = _view("llama")
-    enc = explain_case.__globals__["_encode"](view, CASE)
+    enc = encode_prompt(view.tokenizer, CASE)
     tgt = enc.answer_ids[0]
     exact = deep_ranking(view, enc, HEAD, tgt, 6, exact=True)
     every = deep_ranking(view, enc, HEAD, tgt, 6, candidates=10_000)

@@ -23,19 +23,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Encoded
+from cnalens.callables import make_callable
+from cnalens.data.cases import Cases, Encoded, Targets
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
 from cnalens.scores import rank_key, rank_order, ranked_rows
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
 RANKINGS = ("decrease", "increase", "abs")
+DEFAULT_K = 20  # what Comparison.frame shows when no K was asked for
 
 
 @dataclass
@@ -53,6 +59,14 @@ class Comparison:
     coef_b: torch.Tensor
     case_ids: list[str]
     meta: dict
+    # kept by ``cna`` so that ``frame()`` and ``verify()`` need no arguments
+    view: Any = field(default=None, repr=False)
+    cases: list[Encoded] | None = field(default=None, repr=False)  # run A's, in order
+    cases_b: list[Encoded] | None = field(default=None, repr=False)  # input comparisons
+    by: str = "decrease"
+    k: int | None = None  # certified/screened comparisons: only this top-K was scored
+    layers: list[int] | None = None  # the layers ranked (None: all)
+    deep_layers: list[int] | None = None  # verification's deep layers (None: ``layers``)
 
     def key(self, by: str = "decrease", layers: Sequence[int] | None = None) -> torch.Tensor:
         """Ranking key per neuron (``scores.rank_key``; higher ranks first); -inf outside
@@ -75,12 +89,17 @@ class Comparison:
             raise CnaError(f"top-K {k} exceeds the {key.shape[1]} neurons compared")
         return rank_order(key)[:, :k]
 
-    def frame(self, k: int, by: str = "decrease", layers: Sequence[int] | None = None,
+    def frame(self, k: int | None = None, by: str | None = None,
+              layers: Sequence[int] | None = None,
               labels: Sequence[dict] | None = None) -> pd.DataFrame:
         """Tidy top-K per case: case, rank, layer, neuron, imp_a, imp_b, coef_a, coef_b
         (``scores.ranked_rows``: the rows ``diff_frame`` gives, without its diff column;
         neurons never scored or outside ``layers`` are left out); ``labels``: one dict of
-        extra columns per case."""
+        extra columns per case. Defaults: ``k`` the comparison's K (else 20), ``by`` and
+        ``layers`` its ranking's."""
+        k = k if k is not None else self.k or DEFAULT_K
+        by = by or self.by
+        layers = self.layers if layers is None else layers
         if by not in RANKINGS:
             raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
         if k > self.diff[0].numel():
@@ -92,6 +111,44 @@ class Comparison:
             extra = pd.DataFrame(list(labels)).iloc[case]
             df = pd.concat([df, extra.reset_index(drop=True)], axis=1)
         return df
+
+    def subset(self, rows: Sequence[int]) -> Comparison:
+        """The same comparison restricted to the cases at positions ``rows``."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        pick = [self.cases, self.cases_b]
+        return Comparison(*(t[idx] for t in (self.diff, self.imp_a, self.imp_b, self.coef_a,
+                                             self.coef_b)),
+                          [self.case_ids[i] for i in idx.tolist()], dict(self.meta),
+                          self.view, *([c[i] for i in idx.tolist()] if c is not None else None
+                                       for c in pick),
+                          self.by, self.k, self.layers, self.deep_layers)
+
+    def verify(self, ks: Sequence[int] = (10, 20, 50), deep_layers: Sequence[int] | None = None,
+               *, metric: str = "correct", seeds: int = 3, batch_size: int = 32,
+               progress: bool = False) -> pd.DataFrame:
+        """The paper's four verification experiments (:func:`verify`) on the kept model and
+        run A's cases, those the model answers correctly (``n`` says how many; the rest are
+        left out, as the CNA stage does). ``deep_layers``: default the comparison's (from
+        the lowest intervened layer up), else its ranked layers, else all."""
+        from cnalens.evaluate import evaluate
+
+        if self.view is None or self.cases is None:
+            raise CnaError("this Comparison keeps no model and cases: make it with "
+                           "cnalens.cna(...), or call cnalens.cna.verify(view, cases, comp, ...)")
+        if self.k is not None and max(ks) > self.k:
+            raise CnaError(f"K {max(ks)} exceeds the top-{self.k} this comparison scored: "
+                           f"run cna with k={max(ks)} or without k")
+        deep = list(deep_layers if deep_layers is not None else self.deep_layers
+                    or self.layers or range(self.view.n_layers))
+        ok = evaluate(self.view, self.cases, batch_size=batch_size, progress=False)[metric]
+        rows = [i for i, good in enumerate(ok.tolist()) if good]
+        if not rows:
+            raise CnaError("the model answers none of the compared cases correctly: "
+                           "nothing to verify")
+        comp = self.subset(rows)
+        return verify(self.view, comp.cases, comp, ks, deep, self.by, metric=metric,
+                      seeds=seeds, batch_size=batch_size, progress=progress,
+                      rank_layers=self.layers)
 
 
 def compare(a, b, meta: dict | None = None) -> Comparison:
@@ -338,3 +395,247 @@ def lens_faithfulness(view, enc: Sequence[Encoded], imp: torch.Tensor, top: int 
         "importance": imp.flatten(1).gather(1, idx).flatten().float().numpy(),
         "real": (base[rows] - zeroed).numpy(),
     })
+
+
+# ----------------------------------------------------------------- one entry point
+def _intervention_list(intervention) -> list:
+    ivs = [intervention] if hasattr(intervention, "edits") else list(intervention)
+    if not ivs or not all(hasattr(iv, "edits") for iv in ivs):
+        raise CnaError("intervention= takes an intervention (ZeroHeads, ZeroNeurons, ...) or "
+                       "a list of them")
+    return ivs
+
+
+def _other_run(view, other):
+    """Run B's model: ``("view", ModelView)`` or ``("adapter_off", peft_model)``."""
+    from torch import nn
+
+    from cnalens.models import ModelView
+
+    if hasattr(other, "disable_adapter") and hasattr(other, "get_base_model"):
+        if other.get_base_model() is view.model:
+            return "adapter_off", other
+        other = other.get_base_model()
+    if isinstance(other, nn.Module) and not isinstance(other, ModelView):
+        other = ModelView(other, view.tokenizer)
+    if not isinstance(other, ModelView):
+        raise CnaError(f"other_model= takes a ModelView, a Hugging Face model or a peft "
+                       f"model, not {type(other).__name__}")
+    mine = (view.n_layers, view.d_ffn, view.vocab_size)
+    theirs = (other.n_layers, other.d_ffn, other.vocab_size)
+    if mine != theirs:
+        raise CnaError(f"other_model= has another shape (layers, FFN width, vocabulary) "
+                       f"{theirs} than the model {mine}: CNA compares the same neurons")
+    return "view", other
+
+
+def _check_call(view, by: str, lens: str, k: int | None) -> None:
+    from cnalens.models import ModelView
+
+    if not isinstance(view, ModelView):
+        raise CnaError(f"cna takes a ModelView (cnalens.load_model(...) or "
+                       f"cnalens.ModelView(model, tokenizer)), not {type(view).__name__}")
+    if by not in RANKINGS:
+        raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
+    if lens not in ("frozen", "renorm"):
+        raise CnaError(f"unknown lens '{lens}': use frozen or renorm")
+    if k is not None and k < 1:
+        raise CnaError(f"top-K needs k >= 1, got {k}")
+
+
+def _with_answer(enc: Sequence[Encoded], target: torch.Tensor) -> list[Encoded]:
+    """Cases without answer tokens get the scored target as their answer (for verify)."""
+    return [e if e.answer_ids else Encoded(e.case, e.prompt_ids, (int(t),))
+            for e, t in zip(enc, target.tolist(), strict=True)]
+
+
+def _adapter_scores(view, peft_model, a, b, target, scale, kw: dict
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA model's run (``a``) and its adapter-disabled run (``b``) scored with A's
+    target and scale: in one pass where their value vectors agree; in layers whose down
+    projection carries the LoRA, each run with its own (B's with the adapter disabled)."""
+    from peft.tuners.lora import LoraLayer
+
+    from cnalens.scores import concat_states, score_neurons
+
+    n = len(a)
+    layers = list(range(view.n_layers)) if kw["layers"] is None else kw["layers"]
+    own = [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
+    rest = {**kw, "layers": [x for x in layers if x not in own]}
+    sc = score_neurons(view, None, states=concat_states([a, b]),
+                       target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
+                       **rest)
+    ia, ib = sc.imp[:n].clone(), sc.imp[n:].clone()
+    if own:
+        mine = {**kw, "layers": own}
+        ia[:, own] = score_neurons(view, None, states=a, target=target, scale=scale,
+                                   **mine).imp[:, own]
+        with peft_model.disable_adapter():
+            ib[:, own] = score_neurons(view, None, states=b, target=target, scale=scale,
+                                       **mine).imp[:, own]
+    return ia, ib
+
+
+def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
+                 other_model: Any = None, target: Targets = None, k: int | None = None,
+                 layers: Sequence[int] | None = None,
+                 by: str = "decrease", lens: str = "frozen", batch_size: int = 32,
+                 progress: bool = False) -> Comparison:
+    """A model comparison (design.md): run A is ``view`` on ``cases``, run B the same cases
+    under ``interventions`` or on ``other_model``; both scored with run A's target (its
+    prediction, or ``target``) and A's frozen final-norm scale.
+
+    ``other_model``: a ModelView or Hugging Face model of the same shape (its own weights
+    score run B), or the peft model wrapping ``view``'s model: run B is then the adapter
+    disabled (A = the LoRA model, as ``apps.lora_cna``). ``layers``: the layers scored and
+    ranked (default: from the lowest intervened layer up, since below it the runs agree;
+    all for other models). ``k``: with interventions, the frozen lens and no soft-capping,
+    only the certified exact top-``k`` is scored (``scores.certified_topk_diff``); else
+    every neuron is (``score_neurons``).
+    """
+    from cnalens.data.cases import as_encoded
+    from cnalens.scores import (
+        case_states,
+        certified_topk_diff,
+        concat_states,
+        frozen_scale,
+        score_neurons,
+    )
+
+    ivs = list(interventions)
+    kind, other = _other_run(view, other_model) if other_model is not None else (None, None)
+    if kind is None and not ivs:
+        raise CnaError("a model comparison needs interventions or another model for run B")
+    enc = as_encoded(view.tokenizer, cases, target)
+    deep = None
+    if ivs and kind is None:
+        deep = list(range(min(e.layer for iv in ivs for e in iv.edits(view)), view.n_layers))
+    layer_list = sorted({int(x) for x in layers}) if layers is not None else deep
+    kw = {"layers": layer_list, "lens": lens, "batch_size": batch_size, "progress": progress}
+    a = case_states(view, enc, batch_size=batch_size)
+    tg = a.gold if target is not None else a.pred
+    scale = frozen_scale(view, a, lens)
+    runs = {"a": "the model", "b": [iv.describe() for iv in ivs]}
+    certified = (k is not None and kind is None and lens == "frozen" and not view.softcap)
+    if kind == "adapter_off":
+        with other.disable_adapter():
+            b = case_states(view, enc, batch_size=batch_size)
+        ia, ib = _adapter_scores(view, other, a, b, tg, scale, kw)
+        runs = {"a": "LoRA model", "b": "original (adapter disabled)"}
+    elif kind == "view":
+        b = case_states(other, enc, batch_size=batch_size)
+        ia = score_neurons(view, None, states=a, target=tg, scale=scale, **kw).imp
+        ib = score_neurons(other, None, states=b, target=tg, scale=scale, **kw).imp
+        runs = {"a": "the model", "b": f"other model ({other.info.get('spec', 'given')})"}
+    else:
+        b = case_states(view, enc, *ivs, batch_size=batch_size)
+    meta = {"comparison": "models", "runs": runs, "target": "given" if target is not None
+            else "run A's prediction", "lens": f"{lens} (run A's scale)", "ranking": by,
+            "layers": layer_list, "scoring": "certified" if certified else "exhaustive",
+            "model": view.summary()}
+    keep = {"view": view, "cases": _with_answer(enc, tg), "by": by, "layers": layer_list,
+            "deep_layers": deep}
+    if certified:
+        frame, stats = certified_topk_diff(view, None, k, ivs, target=tg, layers=layer_list,
+                                           rank=by, batch_size=batch_size, progress=progress,
+                                           states=(a, b))
+        comp = from_certified(frame, a.coef, b.coef, a.case_ids, {**meta, "stats": stats})
+        for name, value in {**keep, "k": k}.items():
+            setattr(comp, name, value)
+        return comp
+    if kind is None:  # one pass: both runs share the value-vector projections
+        n = len(a)
+        sc = score_neurons(view, None, states=concat_states([a, b]),
+                           target=torch.cat([tg, tg]), scale=torch.cat([scale, scale]), **kw)
+        ia, ib = sc.imp[:n], sc.imp[n:]
+    out_dt = ia.dtype
+    return Comparison(ia - ib, ia, ib, a.coef.to(out_dt), b.coef.to(out_dt), list(a.case_ids),
+                      meta, k=k, **keep)
+
+
+def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
+                   target: Targets = None, k: int | None = None,
+                   screen: int | None = None, layers: Sequence[int] | None = None,
+                   by: str = "decrease", lens: str = "frozen", batch_size: int = 32,
+                   progress: bool = False) -> Comparison:
+    """An input comparison (design.md): case ``i`` of ``cases_a`` (run A) against case ``i``
+    of ``cases_b`` (run B), one shared target (``target``; else run A's case target, else
+    run A's prediction), each run with its own frozen final-norm scale. Exact over every
+    neuron of ``layers``; ``screen`` (with ``k``, ranking "decrease") scores only each
+    case's ``screen`` best neurons by a first-order estimate (``scores.input_topk_diff``;
+    approximate, recorded in ``meta``)."""
+    from cnalens.data.cases import as_encoded
+    from cnalens.scores import case_states, concat_states, input_topk_diff, score_neurons
+
+    enc_a = as_encoded(view.tokenizer, cases_a, target)
+    enc_b = as_encoded(view.tokenizer, cases_b, target)
+    if len(enc_a) != len(enc_b):
+        raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: an input "
+                       "comparison pairs them one to one")
+    if screen is not None and (k is None or by != "decrease"):
+        raise CnaError("screen= needs k= and the ranking by='decrease'")
+    sa = case_states(view, enc_a, batch_size=batch_size)
+    sb = case_states(view, enc_b, batch_size=batch_size)
+    given = all(e.answer_ids for e in enc_a)
+    tg = sa.gold if given else sa.pred
+    layer_list = sorted({int(x) for x in layers}) if layers is not None else None
+    meta = {"comparison": "inputs", "runs": {"a": "prompts A", "b": "prompts B"},
+            "target": "given" if given else "run A's prediction",
+            "lens": f"{lens} (each run its own scale)", "ranking": by, "layers": layer_list,
+            "scoring": "screened" if screen is not None else "exhaustive",
+            "model": view.summary()}
+    keep = {"view": view, "cases": _with_answer(enc_a, tg), "cases_b": _with_answer(enc_b, tg),
+            "by": by, "layers": layer_list}
+    if screen is not None:
+        if lens != "frozen":
+            raise CnaError("screen= needs the frozen lens")
+        frame, stats = input_topk_diff(view, None, None, k, target=tg, layers=layer_list,
+                                       screen=screen, batch_size=batch_size,
+                                       progress=progress, states=(sa, sb))
+        comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids, {**meta, "stats": stats})
+        for name, value in {**keep, "k": k}.items():
+            setattr(comp, name, value)
+        return comp
+    n = len(sa)
+    sc = score_neurons(view, None, states=concat_states([sa, sb]), target=torch.cat([tg, tg]),
+                       layers=layer_list, lens=lens, batch_size=batch_size, progress=progress)
+    ia, ib = sc.imp[:n], sc.imp[n:]
+    return Comparison(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], list(sa.case_ids), meta,
+                      k=k, **keep)
+
+
+def cna(view: ModelView, a: Cases, b: Cases | None = None, *, intervention: Any = None,
+        other_model: Any = None, target: Targets = None, k: int | None = None,
+        layers: Sequence[int] | None = None, by: str = "decrease", lens: str = "frozen",
+        screen: int | None = None, batch_size: int = 32,
+        progress: bool = False) -> Comparison:
+    """Comparative Neuron Analysis in one call; returns a :class:`Comparison`.
+
+    ``a``: run A's cases: a prompt string, a ``Case``, an ``Encoded`` or a list of them.
+    Run B is exactly one of: ``b`` (other prompts, one per case of ``a``: an input
+    comparison, :func:`compare_inputs`), ``intervention`` (one or a list, e.g.
+    ``ZeroHeads([(7, 0)])``) or ``other_model`` (a model comparison,
+    :func:`compare_runs`). ``target``: the token scored (text or id, one or one per case;
+    default run A's prediction). ``k``: only the top-``k`` per case is needed (certified
+    exact for interventions); ``.frame()`` then shows it.
+    """
+    given = [name for name, x in (("b", b), ("intervention", intervention),
+                                  ("other_model", other_model)) if x is not None]
+    if not given:
+        raise CnaError("cna needs run B: a second prompt (b), intervention= or other_model=")
+    if len(given) > 1:
+        raise CnaError(f"ambiguous comparison ({' and '.join(given)}): give one of b (two "
+                       "inputs), intervention= or other_model= (two models)")
+    _check_call(view, by, lens, k)
+    common = {"target": target, "k": k, "layers": layers, "by": by, "lens": lens,
+              "batch_size": batch_size, "progress": progress}
+    if b is not None:
+        return compare_inputs(view, a, b, screen=screen, **common)
+    if screen is not None:
+        raise CnaError("screen= applies to input comparisons (two prompts) only")
+    if intervention is not None:
+        return compare_runs(view, a, _intervention_list(intervention), **common)
+    return compare_runs(view, a, other_model=other_model, **common)
+
+
+make_callable(__name__, cna)  # cnalens.cna(view, ...) is cna(view, ...)

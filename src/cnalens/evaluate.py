@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from cnalens.callables import make_callable
 from cnalens.data.arithmetic import COLUMNS as KEYS  # op, digits, template
-from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.data.cases import Case, Cases, Encoded, Targets, as_encoded, encode_all
 from cnalens.errors import CnaError
 from cnalens.names import parse_list
 from cnalens.progress import track
@@ -97,12 +98,27 @@ def score_batch(view, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
             "logp": logp, "pred": pred[rows, first]}
 
 
-def evaluate(view, cases: Sequence[Case] | Sequence[Encoded], *interventions,
+def encode_cases(view, cases: Cases, targets: Targets = None) -> list[Encoded]:
+    """Cases to score by teacher forcing: Cases or Encoded as they are, or prompt strings
+    (or Cases) with ``targets`` (one text or id for all, or one per case:
+    ``data.cases.as_encoded``). CnaError for a prompt without a target."""
+    if targets is None and not isinstance(cases, (str, Case, Encoded)) and not any(
+            isinstance(c, str) for c in cases):
+        return (list(cases) if cases and isinstance(cases[0], Encoded)
+                else encode_all(view.tokenizer, cases))
+    enc = as_encoded(view.tokenizer, cases, targets)
+    if not all(e.answer_ids for e in enc):
+        raise CnaError("plain prompts need targets=[...]: the answers to score")
+    return enc
+
+
+def evaluate(view, cases: Cases, *interventions, targets: Targets = None,
              batch_size: int = 64, progress: bool = True,
              description: str = "evaluating") -> pd.DataFrame:
-    """Per-case results (one row per case, in input order) under optional interventions."""
-    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
-           else encode_all(view.tokenizer, cases))
+    """Per-case results (one row per case, in input order) under optional interventions.
+
+    ``cases``: Cases, Encoded, or prompt strings with ``targets`` (``encode_cases``)."""
+    enc = encode_cases(view, cases, targets)
     out = {k: torch.empty(len(enc), dtype=t) for k, t in
            (("correct", torch.bool), ("correct_first", torch.bool), ("logp", torch.float32),
             ("pred", torch.long))}
@@ -173,3 +189,6 @@ def accuracy_table(per_case: pd.DataFrame, pooled: bool = True,
                      for vals, g in per_case.groupby(outer, sort=True, dropna=False)]
         rows.append({**{k: _pooled_value(k, keys) for k in keys}, **_summary_row(per_case)})
     return pd.DataFrame(rows)
+
+
+make_callable(__name__, evaluate)  # cnalens.evaluate(view, ...) is evaluate(view, ...)

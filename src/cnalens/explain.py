@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Case, Encoded, encode
+from cnalens.data.cases import Case, Encoded, encode_prompt
 from cnalens.errors import CnaError
 
 STAGES = ("feature enhancing", "feature transferring", "feature predicting",
@@ -108,17 +108,6 @@ def case_from_prompt(prompt: str, shots: int = 3) -> Case:
     labels = {"op": op, "digits": digits, "template": "eq", "a": a, "b": b, "answer": value}
     return Case(question, format_answer("eq", value), prefix, labels,
                 f"{OP_NAMES[op]}-{digits}-eq-{a}-{b}")
-
-
-def _encode(view, case: Case | Encoded) -> Encoded:
-    if isinstance(case, Encoded):
-        return case
-    if case.target:
-        return encode(view.tokenizer, case)
-    ids = tuple(view.tokenizer(case.prompt).input_ids)
-    if not ids:
-        raise CnaError("the prompt has no tokens")
-    return Encoded(case, ids, ())
 
 
 def target_id(view, target: str | int | None) -> int | None:
@@ -367,7 +356,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
         raise CnaError("--top must be at least 1")
     if isinstance(case, str):
         case = case_from_prompt(case)
-    enc = _encode(view, case)
+    enc = encode_prompt(view.tokenizer, case)
     ids = list(enc.prompt_ids)
     T = len(ids)
     Lh, h = head

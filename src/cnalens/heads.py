@@ -42,9 +42,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.data.cases import Case, Cases, Encoded, Targets, encode_all
 from cnalens.errors import CnaError
-from cnalens.evaluate import batches, group_keys
+from cnalens.evaluate import batches, encode_cases, group_keys
 from cnalens.interventions import ReplaceHeads, ZeroHeads
 from cnalens.io import _atomic, write_csv, write_json
 from cnalens.models.view import Batch
@@ -862,15 +862,15 @@ def _merge(parts: Sequence[Scan], heads: Sequence[Head], n: int) -> Scan:
 
 
 # ----------------------------------------------------------------- entry point
-def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
-               heads: Sequence[Head] | None = None, method: str = "zero",
+def scan_heads(view, cases: Cases, heads: Sequence[Head] | None = None, method: str = "zero",
                metric: str = "acc", batch_size: int = 128, progress: bool = True,
                fast: bool = True, layers: Sequence[int] | None = None,
                mean_over: str = "all", heads_per_pass: int | None = None,
                checkpoint: Path | None = None, resume: bool = False,
-               keys: Sequence[str] | None = None) -> pd.DataFrame:
+               keys: Sequence[str] | None = None, targets: Targets = None) -> pd.DataFrame:
     """Scan heads (all, those of ``layers``, or ``heads``) and tabulate (``COLUMNS``; the
-    groups of ``keys``, default op and digits: ``head_table``).
+    groups of ``keys``, default op and digits: ``head_table``). ``cases`` may be prompt
+    strings with ``targets`` (``evaluate.encode_cases``).
 
     ``method``: ``zero`` (the paper's) or ``mean`` (the head's mean ``z`` over the
     dataset, ``mean_over`` = all positions or the last prompt position; ``head_means``).
@@ -892,8 +892,7 @@ def scan_heads(view, cases: Sequence[Case] | Sequence[Encoded],
     if metric not in METRICS:
         raise CnaError(f"unknown metric '{metric}': use {', '.join(METRICS)}")
     chosen = select_heads(view, heads, layers)
-    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
-           else encode_all(view.tokenizer, cases))
+    enc = encode_cases(view, cases, targets)
     rank, world = _dist()
     folder = None
     if checkpoint is not None:

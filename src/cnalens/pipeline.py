@@ -345,18 +345,20 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     With no correctly answered case at all: CnaError, or (``require=False``) a warning and
     None, with nothing written.
 
-    Both runs of every operation are scored in ONE exhaustive pass over the deep layers
-    (the frozen lens's value-vector projections are case-independent), run B with run A's
-    target (A's prediction) and frozen scale. Writes cna_neurons.csv (each case's top-K),
-    verification.csv and cna.json. With ``heldout_by_op``, verification adds
-    ``heldout_zero_topk``: the K neurons most frequent in the cases' top-K, zeroed on the
-    held-out cases the model answers correctly.
+    Each operation's certified top-K (``scores.certified_cna``: K = max(ks), ranked over its
+    deep layers, run B with run A's target (A's prediction) and frozen scale; exhaustive on
+    soft-capped models) scores exactly only the neurons whose bounds can reach the top-K;
+    coefficients stay complete for verification. Lens faithfulness takes run A's own
+    certified top-10 (``scores.certified_topk``, layers from the shallowest head up). Writes
+    cna_neurons.csv (each case's top-K), verification.csv and cna.json. With
+    ``heldout_by_op``, verification adds ``heldout_zero_topk``: the K neurons most frequent
+    in the cases' top-K, zeroed on the held-out cases the model answers correctly.
     """
     from scipy.stats import pearsonr, spearmanr
 
-    from cnalens.cna import Comparison, lens_faithfulness, verify, verify_heldout
+    from cnalens.cna import from_certified, lens_faithfulness, verify, verify_heldout
     from cnalens.interventions import ZeroHeads
-    from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
+    from cnalens.scores import case_states, certified_cna, certified_topk
 
     t0 = time.perf_counter()
     group_cols = tuple(group_cols)
@@ -382,32 +384,39 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
             raise CnaError(msg)
         console.print(f"[yellow]{msg}; stage skipped[/]")
         return None
-    a, b = concat_states(runs_a), concat_states(runs_b)
-    n = len(a)
-    target, scale = a.pred, frozen_scale(view, a)
+    n = sum(len(enc) for enc in encs.values())
     first = min(heads_by_op[op][0] for op in encs)
-    console.print(f"[bold]cna[/]: scoring {n} cases x 2 runs, layers {first}-{view.n_layers - 1}")
-    sc = score_neurons(view, None, states=concat_states([a, b]),
-                       target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
-                       layers=range(first, view.n_layers), progress=progress)
-    frames, vers, faiths, i0 = [], [], [], 0
-    for op, enc in encs.items():
+    top = max(ks)
+    console.print(f"[bold]cna[/]: certified top-{top} of {n} cases x 2 runs (deep layers)")
+    frames, vers, faiths, methods = [], [], [], set()
+    for (op, enc), sa, sb in zip(encs.items(), runs_a, runs_b, strict=True):
         head = heads_by_op[op]
         name = group_name(op)
         group = dict(zip(group_cols, op if isinstance(op, tuple) else (op,), strict=True))
         deep = list(range(head[0], view.n_layers))
-        rows = slice(i0, i0 + len(enc))
-        rows_b = slice(n + i0, n + i0 + len(enc))
-        i0 += len(enc)
-        comp = Comparison(sc.imp[rows] - sc.imp[rows_b], sc.imp[rows], sc.imp[rows_b],
-                          sc.coef[rows], sc.coef[rows_b], [e.case.case_id for e in enc],
-                          {**group, "head": per_op[name]["head"]})
+        found, stats = certified_cna(view, sa, sb, top, layers=deep, rank=by,
+                                     progress=progress)
+        methods.add(stats["method"])
+        per_op[name]["scoring"] = {
+            "method": stats["method"], "neurons": stats["n_units"],
+            "scored_exactly_mean": sum(stats["n_exact"]) / len(stats["n_exact"]),
+            "seconds": round(stats["seconds"], 2)}
+        comp = from_certified(found, sa.coef, sb.coef, sa.case_ids,
+                              {**group, "head": per_op[name]["head"]})
         labels = [{**group, "head": per_op[name]["head"], "prompt": e.case.question,
                    "target": e.case.target,
                    **{c: e.case.labels.get(c) for c in label_cols if c not in group}}
                   for e in enc]
-        frames.append(comp.frame(max(ks), by, deep, labels))
-        faith = lens_faithfulness(view, enc, comp.imp_a, top=10, batch_size=batch_size)
+        frames.append(comp.frame(top, by, deep, labels))
+        # run A's own top-10 (the layers from the shallowest head up), certified
+        top_a, _ = certified_topk(view, enc, 10, layers=range(first, view.n_layers),
+                                  batch_size=batch_size)
+        imp_a = torch.full(sa.coef.shape, float("nan"), dtype=torch.float64)
+        pos = {c: i for i, c in enumerate(sa.case_ids)}
+        imp_a[torch.tensor(top_a["case"].map(pos).to_numpy()),
+              torch.tensor(top_a.layer.to_numpy()), torch.tensor(top_a["index"].to_numpy())] = \
+            torch.tensor(top_a.importance.to_numpy(), dtype=torch.float64)
+        faith = lens_faithfulness(view, enc, imp_a, top=10, batch_size=batch_size)
         own = [c for c in label_cols if c not in group]  # each case's other labels
         if own:
             lab = pd.DataFrame([{"case": e.case.case_id, **{c: e.case.labels.get(c)
@@ -440,7 +449,8 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     ver_df = pd.concat(vers, ignore_index=True)
     write_csv(out / "verification.csv", ver_df)
     meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,
-            "seeds": seeds, "ranking": by, "lens": "frozen", "scoring": "exhaustive",
+            "seeds": seeds, "ranking": by, "lens": "frozen",
+            "scoring": "/".join(sorted(methods)),
             "target": "run A's prediction", "group_by": list(group_cols), "per_op": per_op,
             "runs": {"a": "original model", "b": "the op's head zeroed (o_proj input)"},
             "seconds": round(time.perf_counter() - t0, 2), "finished": now()}

@@ -21,12 +21,14 @@ Certified top-K (frozen lens, no soft-capping): ``LSE`` is convex, so
 ``Imp <= t (P_w - p . P)`` with ``t = m / c`` and ``p`` the base distribution; ``p . P`` for
 every neuron of a layer needs one ``W_U^T p``. Neurons are scored exactly in descending
 bound order until the K-th exact score clears the next bound. For a difference of two runs
-a lower bound on the subtracted run's importance uses exact terms over its most probable
-tokens and ``|P_i| <= ||g * C(v)|| ||W_U[i]||`` for the rest (binned by row norm).
+(``certified_cna``) each run's importance gets two-sided bounds: exact terms over the most
+probable tokens, and for the rest Jensen (below) and Edmundson-Madansky (above) with each
+neuron's projection range ``[min_i P_i, max_i P_i]`` (case-independent, cached by weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -156,7 +158,8 @@ def case_states(view, encoded, *interventions, batch_size: int = 32) -> CaseStat
     resid_post = cat("resid_post")
     return CaseStates(
         case_ids=[e.case.case_id or f"c{i}" for i, e in enumerate(enc)],
-        gold=torch.tensor([e.answer_ids[0] for e in enc], dtype=torch.long),
+        gold=torch.tensor([e.answer_ids[0] if e.answer_ids else -1 for e in enc],
+                          dtype=torch.long),
         resid_pre=cat("resid_pre"), resid_mid=cat("resid_mid"), coef=cat("coef"), z=cat("z"),
         final=resid_post[:, -1], logits=torch.cat(parts["logits"]),
         attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc))
@@ -291,6 +294,9 @@ def _targets(states: CaseStates, target: Target) -> torch.Tensor:
         if target == "pred":
             return states.pred.clone()
         if target == "gold":
+            if bool((states.gold < 0).any()):
+                raise CnaError("a case has no target to score: give it one or use the "
+                               "prediction (target='pred')")
             return states.gold.clone()
         raise CnaError(f"unknown target '{target}': use pred, gold or token ids")
     t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
@@ -601,46 +607,6 @@ class _LayerCache:
         return A
 
 
-def _upper(lz: _Lens, X: torch.Tensor, T: torch.Tensor, base: _Base) -> torch.Tensor:
-    """Convexity bound ``t (P_w - p . P)`` for one base row: (N,)."""
-    p = torch.softmax(base.y0[0], -1)
-    direction = lz.W[base.targets[0]] - p @ lz.W
-    return T * (X @ direction)
-
-
-class _RestBound:
-    """Token row norms sorted once, for the lower bound's tail."""
-
-    def __init__(self, lz: _Lens, bins: int):
-        norms = lz.W.norm(dim=-1)
-        self.order = torch.argsort(norms, descending=True)
-        nb = max(1, min(bins, lz.V))
-        edges = torch.linspace(0, lz.V, nb + 1).round().long()
-        self.bin_of = torch.empty(lz.V, dtype=torch.long)
-        sizes = (edges[1:] - edges[:-1])
-        self.bin_of[self.order] = torch.repeat_interleave(torch.arange(nb), sizes)
-        self.nmax = norms[self.order[edges[:-1].clamp(max=lz.V - 1)]] * (1 + 1e-6)
-        self.nbins = nb
-
-
-def _lower(lz: _Lens, X: torch.Tensor, T: torch.Tensor, base: _Base, rest: _RestBound,
-           top_tokens: int) -> torch.Tensor:
-    """Lower bound on ``t P_w - log sum_i p_i exp(t P_i)`` for one base row: (N,)."""
-    logp = torch.log_softmax(base.y0[0], -1)
-    m = min(top_tokens, lz.V)
-    top = torch.topk(logp, m).indices
-    PS = X @ lz.W[top].T  # (N, m)
-    exact = torch.logsumexp(logp[top][None] + T[:, None] * PS, -1)
-    p = logp.exp()
-    p[top] = 0
-    mass = torch.zeros(rest.nbins, dtype=p.dtype).index_add_(0, rest.bin_of, p)
-    xnorm = X.norm(dim=-1) * (1 + 1e-6)
-    tail = mass.log()[None] + (T.abs() * xnorm)[:, None] * rest.nmax[None]
-    upper_lse = torch.logsumexp(torch.cat([exact[:, None], tail], 1), -1)
-    Pw = X @ lz.W[base.targets[0]]
-    return T * Pw - upper_lse
-
-
 def _check_certifiable(lz: _Lens, k: int) -> None:
     if k < 1:
         raise CnaError(f"top-K needs K >= 1, got {k}")
@@ -753,95 +719,464 @@ def _exact(lz, cache, bases, As, ids, d_ffn) -> torch.Tensor:
 def certified_topk_diff(view, cases, k: int, interventions_b: Sequence,
                         interventions_a: Sequence = (), *, target: Target = "pred",
                         layers=None, rank: str = "decrease", top_tokens: int = 256,
-                        bins: int = 64, slack: float | None = None, step: int = 64,
-                        batch_size: int = 32, progress: bool = False
+                        slack: float | None = None, step: int = 64,
+                        batch_size: int = 32, progress: bool = False,
+                        states: tuple[CaseStates, CaseStates] | None = None
                         ) -> tuple[pd.DataFrame, dict]:
     """Exact top-``k`` FFN neurons per case by ``imp_a - imp_b`` (CNA), certified.
 
     Run A: ``interventions_a`` (default: none) with its own target and frozen scale; run B:
     ``interventions_b``, scored with A's target and scale. ``rank``: "decrease" (imp_a - imp_b
     descending), "increase" (imp_b - imp_a) or "abs" (|imp_a - imp_b|). Rows: case, rank,
-    layer, neuron, imp_a, imp_b, coef_a, coef_b, diff (imp_a - imp_b).
+    layer, neuron, imp_a, imp_b, coef_a, coef_b, diff (imp_a - imp_b). ``states``: the two
+    runs' ``case_states`` of ``cases`` (then not computed again). The two runs' forwards,
+    then ``certified_cna`` (``top_tokens``: its ``head_tokens``); soft-capped models raise.
     """
     if rank not in RANKS:
         raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
-    lz = _Lens(view, "frozen")
-    _check_certifiable(lz, k)
+    _check_certifiable(_Lens(view, "frozen"), k)
     t0 = time.perf_counter()
-    enc = _as_encoded(view, cases)
-    sa = case_states(view, enc, *interventions_a, batch_size=batch_size)
-    sb = case_states(view, enc, *interventions_b, batch_size=batch_size)
-    tg = _targets(sa, target)
+    if states is None:
+        enc = _as_encoded(view, cases)
+        sa = case_states(view, enc, *interventions_a, batch_size=batch_size)
+        sb = case_states(view, enc, *interventions_b, batch_size=batch_size)
+    else:
+        sa, sb = states
+    df, stats = certified_cna(view, sa, sb, k, target=target, layers=layers, rank=rank,
+                              head_tokens=top_tokens, slack=slack, step=step,
+                              progress=progress)
+    stats["seconds"] = time.perf_counter() - t0
+    return df, stats
+
+
+# --------------------------------------------------------------------------- certified CNA
+# Two-sided bounds for a difference (frozen lens, no soft-capping). With ``t`` the frozen
+# coefficient, ``P`` the neuron's case-independent projection and ``p`` the base distribution,
+# ``Imp = t P_w - log E_p[exp(t P)]``. Split the vocabulary into ``S`` (the base rows' most
+# probable tokens, scored exactly) and the rest (mass ``q``, mean ``mu = E_rest[P]``, range
+# ``[m, M]`` of ``P`` over the whole vocabulary): by convexity of ``exp``,
+# ``exp(t mu) <= E_rest[exp(t P)] <= ((M - mu) exp(t m) + (mu - m) exp(t M)) / (M - m)``
+# (Jensen; Edmundson-Madansky), so ``Imp`` lies in ``[t P_w - LSE(head, tail_hi),
+# t P_w - LSE(head, tail_lo)]``. ``m, M`` depend on the weights only: Cauchy-Schwarz at
+# first, exact (a vocabulary-tiled pass) for the neurons that are candidates of some case,
+# cached by a fingerprint of the weights' content.
+_RANGES: dict[tuple, _Range] = {}
+_RANGES_MAX = 1024
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A hash of a tensor's bytes."""
+    a = t.detach().contiguous().cpu()
+    if a.dtype == torch.bfloat16:
+        a = a.view(torch.int16)
+    return hashlib.blake2b(a.numpy(), digest_size=16).hexdigest()
+
+
+def _unembed_key(lz: _Lens) -> tuple:
+    """The unembedding's identity: storage, in-place version, shape, dtype and a content
+    sample (the value vectors' part of a range key is a hash of their full content)."""
+    w = lz.view.unembed.weight
+    sample = w.detach()[::max(1, w.shape[0] // 2048)]
+    return (w.data_ptr(), w._version, tuple(w.shape), str(w.dtype), str(lz.dt), _digest(sample))
+
+
+class _Range:
+    """One layer's projection range ``[m, M]`` per vector of ``P = W_U x``: Cauchy-Schwarz
+    ``|P_i| <= |x| max_i |W_i|`` until ``set`` records ``min_i P_i`` and ``max_i P_i``
+    (``_exact_ranges``); both widened by a bound on the products' rounding."""
+
+    def __init__(self, lz: _Lens, X: torch.Tensor):
+        wmax = lz.W.norm(dim=-1).max()
+        xn = X.norm(dim=-1)
+        # |fl(x . w) - x . w| <= d eps |x| |w| (deterministic); 4 sqrt(d) eps covers BLAS
+        self.err = (4 * lz.d ** 0.5 * torch.finfo(lz.dt).eps) * xn * wmax + 1e-30
+        cs = xn * wmax * (1 + 1e-5) + self.err
+        self.m, self.M = -cs, cs.clone()
+        self.known = torch.zeros(X.shape[0], dtype=torch.bool)
+
+    def set(self, idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Record the exact ``min_i P_i``, ``max_i P_i`` of the vectors ``idx``."""
+        self.m[idx], self.M[idx] = lo - self.err[idx], hi + self.err[idx]
+        self.known[idx] = True
+
+
+def _exact_ranges(lz: _Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min_i P_i`` and ``max_i P_i`` of ``P = W_U x`` for each row of ``X``: one pass over
+    the vocabulary per 2,048 rows."""
+    lo = torch.full((X.shape[0],), float("inf"), dtype=lz.dt)
+    hi = torch.full((X.shape[0],), float("-inf"), dtype=lz.dt)
+    vb = min(lz.V, 8192)
+    for k0 in range(0, X.shape[0], 2048):
+        ks = slice(k0, k0 + 2048)
+        for v0 in range(0, lz.V, vb):
+            a, b = torch.aminmax(X[ks] @ lz.W[v0:v0 + vb].T, dim=-1)
+            lo[ks], hi[ks] = torch.minimum(lo[ks], a), torch.maximum(hi[ks], b)
+    return lo, hi
+
+
+def _projection_range(lz: _Lens, X: torch.Tensor, wkey: tuple | None = None) -> _Range:
+    """The (cached) ``_Range`` of vectors ``X``: keyed by the unembedding's identity and a
+    hash of ``X`` (value vectors through the norms' gains), never by a model's name."""
+    key = (wkey or _unembed_key(lz), _digest(X))
+    hit = _RANGES.get(key)
+    if hit is None:
+        if len(_RANGES) >= _RANGES_MAX:
+            _RANGES.pop(next(iter(_RANGES)))
+        hit = _RANGES[key] = _Range(lz, X)
+    return hit
+
+
+def _bound_parts(lz: _Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
+                 q: torch.Tensor, rest_w: torch.Tensor, targets: torch.Tensor,
+                 T: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The range-independent parts of the bounds (float64, (r, N) each, see the section
+    comment): ``t``, ``t P_w``, the head's log-sum, ``log q`` and the rest's mean ``mu``, for
+    vectors ``X`` (N, d), frozen coefficients ``T`` (r, N) and r base rows: their
+    log-probabilities ``logp`` (r, V), the tokens ``S`` scored exactly, the other tokens'
+    mass ``q`` (r,) and ``rest_w = W_U^T p`` over them (r, d), the targets (r,)."""
+    dd = torch.float64
+    PS = (X @ lz.W[S].T).to(dd)  # (N, s)
+    Pw = (X @ lz.W[targets].T).to(dd).T  # (r, N)
+    lpS = logp[:, S].to(dd)
+    q = q.to(dd)[:, None]
+    qmu = (rest_w @ X.T).to(dd)  # (r, N): sum over the rest of p_i P_i
+    T = T.to(dd)
+    head = torch.logsumexp(lpS[:, None, :] + T[:, :, None] * PS[None], -1)
+    mu = torch.where(q > 0, qmu / q.clamp_min(1e-300), float("nan"))
+    return T, T * Pw, head, q.log().expand_as(head), mu
+
+
+def _two_sided(parts: tuple[torch.Tensor, ...], m: torch.Tensor, M: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``: ``lo <= Imp <= hi`` from ``_bound_parts`` and each vector's projection
+    range ``[m, M]`` (Jensen below the rest's term, Edmundson-Madansky above)."""
+    T, tpw, head, logq, mu = parts
+    m, M = m.to(torch.float64), M.to(torch.float64)
+    mu = torch.where(torch.isnan(mu), m, mu).clamp(m, M)
+    lam = ((mu - m) / (M - m)).clamp(0, 1)
+    tail_lo = logq + T * mu
+    tail_hi = logq + torch.logaddexp(torch.log1p(-lam) + T * m, lam.log() + T * M)
+    return tpw - torch.logaddexp(head, tail_hi), tpw - torch.logaddexp(head, tail_lo)
+
+
+def _head_set(logp: torch.Tensor, head_tokens: int) -> torch.Tensor:
+    """The tokens scored exactly in the bounds: the most probable under any of the rows."""
+    return torch.topk(logp.max(0).values, min(head_tokens, logp.shape[-1])).indices
+
+
+def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, rank: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on ``rank_key(imp_a - imp_b)`` from per-run bounds (rows a, b)."""
+    dlo, dhi = lo[0] - hi[1], hi[0] - lo[1]
+    if rank == "decrease":
+        return dlo, dhi
+    if rank == "increase":
+        return -dhi, -dlo
+    return torch.maximum(dlo, -dhi).clamp_min(0), torch.maximum(dhi, -dlo)
+
+
+@dataclass
+class _DiffCase:
+    """One case of a certified CNA: per layer the two runs' base rows and coefficients."""
+
+    bases: dict[int, _Base]
+    A: dict[int, torch.Tensor]  # (2, width): runs a, b
+    parts: dict[int, tuple[torch.Tensor, ...]]  # ``_bound_parts``
+    lo: dict[int, torch.Tensor]  # (2, width) importance bounds
+    hi: dict[int, torch.Tensor]
+
+
+class _DiffBounds:
+    """Shared state of a certified CNA over two runs scored on A's target and scale."""
+
+    def __init__(self, view, lz: _Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
+                 c: torch.Tensor, layers: list[int], head_tokens: int):
+        self.view, self.lz, self.sa, self.sb, self.tg, self.c = view, lz, sa, sb, tg, c
+        self.layers, self.head_tokens = layers, head_tokens
+        self.cache = _LayerCache(view, lz, layers)
+        wkey = _unembed_key(lz)
+        self.ranges = {x: _projection_range(lz, self.cache.X[x], wkey) for x in layers}
+        self.seconds_range, self.n_refined = 0.0, 0
+        self.Aa = {x: self.cache.coef(sa, x) for x in layers}
+        self.Ab = {x: self.cache.coef(sb, x) for x in layers}
+
+    def refine(self, positions: dict[int, torch.Tensor]) -> int:
+        """Exact projection ranges for the given neurons of each layer (those not known yet;
+        every layer's in one pass over the vocabulary); how many were new."""
+        t0 = time.perf_counter()
+        todo = {x: idx[~self.ranges[x].known[idx]] for x, idx in positions.items()}
+        todo = {x: idx for x, idx in todo.items() if len(idx)}
+        if todo:
+            lo, hi = _exact_ranges(self.lz, torch.cat([self.cache.X[x][idx]
+                                                        for x, idx in todo.items()]))
+            i0 = 0
+            for x, idx in todo.items():
+                self.ranges[x].set(idx, lo[i0:i0 + len(idx)], hi[i0:i0 + len(idx)])
+                i0 += len(idx)
+        n = sum(len(idx) for idx in todo.values())
+        self.seconds_range += time.perf_counter() - t0
+        self.n_refined += n
+        return n
+
+    def case(self, i: int) -> _DiffCase:
+        lz, nl, L = self.lz, len(self.layers), self.layers
+        # both runs' base rows of every layer, and W_U^T p_rest, in one pass over W_U each
+        base = lz.base(torch.cat([self.sa.resid_mid[i, L], self.sb.resid_mid[i, L]]),
+                       self.c[i].expand(2 * nl), self.tg[i].expand(2 * nl))
+        logp = torch.log_softmax(base.y0, -1)
+        rest = logp.exp()
+        heads = []
+        for j in range(nl):
+            rows = [j, nl + j]
+            heads.append(_head_set(logp[rows], self.head_tokens))
+            rest[rows] = rest[rows].index_fill(1, heads[-1], 0.0)
+        rest_w = rest @ lz.W  # (2 nl, d)
+        q = rest.to(torch.float64).sum(-1)
+        out = _DiffCase({}, {}, {}, {}, {})
+        for j, layer in enumerate(L):
+            rows = [j, nl + j]
+            A = torch.stack([self.Aa[layer][i], self.Ab[layer][i]])
+            out.parts[layer] = _bound_parts(lz, self.cache.X[layer], logp[rows], heads[j],
+                                            q[rows], rest_w[rows], base.targets[rows],
+                                            A / self.c[i])
+            out.bases[layer] = _row(base, slice(j, j + nl + 1, nl))
+            out.A[layer] = A
+        return self.rebound(out)
+
+    def rebound(self, dc: _DiffCase) -> _DiffCase:
+        """The case's bounds from its parts and the projection ranges known now."""
+        for layer, parts in dc.parts.items():
+            r = self.ranges[layer]
+            dc.lo[layer], dc.hi[layer] = _two_sided(parts, r.m, r.M)
+        return dc
+
+
+def _score_requests(lz: _Lens, X: torch.Tensor,
+                    reqs: list[tuple[_Base, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Exact frozen-lens importances of vectors ``X`` (U, d), each request ``(base, A, sel)``
+    scoring its rows (r) against its own subset ``sel`` of the vectors with coefficients
+    ``A`` (r, len(sel)); the projection onto each vocabulary block is shared by all."""
+    W, dt = lz.W, lz.dt
+    vb = min(lz.V, 8192)
+    blocks = range(0, lz.V, vb)
+    Ts = [A.to(dt) / base.c[:, None] for base, A, _ in reqs]
+    lse = [torch.empty(T.shape[0], T.shape[1], len(blocks), dtype=dt) for T in Ts]
+    for j, v0 in enumerate(blocks):
+        P = X @ W[v0:v0 + vb].T  # (U, vb)
+        for q, ((base, _, sel), T) in enumerate(zip(reqs, Ts, strict=True)):
+            Pc = P.index_select(0, sel)
+            for r in range(T.shape[0]):
+                Y = torch.addcmul(base.y0[r, v0:v0 + vb], T[r, :, None], Pc)
+                lse[q][r, :, j] = torch.logsumexp(Y, -1)
+    out = []
+    for (base, _, sel), T, part in zip(reqs, Ts, lse, strict=True):
+        Pw = X.index_select(0, sel) @ W[base.targets].T  # (n, r)
+        rows = torch.arange(T.shape[0])
+        yw = base.y0[rows, base.targets][:, None] + T * Pw.T
+        out.append(yw - torch.logsumexp(part, -1) - base.logp_w[:, None])
+    return out
+
+
+def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: float,
+                   step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, int]], int]:
+    """Certified top-``k`` of several cases together: per case, the candidates are the
+    neurons whose key's upper bound reaches the K-th largest lower bound; each round every
+    unfinished case takes its next candidates in descending upper-bound order, the union is
+    projected once and each case scores exactly (both runs) what it took, until its K-th
+    exact key clears its next upper bound by ``slack``. Returns per case (flat ids,
+    (2, k) scores, candidates, scored) and the number of projections."""
+    D = bd.view.d_ffn
+    widths = [bd.cache.X[x].shape[0] for x in bd.layers]
+    layer_of = torch.repeat_interleave(torch.tensor(bd.layers), torch.tensor(widths))
+    idx_of = torch.cat([torch.arange(w) for w in widths])
+    flat = layer_of * D + idx_of
+    n_units, g = len(flat), len(cases)
+    k = min(k, n_units)
+    khi = torch.empty(g, n_units, dtype=torch.float64)
+
+    def candidates(dcs):
+        orders = []
+        for c, dc in enumerate(dcs):
+            lo, hi = (torch.cat(x) for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], rank)
+                                                    for x in bd.layers], strict=True))
+            khi[c] = hi
+            keep = (hi >= torch.topk(lo, k).values[-1] - slack).nonzero()[:, 0]
+            order = torch.from_numpy(np.lexsort((flat[keep].numpy(), -hi[keep].numpy())))
+            orders.append(keep[order])
+        return orders
+
+    # candidates under the ranges known so far; exact ranges (cached) for each case's best
+    # ``take`` candidates of unknown range, in upper-bound order, until none is left
+    dcs = [bd.case(i) for i in cases]
+    orders = candidates(dcs)
+    take = k + step
+    while True:
+        known = torch.cat([bd.ranges[x].known for x in bd.layers])
+        pos = torch.unique(torch.cat([o[~known[o]][:take] for o in orders]))
+        if not len(pos):
+            break
+        bd.refine({x: idx_of[pos[layer_of[pos] == x]] for x in bd.layers})
+        orders = candidates([bd.rebound(dc) for dc in dcs])
+        take *= 2
+    n_cand = [len(o) for o in orders]
+    scores = torch.full((g, 2, n_units), float("nan"), dtype=bd.lz.dt)
+    scored = torch.zeros(g, n_units, dtype=torch.bool)
+    active = list(range(g))
+    take_n = [k + step] * g
+    n_proj = 0
+    while active:
+        reqs = {}
+        for c in active:
+            reqs[c], orders[c] = orders[c][:take_n[c]], orders[c][take_n[c]:]
+            take_n[c] = min(max(step, take_n[c]) * 2, 2048)
+        union = torch.unique(torch.cat(list(reqs.values())))  # sorted: grouped by layer
+        n_proj += len(union)
+        for layer in layer_of[union].unique().tolist():
+            in_layer = union[layer_of[union] == layer]
+            for u0 in range(0, len(in_layer), 1024):
+                chunk = in_layer[u0:u0 + 1024]
+                batch = []
+                for c, pos in reqs.items():
+                    mine = pos[torch.isin(pos, chunk)]
+                    if len(mine):
+                        batch.append((c, mine))
+                if not batch:
+                    continue
+                dc_req = [(dcs[c].bases[layer], dcs[c].A[layer][:, idx_of[mine]],
+                           torch.searchsorted(chunk, mine)) for c, mine in batch]
+                res = _score_requests(bd.lz, bd.cache.X[layer][idx_of[chunk]], dc_req)
+                for (c, mine), s in zip(batch, res, strict=True):
+                    scores[c][:, mine] = s
+                    scored[c, mine] = True
+        still = []
+        for c in active:
+            done = scored[c].nonzero()[:, 0]
+            if len(done) >= k:
+                key = rank_key(scores[c, 0, done] - scores[c, 1, done], rank).double()
+                kth = torch.topk(key, k).values[-1]
+                if not len(orders[c]) or kth >= khi[c, orders[c][0]] + slack:
+                    continue
+            still.append(c)
+        active = still
+    out = []
+    for c in range(g):
+        done = scored[c].nonzero()[:, 0]
+        s = scores[c][:, done]
+        best = _topk_order(rank_key(s[0] - s[1], rank), flat[done], k)
+        out.append((flat[done][best], s[:, best], n_cand[c], len(done)))
+    return out, n_proj
+
+
+def cna_bounds(view, states_a: CaseStates, states_b: CaseStates, *, target: Target = "pred",
+               layers=None, head_tokens: int = 256, exact_ranges: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
+    d_ffn) (runs A, B; NaN outside ``layers`` and beyond a layer's width), with
+    ``lo <= imp <= hi`` for both runs scored on A's target and frozen scale (frozen lens,
+    no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
+    the ranges known so far: Cauchy-Schwarz for the others)."""
+    lz = _Lens(view, "frozen")
+    _check_certifiable(lz, 1)
+    tg = _targets(states_a, target)
     _check_targets(view, tg)
-    c = _scales(lz, sa, None)
     layer_list = _layers(view, layers)
-    cache = _LayerCache(view, lz, layer_list)
-    rest = _RestBound(lz, bins)
-    sl = _slack(lz, slack) * 2
-    rows, n_exact = [], []
+    bd = _DiffBounds(view, lz, states_a, states_b, tg, _scales(lz, states_a, None), layer_list,
+                     head_tokens)
+    if exact_ranges:
+        bd.refine({x: torch.arange(bd.cache.X[x].shape[0]) for x in layer_list})
+    shape = (2, len(states_a), view.n_layers, view.d_ffn)
+    lo = torch.full(shape, float("nan"), dtype=torch.float64)
+    hi = lo.clone()
     with torch.no_grad():
-        for i in track(range(len(sa)), "certified CNA top-k", show=progress):
-            ba, bb, Aa, Ab, bound, flat = {}, {}, {}, {}, [], []
+        for i in range(len(states_a)):
+            dc = bd.case(i)
             for layer in layer_list:
-                X = cache.X[layer]
-                Aa[layer] = cache.coef(sa, layer)[i]
-                Ab[layer] = cache.coef(sb, layer)[i]
-                one = (c[i:i + 1], tg[i:i + 1])
-                ba[layer] = lz.base(sa.resid_mid[i:i + 1, layer], *one)
-                bb[layer] = lz.base(sb.resid_mid[i:i + 1, layer], *one)
-                ta, tb = Aa[layer] / c[i], Ab[layer] / c[i]
-                dec = inc = None
-                if rank in ("decrease", "abs"):
-                    dec = (_upper(lz, X, ta, ba[layer])
-                           - _lower(lz, X, tb, bb[layer], rest, top_tokens))
-                if rank in ("increase", "abs"):
-                    inc = (_upper(lz, X, tb, bb[layer])
-                           - _lower(lz, X, ta, ba[layer], rest, top_tokens))
-                bound.append(dec if inc is None else inc if dec is None else
-                             torch.maximum(dec, inc))
-                flat.append(layer * view.d_ffn + torch.arange(X.shape[0]))
-            pair: dict[int, torch.Tensor] = {}
+                w = dc.lo[layer].shape[1]
+                lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
+    return lo, hi
 
-            def exact_fn(ids, ba=ba, bb=bb, Aa=Aa, Ab=Ab, pair=pair):
-                out = torch.empty(len(ids), dtype=lz.dt)
-                layer_of = ids // view.d_ffn
-                for layer in layer_of.unique().tolist():
-                    sel = (layer_of == layer).nonzero()[:, 0]
-                    idx = ids[sel] % view.d_ffn
-                    both = _stack(ba[layer], bb[layer])
-                    A2 = torch.stack([Aa[layer][idx], Ab[layer][idx]])
-                    s2 = lz.score(cache.X[layer][idx], cache.Cv[layer][idx], A2, both)
-                    for j, col in zip(ids[sel].tolist(), s2.T, strict=True):
-                        pair[j] = col
-                    d = s2[0] - s2[1]
-                    out[sel] = d if rank == "decrease" else -d if rank == "increase" else d.abs()
-                return out
 
-            fl, _, n_done = _certify(lz, cache, None, None, torch.cat(bound), torch.cat(flat),
-                                     k, sl, step, view.d_ffn, exact_fn)
-            n_exact.append(n_done)
-            ab = torch.stack([pair[j] for j in fl.tolist()]) if len(fl) else torch.empty(0, 2)
+def certified_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
+                  target: Target = "pred", layers=None, rank: str = "decrease",
+                  head_tokens: int = 256, slack: float | None = None, step: int = 64,
+                  group: int = 8, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Exact top-``k`` FFN neurons per case by ``imp_a - imp_b`` of two runs of one model,
+    certified: run B (``states_b``) is scored with run A's target and frozen scale.
+
+    Per case, two-sided bounds on each neuron's importance in both runs (``cna_bounds``)
+    give an interval for its key (``rank``: "decrease", "increase" or "abs"); only neurons
+    whose interval reaches the K-th largest lower bound are candidates, scored exactly in
+    both runs in descending order of their upper bound until the K-th exact key clears the
+    next upper bound by ``slack`` (default 2e-4 in float32, 2e-9 in float64); candidates
+    get exact projection ranges first (kept for later calls). Same rows and
+    tie rule as ``diff_frame(..., top=k)``: case, rank, layer, neuron, imp_a, imp_b, coef_a,
+    coef_b, diff. ``group`` cases are certified together: a neuron several of them need
+    next is projected onto the vocabulary once. Soft-capped models fall back to exhaustive
+    scoring (``stats["method"]``).
+    """
+    if rank not in RANKS:
+        raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
+    if k < 1:
+        raise CnaError(f"top-K needs K >= 1, got {k}")
+    if len(states_a) != len(states_b):
+        raise CnaError(f"{len(states_a)} run-A cases but {len(states_b)} run-B cases")
+    t0 = time.perf_counter()
+    lz = _Lens(view, "frozen")
+    tg = _targets(states_a, target)
+    _check_targets(view, tg)
+    c = _scales(lz, states_a, None)
+    layer_list = _layers(view, layers)
+    n_units = int(sum(view.ffn_width(x) for x in layer_list))
+    meta = {"lens": "frozen", "target": target if isinstance(target, str) else "ids",
+            "run_a": states_a.interventions, "run_b": states_b.interventions,
+            "layers": layer_list, "model": view.summary()}
+    if lz.cap:
+        sc = score_neurons(view, None, states=concat_states([states_a, states_b]),
+                           target=torch.cat([tg, tg]), scale=torch.cat([c, c]),
+                           layers=layer_list, progress=progress)
+        n = len(states_a)
+        ia, ib = sc.imp[:n], sc.imp[n:]
+        df, _ = ranked_rows(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], states_a.case_ids, k,
+                            rank, layer_list)
+        stats = {"method": "exhaustive", "why": "final-logit soft-capping", "rank": rank,
+                 "n_units": n_units, "n_exact": [n_units] * n,
+                 "n_exact_total": n_units * n, "seconds": time.perf_counter() - t0}
+        df.attrs["meta"] = {**meta, "stats": stats}
+        return df, stats
+    sl = _slack(lz, slack) * 2
+    rows, n_exact, n_cand, n_proj = [], [], [], 0
+    n = len(states_a)
+    with torch.no_grad():
+        bd = _DiffBounds(view, lz, states_a, states_b, tg, c, layer_list, head_tokens)
+        found = []
+        for g0 in track(range(0, n, group), "certified CNA", show=progress):
+            res, proj = _certify_group(bd, list(range(g0, min(n, g0 + group))), rank, k, sl,
+                                       step)
+            found += res
+            n_proj += proj
+        for i, (fl, s, nc, nd) in enumerate(found):
+            n_cand.append(nc)
+            n_exact.append(nd)
             layer_ids, index = np.divmod(fl.numpy(), view.d_ffn)
             rows.append(pd.DataFrame({
-                "case": sa.case_ids[i], "rank": np.arange(1, len(index) + 1),
-                "layer": layer_ids, "neuron": index,
-                "imp_a": _np(ab[:, 0]), "imp_b": _np(ab[:, 1]),
-                "coef_a": _np(sa.coef[i][layer_ids, index]),
-                "coef_b": _np(sb.coef[i][layer_ids, index]),
-                "diff": _np(ab[:, 0] - ab[:, 1])}))
-    stats = {"method": "certified", "rank": rank,
-             "n_units": int(sum(view.ffn_width(x) for x in layer_list)),
-             "n_exact": n_exact, "n_exact_total": int(sum(n_exact)), "slack": sl,
+                "case": states_a.case_ids[i], "rank": np.arange(1, len(index) + 1),
+                "layer": layer_ids, "neuron": index, "imp_a": _np(s[0]), "imp_b": _np(s[1]),
+                "coef_a": _np(states_a.coef[i][layer_ids, index]),
+                "coef_b": _np(states_b.coef[i][layer_ids, index]), "diff": _np(s[0] - s[1])}))
+    stats = {"method": "certified", "rank": rank, "n_units": n_units,
+             "n_candidates": n_cand, "n_exact": n_exact, "n_exact_total": int(sum(n_exact)),
+             "n_projected": n_proj,
+             "slack": sl, "head_tokens": head_tokens, "seconds_range": bd.seconds_range,
+             "n_ranges_computed": bd.n_refined,
              "seconds": time.perf_counter() - t0}
     df = pd.concat(rows, ignore_index=True)
-    df.attrs["meta"] = {"lens": "frozen", "target": target if isinstance(target, str) else "ids",
-                        "run_a": sa.interventions, "run_b": sb.interventions,
-                        "layers": layer_list, "stats": stats, "model": view.summary()}
+    df.attrs["meta"] = {**meta, "stats": stats}
     return df, stats
 
 
 def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", layers=None,
-                    screen: int = 256, batch_size: int = 32, progress: bool = False
+                    screen: int = 256, batch_size: int = 32, progress: bool = False,
+                    states: tuple[CaseStates, CaseStates] | None = None
                     ) -> tuple[pd.DataFrame, dict]:
     """Top-``k`` FFN neurons per case by ``imp_a - imp_b`` of an input comparison (CNA).
 
@@ -853,17 +1188,21 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
     product per layer for every case) are scored exactly and ranked (ties by layer, neuron);
     ``screen=0`` (or at least the neuron count) scores every neuron, so the ranking equals
     ``diff_frame`` of the two runs' ``score_neurons``. Rows as ``certified_topk_diff``.
+    ``states``: the two runs' ``case_states`` (then not computed again).
     """
     lz = _Lens(view, "frozen")
     if k < 1:
         raise CnaError(f"top-K needs K >= 1, got {k}")
     t0 = time.perf_counter()
-    enc_a, enc_b = _as_encoded(view, cases_a), _as_encoded(view, cases_b)
-    if len(enc_a) != len(enc_b):
-        raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: "
-                       "an input comparison pairs them one to one")
-    sa = case_states(view, enc_a, batch_size=batch_size)
-    sb = case_states(view, enc_b, batch_size=batch_size)
+    if states is None:
+        enc_a, enc_b = _as_encoded(view, cases_a), _as_encoded(view, cases_b)
+        if len(enc_a) != len(enc_b):
+            raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: "
+                           "an input comparison pairs them one to one")
+        sa = case_states(view, enc_a, batch_size=batch_size)
+        sb = case_states(view, enc_b, batch_size=batch_size)
+    else:
+        sa, sb = states
     tg = _targets(sa, target)
     _check_targets(view, tg)
     ca, cb = _scales(lz, sa, None), _scales(lz, sb, None)
@@ -981,6 +1320,7 @@ def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
 
 
 __all__ = ["CaseStates", "NeuronScores", "case_states", "concat_states", "frozen_scale",
-           "certified_topk", "certified_topk_diff", "diff_frame", "input_topk_diff",
+           "certified_cna", "certified_topk", "certified_topk_diff", "cna_bounds",
+           "diff_frame", "input_topk_diff",
            "position_scores", "rank_key", "rank_order", "ranked_rows", "score_heads",
            "score_neurons", "score_pair"]

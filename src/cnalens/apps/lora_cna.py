@@ -114,36 +114,17 @@ def summarize(comp: Comparison, ks: Sequence[int], band_layers: dict[str, list[i
 def lora_comparison(view, peft_model, encoded: Sequence[Encoded], first_layer: int,
                     batch_size: int = 32, progress: bool = True) -> Comparison:
     """Score every FFN neuron from ``first_layer`` up in the LoRA run (A) and the original
-    (B, adapter disabled), both with A's target and frozen scale.
-
-    Both runs are scored in one pass where their value vectors agree; in layers whose down
-    projection carries the LoRA, each run is scored with its own (A's adapted, B's with
-    the adapter disabled)."""
-    from peft.tuners.lora import LoraLayer
-
-    from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
+    (B, adapter disabled), both with A's target and frozen scale: ``cna.compare_runs``
+    with ``other_model=peft_model`` (one pass where the runs' value vectors agree; in
+    layers whose down projection carries the LoRA, each run with its own)."""
+    from cnalens.cna import compare_runs
 
     if not encoded:
         raise CnaError("no cases for the LoRA comparison")
-    a = case_states(view, encoded, batch_size=batch_size)
-    with peft_model.disable_adapter():
-        b = case_states(view, encoded, batch_size=batch_size)
-    target, scale = a.pred, frozen_scale(view, a)
-    n = len(a)
-    layers = range(first_layer, view.n_layers)
-    own = [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
-    kw = {"batch_size": batch_size, "progress": progress}
-    sc = score_neurons(view, None, states=concat_states([a, b]),
-                       target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
-                       layers=[x for x in layers if x not in own], **kw)
-    ia, ib = sc.imp[:n].clone(), sc.imp[n:].clone()
-    if own:
-        ia[:, own] = score_neurons(view, None, states=a, target=target, scale=scale,
-                                   layers=own, **kw).imp[:, own]
-        with peft_model.disable_adapter():
-            ib[:, own] = score_neurons(view, None, states=b, target=target, scale=scale,
-                                       layers=own, **kw).imp[:, own]
-    return Comparison(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], list(a.case_ids),
-                      {"a": "LoRA model", "b": "original (adapter disabled)",
-                       "target": "run A's prediction", "lens": "frozen (run A's scale)",
-                       "layers": [first_layer, view.n_layers - 1]})
+    comp = compare_runs(view, list(encoded), other_model=peft_model,
+                        layers=range(first_layer, view.n_layers), batch_size=batch_size,
+                        progress=progress)
+    comp.meta = {"a": "LoRA model", "b": "original (adapter disabled)",
+                 "target": "run A's prediction", "lens": "frozen (run A's scale)",
+                 "layers": [first_layer, view.n_layers - 1]}
+    return comp

@@ -94,9 +94,10 @@ def neuron(
 
     enc, tgt, scales, scale_note = None, None, None, "unit"
     if case is not None:
-        from cnalens.explain import _encode, case_from_prompt, target_id
+        from cnalens.data.cases import encode_prompt
+        from cnalens.explain import case_from_prompt, target_id
 
-        enc = _encode(view, case_from_prompt(case, shots))
+        enc = encode_prompt(view.tokenizer, case_from_prompt(case, shots))
         tgt = target_id(view, target)
         scale_note = f"the case's, input norms at position {position}"
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -96,6 +96,65 @@ def encode_all(tokenizer, cases: Sequence[Case], single_token: bool = False) -> 
             toks = [tokenizer.decode([i]) for i in e.answer_ids]
             raise CnaError(f"{len(bad)} target(s) are not a single token, e.g. "
                            f"{e.case.target!r} -> {toks}")
+    return out
+
+
+def encode_prompt(tokenizer, case: Case | Encoded) -> Encoded:
+    """Tokenise a case that may have no target: with one, ``encode``; without, the prompt
+    alone (no answer tokens: the caller scores the model's own prediction)."""
+    if isinstance(case, Encoded):
+        return case
+    if case.target:
+        return encode(tokenizer, case)
+    ids = tuple(_ids(tokenizer, case.prompt))
+    if not ids:
+        raise CnaError("the prompt has no tokens")
+    return Encoded(case, ids, ())
+
+
+CaseLike = str | Case | Encoded
+Cases = CaseLike | Sequence[CaseLike]  # what a notebook passes where cases go
+Targets = str | int | Sequence[str | int] | None
+
+
+def as_encoded(tokenizer, items: Cases, targets: Targets = None) -> list[Encoded]:
+    """Cases from what a notebook holds: a prompt string, a ``Case`` or an ``Encoded``, or a
+    list of them. ``targets``: one text or token id for all, or one per item (text is the
+    answer, scored like a case's target; an id is the answer's first token); strings
+    without one get no answer tokens (``encode_prompt``). A string's case id is the prompt
+    itself (``c0``, ``c1``, ... if prompts repeat)."""
+    if isinstance(items, (str, Case, Encoded)):
+        items = [items]
+    try:
+        items = list(items)
+    except TypeError:
+        raise CnaError(f"a case must be a prompt string, a Case or an Encoded (or a list "
+                       f"of them), not {type(items).__name__}") from None
+    if not items:
+        raise CnaError("no cases given")
+    if targets is None or isinstance(targets, (str, int)):
+        targets = [targets] * len(items)
+    targets = list(targets)
+    if len(targets) != len(items):
+        raise CnaError(f"{len(targets)} targets for {len(items)} cases")
+    texts = [x for x in items if isinstance(x, str)]
+    unique = len(set(texts)) == len(texts)
+    out = []
+    for i, (x, t) in enumerate(zip(items, targets, strict=True)):
+        if isinstance(x, str):
+            x = Case(x, "", "", {}, x if unique else f"c{i}")
+        elif not isinstance(x, (Case, Encoded)):
+            raise CnaError(f"a case must be a prompt string, a Case or an Encoded, not "
+                           f"{type(x).__name__}")
+        if t is not None and isinstance(x, Encoded):
+            raise CnaError("targets= cannot retarget encoded cases: pass strings or Cases")
+        if isinstance(t, str):
+            x = replace(x, target=t)
+        elif t is not None:
+            e = encode_prompt(tokenizer, replace(x, target=""))
+            out.append(Encoded(e.case, e.prompt_ids, (int(t),)))
+            continue
+        out.append(encode_prompt(tokenizer, x))
     return out
 
 

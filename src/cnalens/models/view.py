@@ -347,6 +347,27 @@ class ModelView:
                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
         return check_finite(self, run(), "activations", batch.input_ids, run)
 
+    def run_with_cache(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                       points: Iterable[str] = CAPTURE_POINTS,
+                       layers: Iterable[int] | None = None,
+                       position: int | slice | None = None
+                       ) -> tuple[torch.Tensor, ActivationCache]:
+        """One forward pass over prompts (text, or token id lists), left-padded into one
+        batch: the logits at the last position (batch, vocab) and the activations at
+        ``points`` (``capture``; every position unless ``position``). Interventions active
+        around the call apply."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise CnaError("no prompts")
+        if any(isinstance(p, str) for p in prompts) and self.tokenizer is None:
+            raise CnaError("the model has no tokenizer: pass token ids")
+        seqs = [list(self.tokenizer(p).input_ids) if isinstance(p, str) else list(p)
+                for p in prompts]
+        with torch.no_grad(), self.capture(points, layers, position) as cache:
+            logits = self.logits(self.hidden(self.batch(seqs))[:, -1])
+        return logits, cache
+
     def last_logits(self, batch: Batch, n_last: int = 1) -> torch.Tensor:
         """Logits at the last ``n_last`` positions only: (batch, n_last, vocab)."""
         return self.logits(self.hidden(batch)[:, -n_last:])

@@ -1,0 +1,135 @@
+"""Certified CNA top-K vs today's exhaustive CNA scoring, same cases, same run.
+
+A head-zeroed model comparison on 1-digit "+" cases (few-shot prefix): run A the model,
+run B the head zeroed, both scored on A's prediction with A's frozen final-norm scale over
+the deep layers (the head's layer and above). Exhaustive: ``score_neurons`` on both runs in
+one pass (as ``pipeline.cna_stage`` did), then ``diff_frame``. Certified:
+``scores.certified_cna``, timed cold (exact projection ranges computed for the candidate
+neurons, included) and warm (ranges cached). Checks the same top-K (swaps only within
+design.md's 1e-4 tie rule), prints how many neurons were scored exactly, and the speed-up
+last.
+
+    python benchmarks/cna_scores.py --model gemma3-270m --cases 3 --k 100
+    python benchmarks/cna_scores.py --model qwen2.5-coder-0.5b --cases 3 --head 12.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from cnalens import load_model
+from cnalens import scores as S
+from cnalens.data.arithmetic import format_prefix
+from cnalens.data.cases import Case
+from cnalens.interventions import ZeroHeads
+
+HEADS = {"gemma3-270m": "7.0", "qwen2.5-coder-0.5b": "12.0"}
+PAIRS = [(3, 5), (1, 2), (4, 4), (2, 7), (6, 1), (5, 3), (0, 8), (7, 2), (3, 3), (1, 6)]
+
+
+def cases(n: int) -> list[Case]:
+    prefix = format_prefix("+", "eq", [(2, 4), (1, 6), (4, 3)])
+    return [Case(f"{a}+{b}=", str(a + b), prefix, case_id=f"{a}+{b}") for a, b in PAIRS[:n]]
+
+
+def mismatches(ex, got, d: np.ndarray, case_ids: list[str], tie: float = 1e-4) -> tuple[int, int]:
+    """(cases whose top-K lists differ, of those how many differ beyond the tie rule)."""
+    pos = {c: i for i, c in enumerate(case_ids)}
+    differ = beyond = 0
+    for c in case_ids:
+        a = ex[ex.case == c]
+        b = got[got.case == c]
+        la = list(zip(a.layer, a.neuron, strict=True))
+        lb = list(zip(b.layer, b.neuron, strict=True))
+        if la == lb:
+            continue
+        differ += 1
+        vals = [d[pos[c], x, y] for x, y in set(la) ^ set(lb)]
+        if not vals or max(vals) - min(vals) >= tie:
+            beyond += 1
+    return differ, beyond
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--head", default=None, help="L.H zeroed in run B (default per model)")
+    ap.add_argument("--layers", default=None, help="a-b (default: the head's layer and up)")
+    ap.add_argument("--rank", default="decrease", choices=list(S.RANKS))
+    ap.add_argument("--head-tokens", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    view = load_model(args.model, device=args.device, progress=False)
+    hl, hh = (int(x) for x in (args.head or HEADS.get(args.model, "0.0")).split("."))
+    if args.layers:
+        a, b = args.layers.split("-")
+        layers = list(range(int(a), int(b) + 1))
+    else:
+        layers = list(range(hl, view.n_layers))
+    cs = cases(args.cases)
+    n_units = sum(view.ffn_width(x) for x in layers)
+    print(f"model {args.model}: head {hl}.{hh} zeroed in run B; layers {layers[0]}-"
+          f"{layers[-1]}: {n_units} FFN neurons; vocab {view.vocab_size}; "
+          f"{len(cs)} cases ({', '.join(c.case_id for c in cs)}); K={args.k}; "
+          f"{torch.get_num_threads()} threads")
+
+    t = time.perf_counter()
+    sa = S.case_states(view, cs)
+    sb = S.case_states(view, cs, ZeroHeads([(hl, hh)]))
+    print(f"forwards (both runs, shared by both methods): {time.perf_counter() - t:.1f} s")
+
+    t = time.perf_counter()
+    both = S.score_neurons(view, None, states=S.concat_states([sa, sb]),
+                           target=torch.cat([sa.pred, sa.pred]),
+                           scale=torch.cat([S.frozen_scale(view, sa)] * 2), layers=layers,
+                           progress=False)
+    n = len(cs)
+    ia, ib = both.imp[:n], both.imp[n:]
+    ex, _ = S.ranked_rows(ia - ib, ia, ib, both.coef[:n], both.coef[n:], sa.case_ids, args.k,
+                          args.rank, layers)
+    t_ex = time.perf_counter() - t
+    print(f"exhaustive (today's CNA stage, both runs in one pass): {t_ex:.1f} s, "
+          f"{t_ex / n:.2f} s per case pair, {n_units} neurons x 2 runs per case")
+
+    S._RANGES.clear()
+    t = time.perf_counter()
+    got, st = S.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+                              head_tokens=args.head_tokens)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    got_w, st_w = S.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+                                  head_tokens=args.head_tokens)
+    t_warm = time.perf_counter() - t
+    print(f"certified cold: {t_cold:.1f} s (exact projection ranges of "
+          f"{st['n_ranges_computed']} candidate neurons, kept for later calls: "
+          f"{st['seconds_range']:.1f} s); warm (ranges cached): {t_warm:.1f} s, "
+          f"{t_warm / n:.2f} s per case pair")
+    print(f"candidates per case (interval reaches the K-th lower bound): {st['n_candidates']}")
+    print(f"scored exactly per case (both runs): {st['n_exact']} of {n_units} "
+          f"({100 * st['n_exact_total'] / (n_units * n):.2f}%)")
+
+    key = S.rank_key(ia - ib, args.rank).numpy()
+    for name, g in (("cold", got), ("warm", got_w)):
+        differ, beyond = mismatches(ex, g, key, sa.case_ids)
+        gd = g.sort_values(["case", "layer", "neuron"])["diff"].to_numpy()
+        ed = ex.sort_values(["case", "layer", "neuron"])["diff"].to_numpy()
+        same = len(gd) == len(ed)
+        err = float(np.abs(np.sort(gd) - np.sort(ed)).max()) if same else float("nan")
+        print(f"same top-{args.k} as exhaustive ({name}): {differ == 0} ({differ} cases "
+              f"differ, {beyond} beyond the 1e-4 tie rule); max |diff| deviation {err:.1e}")
+        if beyond:
+            raise SystemExit("certified top-K differs from exhaustive beyond the tie rule")
+    print(f"per case pair, ranges cached: exhaustive {t_ex / n:.2f} s vs certified "
+          f"{t_warm / n:.2f} s: {t_ex / t_warm:.1f}x")
+    print(f"speed-up, same {n} cases, ranges computed in the run (cold): {t_ex / t_cold:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
