@@ -187,6 +187,8 @@ def _same_topk(ex, got, d: dict, tie: float = 1e-4) -> bool:
     if a == b:
         return True
     diff = set(a) ^ set(b)
+    if not diff:  # the same neurons: only neighbours within ``tie`` may swap places
+        return all(abs(d[x] - d[y]) < tie for x, y in zip(a, b, strict=True) if x != y)
     vals = [d[x] for x in diff]
     return max(vals) - min(vals) < tie
 

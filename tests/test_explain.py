@@ -92,17 +92,24 @@ def test_effects_equal_brute_force(family, one_thread):
         assert abs(float((m0[j].abs() - m[j].abs()) / m0[j].abs()) - link.drop) < 1e-9
 
 
-def test_fast_cna_equals_exhaustive(one_thread):
+def test_deep_ranking_equals_exhaustive(one_thread):
+    """The chain's deep ranking (certified top-K through cna.compare_runs) is the top of an
+    exhaustive scoring of both runs (run B with run A's target and scale)."""
+    from cnalens.interventions import ZeroHeads
+    from cnalens.scores import diff_frame, score_neurons
+
     view = _view("llama")
     enc = encode_prompt(view.tokenizer, CASE)
     tgt = enc.answer_ids[0]
-    exact = deep_ranking(view, enc, HEAD, tgt, 6, exact=True)
-    every = deep_ranking(view, enc, HEAD, tgt, 6, candidates=10_000)
-    fast = deep_ranking(view, enc, HEAD, tgt, 6, candidates=12)
-    for df in (every, fast):
-        assert df[["layer", "neuron"]].values.tolist() == exact[["layer", "neuron"]].values.tolist()
-        assert torch.allclose(torch.tensor(df["diff"].values), torch.tensor(exact["diff"].values),
-                              atol=1e-10)
+    got = deep_ranking(view, enc, HEAD, tgt, 6)
+    deep = list(range(HEAD[0], view.n_layers))
+    a = score_neurons(view, [enc], target=[tgt], layers=deep, progress=False)
+    b = score_neurons(view, [enc], ZeroHeads([HEAD]), target=a.target, scale=a.scale,
+                      layers=deep, progress=False)
+    want = diff_frame(a, b, top=6)
+    assert got[["layer", "neuron"]].values.tolist() == want[["layer", "neuron"]].values.tolist()
+    assert torch.allclose(torch.tensor(got["diff"].values), torch.tensor(want["diff"].values),
+                          atol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.data.cases import Case, Encoded, as_encoded
 from cnalens.evaluate import batches
 from cnalens.interventions import ReplaceHeads, ReplaceNeurons
 
@@ -17,8 +17,7 @@ def dataset_means(view, cases: Sequence[Case] | Sequence[Encoded], point: str,
                   batch_size: int = 64) -> dict[int, torch.Tensor]:
     """Mean of ``point`` (``z`` or ``coef``) per layer over the prompts' real tokens
     (padding excluded), or over their last positions only."""
-    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
-           else encode_all(view.tokenizer, cases))
+    enc = as_encoded(view.tokenizer, cases)
     sums: dict[int, torch.Tensor] = {}
     count = 0
     for idx in batches(enc, batch_size):

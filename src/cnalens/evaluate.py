@@ -15,7 +15,7 @@ import torch
 
 from cnalens.callables import make_callable
 from cnalens.data.arithmetic import COLUMNS as KEYS  # op, digits, template
-from cnalens.data.cases import Case, Cases, Encoded, Targets, as_encoded, encode_all
+from cnalens.data.cases import Case, Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
 from cnalens.names import parse_list
 from cnalens.progress import track
@@ -104,8 +104,7 @@ def encode_cases(view, cases: Cases, targets: Targets = None) -> list[Encoded]:
     ``data.cases.as_encoded``). CnaError for a prompt without a target."""
     if targets is None and not isinstance(cases, (str, Case, Encoded)) and not any(
             isinstance(c, str) for c in cases):
-        return (list(cases) if cases and isinstance(cases[0], Encoded)
-                else encode_all(view.tokenizer, cases))
+        return as_encoded(view.tokenizer, cases)
     enc = as_encoded(view.tokenizer, cases, targets)
     if not all(e.answer_ids for e in enc):
         raise CnaError("plain prompts need targets=[...]: the answers to score")

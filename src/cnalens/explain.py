@@ -6,10 +6,10 @@ prediction unless given), read from the output back to the input (the notebooks'
 1. **prediction enhancing** (deep FFN neurons, layers >= Lh): CNA at the last position,
    run A = the model, run B = the head zeroed, both scored with A's target and frozen
    final-norm scale; the top ``top`` neurons by ``imp_a - imp_b``. By default the
-   candidates are the ``candidates`` best by the first-order CNA difference
-   ``(m_a P_a - m_b P_b) . v / c`` (``P`` = the unembedding row of ``w`` minus the base
-   distribution's mean row; one matrix-vector product per layer), scored exactly;
-   ``exact=True`` scores every deep neuron (minutes on a 262k vocabulary).
+   ranking is exact: the certified top-``top`` of ``cna.compare_runs`` (two-sided bounds
+   from the first-order difference ``(m_a P_a - m_b P_b) . v / c``, ``P`` = the
+   unembedding row of ``w`` minus the base distribution's mean row, and only the neurons
+   whose bounds can reach the top scored exactly).
    **Enhancing links**: ``link(i -> j)`` = relative drop of ``|m_j|`` (last position)
    when neuron ``i`` of a lower layer is zeroed.
 2. **feature predicting** (the head): its attention over the prompt's tokens (last
@@ -51,13 +51,17 @@ from __future__ import annotations
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Case, Encoded, encode_prompt
+from cnalens.data.cases import Case, Encoded, encode_prompt, question_start
 from cnalens.errors import CnaError
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 STAGES = ("feature enhancing", "feature transferring", "feature predicting",
           "prediction enhancing")
@@ -126,10 +130,6 @@ def target_id(view, target: str | int | None) -> int | None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _cd(view) -> torch.dtype:
-    return torch.promote_types(view.dtype, torch.float32)
-
-
 def _ffn_norm(view, layer: int):
     """The norm in front of a layer's FFN and whether it reads resid_pre (parallel blocks)."""
     mod = view.norm(layer, "ln_ffn")
@@ -148,7 +148,7 @@ def deep_key(view, resid_in: dict[int, torch.Tensor], neurons: list[tuple[int, i
 
     ``resid_in[layer]``: the FFN's residual input at the last position (d,); ``coef``:
     the neurons' real coefficients (for their signs)."""
-    dt = _cd(view)
+    dt = view.compute_dtype
     K = torch.zeros(view.d_model, dtype=dt)
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _) in enumerate(neurons):
@@ -219,75 +219,21 @@ def ablate_rows(view, prompt_ids, target: int, specs: list[tuple], watch: list[t
 
 
 # --------------------------------------------------------------------------- stage 1
-def deep_ranking(view, enc: Encoded, head: tuple[int, int], target: int, top: int,
-                 candidates: int = 64, exact: bool = False) -> pd.DataFrame:
-    """CNA of one case over the deep layers: columns layer, neuron, imp_a, imp_b, diff,
-    coef_a, coef_b (best first, ``top`` rows)."""
+def deep_ranking(view: ModelView, enc: Encoded, head: tuple[int, int], target: int,
+                 top: int) -> pd.DataFrame:
+    """CNA of one case over the deep layers (``cna.compare_runs``: run B the head zeroed,
+    the certified exact top-``top``): columns layer, neuron, imp_a, imp_b, diff, coef_a,
+    coef_b, best first."""
+    from cnalens.cna import compare_runs
     from cnalens.interventions import ZeroHeads
-    from cnalens.scores import case_states, concat_states, frozen_scale, score_neurons
 
     deep = list(range(head[0], view.n_layers))
-    sa = case_states(view, [enc])
-    sb = case_states(view, [enc], ZeroHeads([head]))
-    tg = torch.tensor([target])
-    c = frozen_scale(view, sa)
-    if exact:
-        sc = score_neurons(view, None, states=concat_states([sa, sb]),
-                           target=torch.cat([tg, tg]), scale=torch.cat([c, c]), layers=deep,
-                           progress=False)
-        imp_a, imp_b = sc.imp[0], sc.imp[1]
-        flat_diff = torch.nan_to_num((imp_a - imp_b).double(), nan=float("-inf")).flatten()
-        best = flat_diff.topk(min(top, int(torch.isfinite(flat_diff).sum()))).indices
-        layer, neuron = best // view.d_ffn, best % view.d_ffn
-        ia, ib = imp_a.flatten()[best].double(), imp_b.flatten()[best].double()
-    else:
-        layer, neuron, ia, ib = _fast_cna(view, sa, sb, tg, c, deep, top, candidates)
-    ca, cb = sa.coef[0, layer, neuron].double(), sb.coef[0, layer, neuron].double()
-    return pd.DataFrame({"layer": layer.numpy(), "neuron": neuron.numpy(),
-                         "imp_a": ia.numpy(), "imp_b": ib.numpy(), "diff": (ia - ib).numpy(),
-                         "coef_a": ca.numpy(), "coef_b": cb.numpy()})
-
-
-@torch.no_grad()
-def _fast_cna(view, sa, sb, tg, c, deep, top, candidates):
-    """Candidates by the first-order CNA difference, then exact scores (module doc).
-
-    Three passes over the unembedding in all: the base logits of both runs at every deep
-    layer, their mean unembedding rows, and the candidates' exact log-sum-exps."""
-    from cnalens.scores import _LayerCache, _Lens
-
-    lz = _Lens(view, "frozen")
-    cache = _LayerCache(view, lz, deep)
-    nl = len(deep)
-    states = torch.cat([sa.resid_mid[0, deep], sb.resid_mid[0, deep]])  # (2 nl, d)
-    base = lz.base(states, c.expand(2 * nl), tg.expand(2 * nl))
-    direction = lz.W[tg] - torch.softmax(base.y0, -1) @ lz.W  # (2 nl, d)
-    approx, flat, A = [], [], []
-    for i, layer in enumerate(deep):
-        X = cache.X[layer]
-        ta, tb = cache.coef(sa, layer)[0] / c[0], cache.coef(sb, layer)[0] / c[0]
-        approx.append(ta * (X @ direction[i]) - tb * (X @ direction[nl + i]))
-        flat.append(layer * view.d_ffn + torch.arange(X.shape[0]))
-        A.append(torch.stack([ta, tb]))
-    approx_t, flat_t, A_t = torch.cat(approx), torch.cat(flat), torch.cat(A, 1)
-    n = min(max(candidates, top), approx_t.numel())
-    pick = approx_t.double().topk(n).indices
-    cand = flat_t[pick]
-    row = torch.searchsorted(torch.tensor(deep), cand // view.d_ffn)  # layer -> base row
-    X = torch.cat([cache.X[layer] for layer in deep])[pick]  # same order as ``flat``
-    t = A_t[:, pick]  # (2, n) coefficient / scale per run
-    rows = torch.stack([row, row + nl])  # (2, n) base rows per run
-    lse = torch.full((2, n), float("-inf"), dtype=lz.dt)
-    for v0 in range(0, lz.V, 16384):
-        P = X @ lz.W[v0:v0 + 16384].T  # (n, vb)
-        Y = lz.capped(base.y0[rows, v0:v0 + 16384] + t[..., None] * P)  # (2, n, vb)
-        lse = torch.logaddexp(lse, torch.logsumexp(Y, -1))
-    yw = lz.capped(base.y0[rows, tg[0]] + t * (X @ lz.W[tg[0]]))
-    imp = (yw - lse - base.logp_w[rows]).double()  # (2, n)
-    d = imp[0] - imp[1]
-    order = torch.from_numpy(np.lexsort((cand.numpy(), -d.numpy())))[:top]
-    best = cand[order]
-    return best // view.d_ffn, best % view.d_ffn, imp[0, order], imp[1, order]
+    comp = compare_runs(view, [enc], [ZeroHeads([head])], target=int(target), k=top,
+                        layers=deep)
+    df = comp.frame(top)
+    df["diff"] = df["imp_a"] - df["imp_b"]
+    cols = ["layer", "neuron", "imp_a", "imp_b", "diff", "coef_a", "coef_b"]
+    return df[cols].astype({c: "float64" for c in cols[2:]}).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- the chain
@@ -305,15 +251,15 @@ def _plain_run(view, ids, head_layer: int) -> _Run:
     with torch.no_grad(), view.attention_record(range(head_layer + 1)) as rec, \
             view.capture(["resid_pre", "resid_mid", "attn_out", "coef", "z"]) as cache:
         logits = view.last_logits(b)[0, -1].double()
-    return _Run({k: v[0].to(_cd(view)) for k, v in cache.items()},
-                {k: (w[0].to(_cd(view)), v[0].to(_cd(view))) for k, (w, v) in rec.items()},
-                logits)
+    dt = view.compute_dtype
+    return _Run({k: v[0].to(dt) for k, v in cache.items()},
+                {k: (w[0].to(dt), v[0].to(dt)) for k, (w, v) in rec.items()}, logits)
 
 
 def _attn_raw(view, run: _Run, layer: int, pos: int) -> torch.Tensor:
     with torch.no_grad():
         return view.module(layer, "o_proj")(run.cache[("z", layer)][pos].to(view.dtype)).to(
-            _cd(view))
+            view.compute_dtype)
 
 
 def _post_scale(view, run: _Run, layer: int, pos: int):
@@ -334,7 +280,7 @@ def _source_split(view, run: _Run, layer: int, query: int, heads=None) -> torch.
     hs = torch.arange(H) if heads is None else torch.as_tensor(heads)
     kv = hs // (H // view.n_kv_heads)
     parts = w[hs, query, :, None] * vals[kv]  # (h, T, hd)
-    wo = view.o_proj_by_head(layer).detach().to(_cd(view))[hs]  # (h, d, hd)
+    wo = view.o_proj_by_head(layer).detach().to(view.compute_dtype)[hs]  # (h, d, hd)
     out = torch.einsum("htj,hdj->td", parts, wo)
     post = view.norm(layer, "ln_attn_post")
     if post is not None:
@@ -345,7 +291,7 @@ def _source_split(view, run: _Run, layer: int, query: int, heads=None) -> torch.
 
 def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
                  target: str | int | None = None, top: int = 10, n_shallow: int | None = None,
-                 candidates: int = 64, exact: bool = False, k_tokens: int = 8,
+                 k_tokens: int = 8,
                  batch_size: int = 32) -> Chain:
     """The four-stage chain of one case (module doc); ``top`` deep neurons and
     ``n_shallow`` (default ``top``) shallow ones."""
@@ -368,10 +314,10 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
         tgt = pred
     enc = Encoded(enc.case, enc.prompt_ids, (tgt,))  # CNA scores this target
     tok = [token_text(t) for t in ids_to_strings(view.tokenizer, torch.tensor([ids]))[0]]
-    dt = _cd(view)
+    dt = view.compute_dtype
 
     # 1. prediction enhancing: CNA over the deep layers
-    deep = deep_ranking(view, enc, head, tgt, top, candidates, exact)
+    deep = deep_ranking(view, enc, head, tgt, top)
     dn = list(zip(deep["layer"].tolist(), deep["neuron"].tolist(), strict=True))
     coef_a = torch.tensor(deep["coef_a"].to_numpy())
     resid_in = {}
@@ -384,7 +330,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
     w_head = run.att[Lh][0][h, -1]  # (T,)
     head_split = _source_split(view, run, Lh, T - 1, [h])  # (T, d)
     src_score = head_split @ K
-    start = _question_start(view, enc)
+    start = question_start(view.tokenizer, enc)
     p = start + int(src_score[start:].argmax())
     s_in_h, s_post_h = _in_scale(view, run, Lh, p), _post_scale(view, run, Lh, T - 1)
 
@@ -470,8 +416,7 @@ def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
             "tokens": tok, "head_attention": [float(x) for x in w_head],
             "head_source_position": p, "head_source_scores": [float(x) for x in src_score],
             "deep_coef_sum": float(total0), "question_start": start,
-            "ranking": "exact" if exact else
-            f"first-order candidates ({candidates}), exact CNA scores",
+            "ranking": "exact (certified top-K of imp_a - imp_b)",
             "deep_layers": [Lh, view.n_layers - 1]}
     return Chain(elements, links, meta)
 
@@ -493,18 +438,9 @@ def _links(dn: list[tuple[int, int]], absm: torch.Tensor) -> tuple[np.ndarray, p
     return deep_drop, links
 
 
-def _question_start(view, enc: Encoded) -> int:
-    """Index of the case's first question token (few-shot prefix and BOS skipped)."""
-    n = len(enc.prompt_ids)
-    if enc.case.prefix:
-        return min(n - 1, len(view.tokenizer(enc.case.prefix).input_ids))
-    bos = getattr(view.tokenizer, "bos_token_id", None)
-    return 1 if n > 1 and bos is not None and enc.prompt_ids[0] == bos else 0
-
-
 def _contribs(view, run: _Run, units, pos: int) -> torch.Tensor:
     """``m_k v_k`` of chosen FFN neurons at a position (post-FFN norm frozen), (n, d)."""
-    out = torch.zeros(len(units), view.d_model, dtype=_cd(view))
+    out = torch.zeros(len(units), view.d_model, dtype=view.compute_dtype)
     lay = torch.tensor([la for la, _ in units], dtype=torch.long)
     idx = torch.tensor([k for _, k in units], dtype=torch.long)
     for la in lay.unique().tolist():
@@ -529,7 +465,7 @@ def _strings(view, proj, k: int) -> list[str]:
 
 
 def _onehot(view, h: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(h), view.n_heads).to(_cd(view))
+    return torch.nn.functional.one_hot(torch.tensor(h), view.n_heads).to(view.compute_dtype)
 
 
 @torch.no_grad()
@@ -540,7 +476,7 @@ def _adjoint(view, run: _Run, layer: int, y: torch.Tensor, weights: torch.Tensor
     ``transform(u) . y == u . adjoint(y)``; it pulls a key back through a layer's OV."""
     from cnalens.vocab import ov_parts
 
-    dt = _cd(view)
+    dt = view.compute_dtype
     y = y.to(dt)
     post = view.norm(layer, "ln_attn_post")
     if post is not None:
@@ -570,7 +506,7 @@ def _shallow_neurons(view, run: _Run, p: int, start: int, n: int, kh: torch.Tens
         return out
     qs = list(range(start, p + 1))
     # per route key: (Q, Lh, d); route t carries layers < t; t == Lh stands for "direct"
-    keys = torch.zeros(len(qs), Lh + 1, view.d_model, dtype=_cd(view))
+    keys = torch.zeros(len(qs), Lh + 1, view.d_model, dtype=view.compute_dtype)
     for iq, q in enumerate(qs):
         for t in range(1, Lh):
             keys[iq, t] = _adjoint(view, run, t, kh, run.att[t][0][:, p, q], q, p)
@@ -621,7 +557,7 @@ def _shallow_neurons(view, run: _Run, p: int, start: int, n: int, kh: torch.Tens
 def _gather_contribs(view, run: _Run, sel: torch.Tensor) -> torch.Tensor:
     """``m v`` of neurons ``sel`` (rows layer, index, position), grouped by layer and
     position."""
-    out = torch.zeros(len(sel), view.d_model, dtype=_cd(view))
+    out = torch.zeros(len(sel), view.d_model, dtype=view.compute_dtype)
     for la, q in {(int(a), int(c)) for a, _, c in sel.tolist()}:
         rows = ((sel[:, 0] == la) & (sel[:, 2] == q)).nonzero()[:, 0]
         out[rows] = _contrib_layer(view, run, la, q)[sel[rows, 1]]
@@ -639,10 +575,10 @@ def _gather_coefs(run: _Run, sel: torch.Tensor) -> torch.Tensor:
 def _contrib_layer(view, run: _Run, layer: int, pos: int) -> torch.Tensor:
     """``m_k v_k`` of every neuron of a layer at a position (post-FFN norm frozen)."""
     m = run.cache[("coef", layer)][pos]
-    v = view.value_vectors(layer).detach().to(_cd(view)) * m[:, None]
+    v = view.value_vectors(layer).detach().to(view.compute_dtype) * m[:, None]
     post = view.norm(layer, "ln_ffn_post")
     if post is not None:
-        raw = view.module(layer, "down_proj")(m.to(view.dtype)).to(_cd(view))
+        raw = view.module(layer, "down_proj")(m.to(view.dtype)).to(view.compute_dtype)
         gain, s, _, _ = view.norm_affine(post, raw)
         v = v * gain.detach() / s
     return v

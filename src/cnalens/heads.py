@@ -42,11 +42,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Case, Cases, Encoded, Targets, encode_all
+from cnalens.data.cases import Case, Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, encode_cases, group_keys
 from cnalens.interventions import ReplaceHeads, ZeroHeads
 from cnalens.io import _atomic, write_csv, write_json
+from cnalens.lens import LogSumExp
 from cnalens.models.view import Batch
 from cnalens.names import parse_ints, parse_units
 from cnalens.progress import track
@@ -175,8 +176,7 @@ def _stats_tiled(view, h: torch.Tensor, target: torch.Tensor, first: torch.Tenso
     n, dev = len(h), h.device
     top_v = torch.full((n, 2), float("-inf"), device=dev)
     top_i = torch.zeros((n, 2), dtype=torch.long, device=dev)
-    m = torch.full((k,), float("-inf"), device=dev)
-    z = torch.zeros(k, device=dev)
+    lse = LogSumExp()
     gold = torch.zeros(k, device=dev)
     tk = target[:k]
     for start, lg in view.logit_tiles(h, tile):
@@ -189,14 +189,13 @@ def _stats_tiled(view, h: torch.Tensor, target: torch.Tensor, first: torch.Tenso
             loc = tk - start
             inside = (loc >= 0) & (loc < w)
             gold = torch.where(inside, a.gather(1, loc.clamp(0, w - 1)[:, None])[:, 0], gold)
-            top = torch.maximum(m, tv[:k, 0])
-            z = z * torch.exp(m - top) + a.sub_(top[:, None]).exp_().sum(-1)
-            m = top
+            lse.add(a, top=tv[:k, 0], inplace=True)
     back = torch.empty_like(order)
     back[order] = torch.arange(n, device=order.device)
     back = back.to(dev)
     pred, margin = top_i[back, 0], (top_v[:, 0] - top_v[:, 1])[back]
-    logp = (gold - (m + torch.log(z)))[back[first.to(dev)]]  # first rows, in row order
+    total = lse.value if k else torch.zeros(0, device=dev)
+    logp = (gold - total)[back[first.to(dev)]]  # first rows, in row order
     return pred, margin, logp
 
 
@@ -688,8 +687,7 @@ def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
     heads with ``scan_heads``. The passes estimate every head at once; ``heads``/``layers``
     select the rows kept."""
     keep = select_heads(view, heads, layers)
-    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
-           else encode_all(view.tokenizer, cases))
+    enc = as_encoded(view.tokenizer, cases)
     est = torch.zeros(len(enc), view.n_layers, view.n_heads)
     for idx in track(batches(enc, batch_size), "attribution", show=progress):
         est[torch.as_tensor(idx)] = _attribution_batch(view, [enc[i] for i in idx])

@@ -40,7 +40,7 @@ import torch
 from cnalens.data.lexicon import ConceptTable, concept_table
 from cnalens.errors import CnaError
 from cnalens.progress import track
-from cnalens.vocab import SIGNS, _cdtype, lens_vectors, topk_lens, transform
+from cnalens.vocab import SIGNS, lens_vectors, topk_lens, transform
 
 TRANSFORMS = ("all", "head")
 
@@ -83,7 +83,7 @@ PRESETS = {
 def neuron_vectors(view, layer: int) -> torch.Tensor:
     """FFN value vectors as the residual stream receives them, (width, d): Gemma 2/3's
     post-FFN norm applied with unit scale (its gain), the value vectors otherwise."""
-    v = view.value_vectors(layer).detach().to(_cdtype(view))
+    v = view.value_vectors(layer).detach().to(view.compute_dtype)
     post = view.norm(layer, "ln_ffn_post")
     if post is not None:
         gain, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))

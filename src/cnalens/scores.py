@@ -37,11 +37,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.data.cases import as_encoded
 from cnalens.errors import CnaError
+from cnalens.lens import Base, FFNVectors, Lens, LogSumExp
 from cnalens.progress import track
 
-LENSES = ("frozen", "renorm")
 TARGETS = ("pred", "gold")
 RANKS = ("decrease", "increase", "abs")
 Target = str | torch.Tensor | Sequence[int]
@@ -97,32 +97,13 @@ def concat_states(parts: Sequence[CaseStates]) -> CaseStates:
 
 def frozen_scale(view, states: CaseStates, lens: str = "frozen") -> torch.Tensor:
     """The final-norm scale of each case of a run (what the frozen lens fixes)."""
-    return _Lens(view, lens).scale(states.final)
-
-
-def _as_encoded(view, cases) -> list[Encoded]:
-    if isinstance(cases, (Case, Encoded)):
-        cases = [cases]
-    cases = list(cases)
-    if not cases:
-        raise CnaError("no cases to score")
-    if all(isinstance(c, Encoded) for c in cases):
-        return cases
-    if all(isinstance(c, Case) for c in cases):
-        if view.tokenizer is None:
-            raise CnaError("the model has no tokenizer: pass encoded cases")
-        return encode_all(view.tokenizer, cases)
-    raise CnaError("cases must all be Case or all Encoded")
-
-
-def _cdtype(view) -> torch.dtype:
-    return torch.promote_types(view.dtype, torch.float32)
+    return Lens(view, lens).scale(states.final)
 
 
 def case_states(view, encoded, *interventions, batch_size: int = 32) -> CaseStates:
     """One batched forward (interventions applied) capturing the last prompt position."""
-    enc = _as_encoded(view, encoded)
-    cd = _cdtype(view)
+    enc = as_encoded(view.tokenizer, encoded)
+    cd = view.compute_dtype
     points = ["resid_pre", "resid_mid", "coef", "z", "resid_post"]
     post = view.norm(0, "ln_attn_post") is not None
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -165,124 +146,6 @@ def case_states(view, encoded, *interventions, batch_size: int = 32) -> CaseStat
         attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc))
 
 
-# --------------------------------------------------------------------------- the lens
-@dataclass
-class _Base:
-    """Base logits of one residual state per row (one case or one run of a case)."""
-
-    y0: torch.Tensor  # (n, V) base lens logits before soft-capping
-    logp_w: torch.Tensor  # (n,) base log-prob of the target
-    c: torch.Tensor  # (n,) frozen scale (frozen lens) or the state's own scale (renorm)
-    targets: torch.Tensor  # (n,)
-    Q: torch.Tensor | None = None  # (n, V) W_U (g * C s), renorm only
-    Cs: torch.Tensor | None = None  # (n, d) centred state, renorm only
-
-
-class _Lens:
-    """The final norm and unembedding as the scoring needs them (see the module docstring)."""
-
-    def __init__(self, view, mode: str = "frozen"):
-        if mode not in LENSES:
-            raise CnaError(f"unknown lens '{mode}': use {' or '.join(LENSES)}")
-        self.view, self.mode = view, mode
-        self.dt = _cdtype(view)
-        fn = view.final_norm
-        self.W = view.unembed.weight.detach().to(self.dt)  # (V, d); no copy in float32
-        ref = torch.ones(1, view.d_model, dtype=self.dt, device=self.W.device)
-        gain, _, bias, self.centred = view.norm_affine(fn, ref)
-        self.g = gain.detach().to(self.dt)
-        self.eps = view.norm_eps(fn)
-        beta = None
-        if bias is not None:
-            beta = self.W @ bias.detach().to(self.dt)
-        ub = getattr(view.unembed, "bias", None)
-        if ub is not None:
-            beta = ub.detach().to(self.dt) if beta is None else beta + ub.detach().to(self.dt)
-        self.beta = beta
-        self.cap = view.softcap
-        self.V, self.d = self.W.shape
-
-    def center(self, x: torch.Tensor) -> torch.Tensor:
-        return x - x.mean(-1, keepdim=True) if self.centred else x
-
-    def scale(self, final: torch.Tensor) -> torch.Tensor:
-        """The frozen final-norm scale of real final residuals: (n,)."""
-        return self.view.norm_affine(self.view.final_norm, final.to(self.dt))[1][..., 0]
-
-    def capped(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(y / self.cap) * self.cap if self.cap else y
-
-    def vectors(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(X, Cv)``: what the vocabulary sees of raw residual vectors, ``X = g * C(v)``."""
-        cv = self.center(v.to(self.dt))
-        return cv * self.g, cv
-
-    def base(self, states: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> _Base:
-        """Base logits of residual states (n, d) with frozen scales ``c`` (n,)."""
-        cs = self.center(states.to(self.dt))
-        Q = (cs * self.g) @ self.W.T
-        if self.mode == "renorm":
-            c = torch.sqrt(cs.pow(2).mean(-1) + self.eps)
-        y0 = Q / c[:, None]
-        if self.beta is not None:
-            y0 = y0 + self.beta
-        logp = torch.log_softmax(self.capped(y0), -1)
-        logp_w = logp.gather(1, targets[:, None].to(logp.device))[:, 0]
-        if self.mode == "renorm":
-            return _Base(y0, logp_w, c, targets, Q, cs)
-        return _Base(y0, logp_w, c, targets)
-
-    def block_sizes(self, n_vectors: int, max_memory_gb: float) -> tuple[int, int]:
-        """(neurons per chunk, tokens per vocabulary block) within the memory budget."""
-        vb = min(self.V, 8192)
-        per = 4 * vb * self.W.element_size()  # P, Y and log-sum-exp temporaries
-        n = int(max(1, min(n_vectors, 512, max_memory_gb * 2**30 // per)))
-        return n, vb
-
-    def score(self, X: torch.Tensor, Cv: torch.Tensor, A: torch.Tensor, base: _Base,
-              vb: int | None = None) -> torch.Tensor:
-        """Exact importance of ``a * v`` for vectors ``X = g * C(v)`` (N, d) and coefficients
-        ``A`` (n, N) against the ``n`` base rows: (n, N)."""
-        n, N = A.shape
-        vb = vb or min(self.V, 8192)
-        W, dt = self.W, self.dt
-        A = A.to(dt)
-        Pw = X @ W[base.targets].T  # (N, n)
-        if self.mode == "frozen":
-            T = A / base.c[:, None]
-            R = None
-        else:
-            d = X.shape[-1]
-            sv = base.Cs @ Cv.T  # (n, N)
-            norm2 = (base.Cs.pow(2).sum(-1)[:, None] + 2 * A * sv + A * A * Cv.pow(2).sum(-1))
-            R = torch.rsqrt(norm2 / d + self.eps)
-            T = A * R
-        rows = torch.arange(n)
-        if R is None:
-            yw = base.y0[rows, base.targets][:, None] + T * Pw.T
-        else:
-            yw = (base.Q[rows, base.targets][:, None] + A * Pw.T) * R
-            if self.beta is not None:
-                yw = yw + self.beta[base.targets][:, None]
-        blocks = range(0, self.V, vb)
-        lse = torch.empty(n, N, len(blocks), dtype=dt)
-        for j, v0 in enumerate(blocks):
-            P = X @ W[v0:v0 + vb].T  # (N, vb): shared by every row
-            for i in range(n):
-                if R is None:
-                    Y = torch.addcmul(base.y0[i, v0:v0 + vb], T[i, :, None], P)
-                else:
-                    Y = torch.addcmul(base.Q[i, v0:v0 + vb], A[i, :, None], P)
-                    Y.mul_(R[i, :, None])
-                    if self.beta is not None:
-                        Y.add_(self.beta[v0:v0 + vb])
-                if self.cap:
-                    Y.div_(self.cap).tanh_().mul_(self.cap)
-                lse[i, :, j] = torch.logsumexp(Y, -1)
-        lse = torch.logsumexp(lse, -1)
-        return (self.capped(yw) - lse) - base.logp_w[:, None]
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     """A tensor as numpy: float64 stays float64, other floats become float32."""
     t = t.detach()
@@ -314,7 +177,7 @@ def _check_targets(view, t: torch.Tensor) -> None:
                        f"{view.vocab_size} tokens")
 
 
-def _scales(lens: _Lens, states: CaseStates, scale) -> torch.Tensor:
+def _scales(lens: Lens, states: CaseStates, scale) -> torch.Tensor:
     if scale is None:
         return lens.scale(states.final)
     s = torch.as_tensor(scale, dtype=lens.dt).reshape(-1)
@@ -333,23 +196,7 @@ def _layers(view, layers) -> list[int]:
     return out
 
 
-def _ffn_vectors(view, lens: _Lens, states: CaseStates, layer: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(X, Cv, A)``: value vectors as the vocabulary sees them and per-case coefficients
-    ``A = m / post-norm scale`` (n, width)."""
-    width = view.ffn_width(layer)
-    v = view.value_vectors(layer).detach().to(lens.dt)
-    A = states.coef[:, layer, :width]
-    post = view.norm(layer, "ln_ffn_post")
-    if post is not None:
-        gain, s, _, _ = view.norm_affine(post, states.ffn_raw[:, layer])
-        v = v * gain.detach()
-        A = A / s
-    X, Cv = lens.vectors(v)
-    return X, Cv, A
-
-
-def _attn_post(view, lens: _Lens, states: CaseStates, layer: int):
+def _attn_post(view, lens: Lens, states: CaseStates, layer: int):
     post = view.norm(layer, "ln_attn_post")
     if post is None:
         return None, None
@@ -402,7 +249,7 @@ def _describe(view, lens, target, states, layers, extra=None) -> dict:
 
 def _prepare(view, lens, cases, interventions, target, scale, layers, batch_size, states):
     """Lens, states (given or computed), targets, frozen scales and layers of one run."""
-    lz = _Lens(view, lens)
+    lz = Lens(view, lens)
     st = states if states is not None else case_states(view, cases, *interventions,
                                                       batch_size=batch_size)
     tg = _targets(st, target)
@@ -432,9 +279,9 @@ def score_neurons(view, cases_or_encoded, *interventions, lens: str = "frozen",
     with torch.no_grad():
         for layer, g0 in track(todo, "neuron scores", show=progress):
             rows = slice(g0, g0 + group)
-            X, Cv, A = _ffn_vectors(view, lz, st, layer)
+            vec = FFNVectors(view, lz, [layer])
+            X, Cv, A = vec.X[layer], vec.Cv[layer], vec.coef(st, layer)[rows]
             base = lz.base(st.resid_mid[rows, layer], c[rows], tg[rows])
-            A = A[rows]
             nb, vb = lz.block_sizes(X.shape[0], max_memory_gb)
             for k0 in range(0, X.shape[0], nb):
                 ks = slice(k0, k0 + nb)
@@ -483,7 +330,7 @@ def score_heads(view, cases_or_encoded, *interventions, lens: str = "frozen",
                 heads = heads * gain / s[:, None, None]
             X, Cv = lz.vectors(heads)
             imp_h = torch.stack([lz.score(X[i], Cv[i], torch.ones(1, H, dtype=lz.dt),
-                                          _row(base, i))[0] for i in range(n)])
+                                          base.rows(i))[0] for i in range(n)])
             frames.append(pd.DataFrame({
                 "case": np.repeat(ids, H), "layer": layer, "kind": "head",
                 "index": np.tile(np.arange(H), n), "head": np.tile(np.arange(H), n),
@@ -510,12 +357,6 @@ def score_heads(view, cases_or_encoded, *interventions, lens: str = "frozen",
     return df
 
 
-def _row(base: _Base, i: int | slice) -> _Base:
-    sl = slice(i, i + 1) if isinstance(i, int) else i
-    return _Base(base.y0[sl], base.logp_w[sl], base.c[sl], base.targets[sl],
-                 None if base.Q is None else base.Q[sl], None if base.Cs is None else base.Cs[sl])
-
-
 def position_scores(view, case, *interventions, lens: str = "frozen", target: Target = "pred",
                     scale: torch.Tensor | None = None, layers=None, progress: bool = False
                     ) -> pd.DataFrame:
@@ -526,10 +367,10 @@ def position_scores(view, case, *interventions, lens: str = "frozen", target: Ta
     the attention weight. Needs eager attention (switched on for the forward only). A head
     whose output an intervention edited (its split no longer sums to it) gets NaN.
     """
-    enc = _as_encoded(view, case)
+    enc = as_encoded(view.tokenizer, case)
     if len(enc) != 1:
         raise CnaError("position_scores scores one case")
-    lz = _Lens(view, lens)
+    lz = Lens(view, lens)
     layer_list = _layers(view, layers)
     with view.attention_record(layer_list) as rec:
         st = case_states(view, enc, *interventions)
@@ -570,7 +411,7 @@ def position_scores(view, case, *interventions, lens: str = "frozen", target: Ta
 
 
 # --------------------------------------------------------------------------- certified top-K
-def _slack(lz: _Lens, slack: float | None) -> float:
+def _slack(lz: Lens, slack: float | None) -> float:
     if slack is not None:
         return float(slack)
     return 1e-4 if lz.dt == torch.float32 else 1e-9
@@ -582,32 +423,7 @@ def _topk_order(scores: torch.Tensor, flat: torch.Tensor, k: int) -> torch.Tenso
     return order[:k]
 
 
-class _LayerCache:
-    """Per-layer vocabulary views of the FFN value vectors, built once per call."""
-
-    def __init__(self, view, lz: _Lens, layers: list[int]):
-        self.view, self.lz, self.layers = view, lz, layers
-        self.X: dict[int, torch.Tensor] = {}
-        self.Cv: dict[int, torch.Tensor] = {}
-        self.post: dict[int, torch.Tensor | None] = {}
-        for layer in layers:
-            v = view.value_vectors(layer).detach().to(lz.dt)
-            post = view.norm(layer, "ln_ffn_post")
-            if post is not None:
-                gain = view.norm_affine(post, v[:1])[0].detach()
-                v = v * gain
-            self.X[layer], self.Cv[layer] = lz.vectors(v)
-
-    def coef(self, states: CaseStates, layer: int) -> torch.Tensor:
-        """Per-case coefficients divided by the post-FFN norm's frozen scale: (n, width)."""
-        A = states.coef[:, layer, :self.view.ffn_width(layer)]
-        post = self.view.norm(layer, "ln_ffn_post")
-        if post is not None:
-            A = A / self.view.norm_affine(post, states.ffn_raw[:, layer])[1]
-        return A
-
-
-def _check_certifiable(lz: _Lens, k: int) -> None:
+def _check_certifiable(lz: Lens, k: int) -> None:
     if k < 1:
         raise CnaError(f"top-K needs K >= 1, got {k}")
     if lz.mode != "frozen" or lz.cap:
@@ -635,7 +451,7 @@ def certified_topk(view, cases, k: int, *interventions, target: Target = "pred",
     case, how many were scored exactly, seconds. Soft-capped models and the renorm lens fall
     back to exhaustive scoring (``stats["method"]`` says so).
     """
-    lz = _Lens(view, lens)
+    lz = Lens(view, lens)
     if lz.mode != "frozen" or lz.cap:
         return _exhaustive_fallback(view, cases, k, interventions, target, scale, layers,
                                     batch_size, max_memory_gb, progress, lens)
@@ -646,7 +462,7 @@ def certified_topk(view, cases, k: int, *interventions, target: Target = "pred",
     _check_targets(view, tg)
     c = _scales(lz, st, scale)
     layer_list = _layers(view, layers)
-    cache = _LayerCache(view, lz, layer_list)
+    cache = FFNVectors(view, lz, layer_list)
     sl = _slack(lz, slack)
     rows, n_exact = [], []
     with torch.no_grad():
@@ -655,10 +471,10 @@ def certified_topk(view, cases, k: int, *interventions, target: Target = "pred",
             nl = len(layer_list)
             # every layer's base logits and W_U^T p in one pass over W_U each
             allb = lz.base(st.resid_mid[i, layer_list], c[i].expand(nl), tg[i].expand(nl))
-            dirs = lz.W[tg[i]] - torch.softmax(allb.y0, -1) @ lz.W  # (nl, d)
+            dirs = lz.first_order(allb)  # (nl, d)
             for j, layer in enumerate(layer_list):
                 A = cache.coef(st, layer)[i]
-                bases[layer] = _row(allb, j)
+                bases[layer] = allb.rows(j)
                 As[layer] = A
                 bounds.append((A / c[i]) * (cache.X[layer] @ dirs[j]))
                 flat.append(layer * view.d_ffn + torch.arange(A.shape[0]))
@@ -734,10 +550,10 @@ def certified_topk_diff(view, cases, k: int, interventions_b: Sequence,
     """
     if rank not in RANKS:
         raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
-    _check_certifiable(_Lens(view, "frozen"), k)
+    _check_certifiable(Lens(view, "frozen"), k)
     t0 = time.perf_counter()
     if states is None:
-        enc = _as_encoded(view, cases)
+        enc = as_encoded(view.tokenizer, cases)
         sa = case_states(view, enc, *interventions_a, batch_size=batch_size)
         sb = case_states(view, enc, *interventions_b, batch_size=batch_size)
     else:
@@ -772,7 +588,7 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(a.numpy(), digest_size=16).hexdigest()
 
 
-def _unembed_key(lz: _Lens) -> tuple:
+def _unembed_key(lz: Lens) -> tuple:
     """The unembedding's identity: storage, in-place version, shape, dtype and a content
     sample (the value vectors' part of a range key is a hash of their full content)."""
     w = lz.view.unembed.weight
@@ -785,7 +601,7 @@ class _Range:
     ``|P_i| <= |x| max_i |W_i|`` until ``set`` records ``min_i P_i`` and ``max_i P_i``
     (``_exact_ranges``); both widened by a bound on the products' rounding."""
 
-    def __init__(self, lz: _Lens, X: torch.Tensor):
+    def __init__(self, lz: Lens, X: torch.Tensor):
         wmax = lz.W.norm(dim=-1).max()
         xn = X.norm(dim=-1)
         # |fl(x . w) - x . w| <= d eps |x| |w| (deterministic); 4 sqrt(d) eps covers BLAS
@@ -800,7 +616,7 @@ class _Range:
         self.known[idx] = True
 
 
-def _exact_ranges(lz: _Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_ranges(lz: Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``min_i P_i`` and ``max_i P_i`` of ``P = W_U x`` for each row of ``X``: one pass over
     the vocabulary per 2,048 rows."""
     lo = torch.full((X.shape[0],), float("inf"), dtype=lz.dt)
@@ -814,7 +630,7 @@ def _exact_ranges(lz: _Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return lo, hi
 
 
-def _projection_range(lz: _Lens, X: torch.Tensor, wkey: tuple | None = None) -> _Range:
+def _projection_range(lz: Lens, X: torch.Tensor, wkey: tuple | None = None) -> _Range:
     """The (cached) ``_Range`` of vectors ``X``: keyed by the unembedding's identity and a
     hash of ``X`` (value vectors through the norms' gains), never by a model's name."""
     key = (wkey or _unembed_key(lz), _digest(X))
@@ -826,7 +642,7 @@ def _projection_range(lz: _Lens, X: torch.Tensor, wkey: tuple | None = None) -> 
     return hit
 
 
-def _bound_parts(lz: _Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
+def _bound_parts(lz: Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
                  q: torch.Tensor, rest_w: torch.Tensor, targets: torch.Tensor,
                  T: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The range-independent parts of the bounds (float64, (r, N) each, see the section
@@ -879,7 +695,7 @@ def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, rank: str
 class _DiffCase:
     """One case of a certified CNA: per layer the two runs' base rows and coefficients."""
 
-    bases: dict[int, _Base]
+    bases: dict[int, Base]
     A: dict[int, torch.Tensor]  # (2, width): runs a, b
     parts: dict[int, tuple[torch.Tensor, ...]]  # ``_bound_parts``
     lo: dict[int, torch.Tensor]  # (2, width) importance bounds
@@ -889,11 +705,11 @@ class _DiffCase:
 class _DiffBounds:
     """Shared state of a certified CNA over two runs scored on A's target and scale."""
 
-    def __init__(self, view, lz: _Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
+    def __init__(self, view, lz: Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
                  c: torch.Tensor, layers: list[int], head_tokens: int):
         self.view, self.lz, self.sa, self.sb, self.tg, self.c = view, lz, sa, sb, tg, c
         self.layers, self.head_tokens = layers, head_tokens
-        self.cache = _LayerCache(view, lz, layers)
+        self.cache = FFNVectors(view, lz, layers)
         wkey = _unembed_key(lz)
         self.ranges = {x: _projection_range(lz, self.cache.X[x], wkey) for x in layers}
         self.seconds_range, self.n_refined = 0.0, 0
@@ -939,7 +755,7 @@ class _DiffBounds:
             out.parts[layer] = _bound_parts(lz, self.cache.X[layer], logp[rows], heads[j],
                                             q[rows], rest_w[rows], base.targets[rows],
                                             A / self.c[i])
-            out.bases[layer] = _row(base, slice(j, j + nl + 1, nl))
+            out.bases[layer] = base.rows(slice(j, j + nl + 1, nl))
             out.A[layer] = A
         return self.rebound(out)
 
@@ -951,29 +767,28 @@ class _DiffBounds:
         return dc
 
 
-def _score_requests(lz: _Lens, X: torch.Tensor,
-                    reqs: list[tuple[_Base, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def _score_requests(lz: Lens, X: torch.Tensor,
+                    reqs: list[tuple[Base, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """Exact frozen-lens importances of vectors ``X`` (U, d), each request ``(base, A, sel)``
     scoring its rows (r) against its own subset ``sel`` of the vectors with coefficients
     ``A`` (r, len(sel)); the projection onto each vocabulary block is shared by all."""
     W, dt = lz.W, lz.dt
-    vb = min(lz.V, 8192)
-    blocks = range(0, lz.V, vb)
     Ts = [A.to(dt) / base.c[:, None] for base, A, _ in reqs]
-    lse = [torch.empty(T.shape[0], T.shape[1], len(blocks), dtype=dt) for T in Ts]
-    for j, v0 in enumerate(blocks):
-        P = X @ W[v0:v0 + vb].T  # (U, vb)
+    lse = [[LogSumExp() for _ in range(T.shape[0])] for T in Ts]
+    for v0, Wb in lz.blocks():
+        P = X @ Wb.T  # (U, vb)
+        vb = Wb.shape[0]
         for q, ((base, _, sel), T) in enumerate(zip(reqs, Ts, strict=True)):
             Pc = P.index_select(0, sel)
             for r in range(T.shape[0]):
-                Y = torch.addcmul(base.y0[r, v0:v0 + vb], T[r, :, None], Pc)
-                lse[q][r, :, j] = torch.logsumexp(Y, -1)
+                lse[q][r].add(torch.addcmul(base.y0[r, v0:v0 + vb], T[r, :, None], Pc),
+                              inplace=True)
     out = []
     for (base, _, sel), T, part in zip(reqs, Ts, lse, strict=True):
         Pw = X.index_select(0, sel) @ W[base.targets].T  # (n, r)
         rows = torch.arange(T.shape[0])
         yw = base.y0[rows, base.targets][:, None] + T * Pw.T
-        out.append(yw - torch.logsumexp(part, -1) - base.logp_w[:, None])
+        out.append(yw - torch.stack([x.value for x in part]) - base.logp_w[:, None])
     return out
 
 
@@ -1075,7 +890,7 @@ def cna_bounds(view, states_a: CaseStates, states_b: CaseStates, *, target: Targ
     ``lo <= imp <= hi`` for both runs scored on A's target and frozen scale (frozen lens,
     no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
     the ranges known so far: Cauchy-Schwarz for the others)."""
-    lz = _Lens(view, "frozen")
+    lz = Lens(view, "frozen")
     _check_certifiable(lz, 1)
     tg = _targets(states_a, target)
     _check_targets(view, tg)
@@ -1121,7 +936,7 @@ def certified_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
     if len(states_a) != len(states_b):
         raise CnaError(f"{len(states_a)} run-A cases but {len(states_b)} run-B cases")
     t0 = time.perf_counter()
-    lz = _Lens(view, "frozen")
+    lz = Lens(view, "frozen")
     tg = _targets(states_a, target)
     _check_targets(view, tg)
     c = _scales(lz, states_a, None)
@@ -1190,12 +1005,12 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
     ``diff_frame`` of the two runs' ``score_neurons``. Rows as ``certified_topk_diff``.
     ``states``: the two runs' ``case_states`` (then not computed again).
     """
-    lz = _Lens(view, "frozen")
+    lz = Lens(view, "frozen")
     if k < 1:
         raise CnaError(f"top-K needs K >= 1, got {k}")
     t0 = time.perf_counter()
     if states is None:
-        enc_a, enc_b = _as_encoded(view, cases_a), _as_encoded(view, cases_b)
+        enc_a, enc_b = as_encoded(view.tokenizer, cases_a), as_encoded(view.tokenizer, cases_b)
         if len(enc_a) != len(enc_b):
             raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: "
                            "an input comparison pairs them one to one")
@@ -1212,7 +1027,7 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
         raise CnaError(f"top-K {k} exceeds the {n_units} neurons compared")
     m = n_units if screen <= 0 else min(max(screen, k), n_units)
     n, D = len(sa), view.d_ffn
-    cache = _LayerCache(view, lz, layer_list)
+    cache = FFNVectors(view, lz, layer_list)
     est, flat, bases = [], [], {}
     with torch.no_grad():
         for layer in track(layer_list, "CNA screen", show=progress):
@@ -1222,8 +1037,7 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
             bb = lz.base(sb.resid_mid[:, layer], cb, tg)
             bases[layer] = (ba, bb, Aa, Ab)
             if m < n_units:
-                da = lz.W[tg] - torch.softmax(ba.y0, -1) @ lz.W  # (n, d)
-                db = lz.W[tg] - torch.softmax(bb.y0, -1) @ lz.W
+                da, db = lz.first_order(ba), lz.first_order(bb)  # (n, d) each
                 est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
             flat.append(layer * D + torch.arange(X.shape[0]))
         flat_all = torch.cat(flat)
@@ -1239,7 +1053,7 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
                 sel = (layer_of == layer).nonzero()[:, 0]
                 idx = ids[sel] % D
                 ba, bb, Aa, Ab = bases[layer]
-                both = _stack(_row(ba, i), _row(bb, i))  # one projection, two runs
+                both = ba.rows(i).stack(bb.rows(i))  # one projection, two runs
                 ia[sel], ib[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx],
                                             torch.stack([Aa[i, idx], Ab[i, idx]]), both)
             best = _topk_order(ia - ib, ids, k)
@@ -1258,11 +1072,6 @@ def input_topk_diff(view, cases_a, cases_b, k: int, *, target: Target = "gold", 
                         "target": target if isinstance(target, str) else "ids",
                         "layers": layer_list, "stats": stats, "model": view.summary()}
     return df, stats
-
-
-def _stack(a: _Base, b: _Base) -> _Base:
-    return _Base(torch.cat([a.y0, b.y0]), torch.cat([a.logp_w, b.logp_w]),
-                 torch.cat([a.c, b.c]), torch.cat([a.targets, b.targets]))
 
 
 def rank_key(diff: torch.Tensor, rank: str = "decrease") -> torch.Tensor:

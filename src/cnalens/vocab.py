@@ -40,7 +40,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from cnalens.data.cases import as_encoded, question_start
 from cnalens.errors import CnaError
+from cnalens.lens import FFNVectors, Lens, center
 
 SIGNS = ("pos", "neg", "both")
 
@@ -87,20 +89,6 @@ def ids_to_strings(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     return [[uniq[i] for i in flat[r:r + k]] for r in range(0, len(flat), k)]
 
 
-def _cdtype(view) -> torch.dtype:
-    return torch.promote_types(view.dtype, torch.float32)
-
-
-def _final_gain(view) -> tuple[torch.Tensor, bool]:
-    ref = torch.ones(1, view.d_model, dtype=_cdtype(view), device=view.device)
-    gain, _, _, centred = view.norm_affine(view.final_norm, ref)
-    return gain.detach(), centred
-
-
-def _center(x: torch.Tensor, centred: bool) -> torch.Tensor:
-    return x - x.mean(-1, keepdim=True) if centred else x
-
-
 def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
     """``scale`` (None, scalar or per-vector) as an (n, 1) tensor of positive values."""
     if scale is None:
@@ -118,8 +106,8 @@ def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
 def lens_vectors(view, vectors: torch.Tensor, scale=None) -> torch.Tensor:
     """What the vocabulary sees of residual vectors: ``g * C(v) / c`` (n, d)."""
     v = _vectors(view, vectors)
-    g, centred = _final_gain(view)
-    return _center(v, centred) * g / _as_scale(scale, v.shape[0], v.dtype, "final-norm")
+    X = Lens(view).vectors(v)[0]
+    return X / _as_scale(scale, v.shape[0], X.dtype, "final-norm")
 
 
 def _vectors(view, vectors: torch.Tensor) -> torch.Tensor:
@@ -128,7 +116,7 @@ def _vectors(view, vectors: torch.Tensor) -> torch.Tensor:
         v = v[None]
     if v.dim() != 2 or v.shape[-1] != view.d_model:
         raise CnaError(f"vectors must be (n, {view.d_model}), not {tuple(v.shape)}")
-    return v.to(device=view.device, dtype=_cdtype(view))
+    return v.to(device=view.device, dtype=view.compute_dtype)
 
 
 def _unembed(view) -> torch.Tensor:
@@ -194,7 +182,7 @@ def _check_layer_head(view, layer: int, head: int | None) -> None:
 def ov_parts(view, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_V, W_O)`` of a layer per query head: (n_heads, head_dim, d) each, W_V already
     expanded from the KV heads (GQA) and W_O as ``o_proj_by_head`` transposed."""
-    dt = _cdtype(view)
+    dt = view.compute_dtype
     wv = view.v_proj_by_head(layer).detach().to(dt)
     group = view.n_heads // wv.shape[0]
     wv = wv.repeat_interleave(group, 0)
@@ -214,7 +202,7 @@ def transform(view, vectors: torch.Tensor, layer: int, *, head: int | None = Non
     n = v.shape[0]
     ln = view.norm(layer, "ln_attn")
     gain, _, _, centred = view.norm_affine(ln, torch.ones(1, view.d_model, dtype=v.dtype))
-    x = _center(v, centred) * gain.detach().to(v.dtype) / _as_scale(scale, n, v.dtype,
+    x = center(v, centred) * gain.detach().to(v.dtype) / _as_scale(scale, n, v.dtype,
                                                                       "input-norm")
     wv, wo = ov_parts(view, layer)
     if head is None:
@@ -272,19 +260,6 @@ def _scale_states(view, enc, batch_size: int = 32):
         yield chunk, pre, raw, cache[("resid_post", L - 1)][:, -1]
 
 
-def _encode(view, cases) -> list:
-    from cnalens.data.cases import Case, Encoded, encode_all
-
-    if isinstance(cases, (Case, Encoded)):
-        cases = [cases]
-    cases = list(cases)
-    if not cases:
-        raise CnaError("no cases to take norm scales from")
-    if isinstance(cases[0], Encoded):
-        return cases
-    return encode_all(view.tokenizer, cases)
-
-
 def case_scales(view, case, position: int = -1) -> Scales:
     """The real scales of one case (a prompt string, ``Case`` or ``Encoded``): the input
     norms' at token ``position`` (negative: from the end), the post-attention and final
@@ -293,7 +268,7 @@ def case_scales(view, case, position: int = -1) -> Scales:
 
     if isinstance(case, str):
         case = Case(case, "?", case_id="case")
-    enc = _encode(view, case)
+    enc = as_encoded(view.tokenizer, case)
     T = len(enc[0].prompt_ids)
     if not -T <= position < T:
         raise CnaError(f"position {position} out of range: the prompt has {T} tokens")
@@ -309,19 +284,10 @@ def case_scales(view, case, position: int = -1) -> Scales:
     return Scales(attn_in, attn_post, fin, f"case {enc[0].case.prompt!r}, position {position}")
 
 
-def _question_start(view, e) -> int:
-    """Index of the first question token of an encoded case (prefix and BOS skipped)."""
-    pre = e.case.prefix
-    if pre:
-        return len(view.tokenizer(pre).input_ids)
-    bos = getattr(view.tokenizer, "bos_token_id", None)
-    return 1 if bos is not None and e.prompt_ids and e.prompt_ids[0] == bos else 0
-
-
 def mean_scales(view, cases, batch_size: int = 32) -> Scales:
     """Zero-shot scales: the input norms' averaged over the question tokens of every
     prompt, the post-attention and final norms' over the prompts' last tokens."""
-    enc = _encode(view, cases)
+    enc = as_encoded(view.tokenizer, cases)
     L = view.n_layers
     tot_in = torch.zeros(L, dtype=torch.float64)
     n_in = 0
@@ -329,8 +295,7 @@ def mean_scales(view, cases, batch_size: int = 32) -> Scales:
     for chunk, pre, raw, final in _scale_states(view, enc, batch_size):
         T = pre.shape[2]
         for i, e in enumerate(chunk):
-            start = T - len(e.prompt_ids) + min(_question_start(view, e),
-                                                len(e.prompt_ids) - 1)
+            start = T - len(e.prompt_ids) + question_start(view.tokenizer, e)
             for layer in range(L):
                 s = _norm_scale(view, view.norm(layer, "ln_attn"), pre[i, layer, start:])
                 tot_in[layer] += s.double().sum()
@@ -339,7 +304,7 @@ def mean_scales(view, cases, batch_size: int = 32) -> Scales:
             posts.append(torch.stack([_norm_scale(view, view.norm(layer, "ln_attn_post"),
                                                   raw[:, layer]) for layer in range(L)], 1))
         finals.append(_norm_scale(view, view.final_norm, final))
-    dt = _cdtype(view)
+    dt = view.compute_dtype
     attn_post = torch.cat(posts).mean(0).to(dt) if posts else None
     return Scales((tot_in / n_in).to(dt), attn_post, float(torch.cat(finals).mean()),
                   f"mean over {len(enc)} prompts (input norms: question tokens)")
@@ -380,14 +345,14 @@ def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
     encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
     for the case's gold first answer token if it has one, else the model's prediction."""
-    from cnalens.scores import _ffn_vectors, _Lens, case_states
+    from cnalens.scores import case_states
 
     st = case_states(view, [enc])
     if target is None:
         tg = st.gold if enc.answer_ids else st.pred
     else:
         tg = torch.tensor([int(target)])
-    lz = _Lens(view, "frozen")
+    lz = Lens(view, "frozen")
     c = lz.scale(st.final)
     coef = torch.empty(len(units), dtype=torch.float64)
     imp = torch.empty(len(units), dtype=torch.float64)
@@ -396,7 +361,8 @@ def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
         by_layer.setdefault(layer, []).append(i)
     for layer, rows in by_layer.items():
         idx = torch.tensor([units[i][1] for i in rows])
-        X, Cv, A = _ffn_vectors(view, lz, st, layer)
+        vec = FFNVectors(view, lz, [layer])
+        X, Cv, A = vec.X[layer], vec.Cv[layer], vec.coef(st, layer)
         base = lz.base(st.resid_mid[:, layer], c, tg)
         imp[rows] = lz.score(X[idx], Cv[idx], A[:, idx], base)[0].double()
         coef[rows] = st.coef[0, layer, idx].double()

@@ -47,9 +47,10 @@ import torch
 from torch import nn
 
 from cnalens.data.arithmetic import OPS, arithmetic_cases
-from cnalens.data.cases import Case, Encoded, encode_all
+from cnalens.data.cases import Case, Encoded, as_encoded, encode_all
 from cnalens.errors import CnaError
 from cnalens.io import write_json
+from cnalens.models.view import compute_dtype
 from cnalens.progress import bar as progress_bar
 
 ROLES = ("attn", "qkv", "o_proj", "down_proj")
@@ -246,7 +247,7 @@ def answer_loss(view, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
     keep = targets >= 0
     logits = view.logits(hidden[keep])
     n = int(keep.sum())
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(compute_dtype(logits.dtype))
     return nn.functional.cross_entropy(logits, targets[keep]), n
 
 
@@ -274,8 +275,7 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
     if _has_lora(view.model):
         raise CnaError("the model already carries a LoRA adapter: unload it first "
                        "(unload_lora) or load a fresh model")
-    enc = (list(train_cases) if train_cases and isinstance(train_cases[0], Encoded)
-           else encode_all(view.tokenizer, train_cases))
+    enc = as_encoded(view.tokenizer, train_cases)
     if not enc:
         raise CnaError("the LoRA training split is empty")
     targets = target_names(view, settings.layers, settings.target_modules)
@@ -434,8 +434,7 @@ def evaluate_runs(view, peft_model, cases, batch_size: int = 64,
     ``run`` column (``original``, ``lora``)."""
     from cnalens.evaluate import evaluate
 
-    enc = (list(cases) if cases and isinstance(cases[0], Encoded)
-           else encode_all(view.tokenizer, cases))
+    enc = as_encoded(view.tokenizer, cases)
     with peft_model.disable_adapter():
         orig = evaluate(view, enc, batch_size=batch_size, progress=progress,
                         description="evaluating original")

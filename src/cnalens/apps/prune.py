@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from cnalens.data.arithmetic import OPS, arithmetic_cases
-from cnalens.data.cases import Case, encode_all
+from cnalens.data.cases import Case, as_encoded, encode_all
 from cnalens.errors import CnaError
 from cnalens.models.pruned import (  # noqa: F401 (re-exported)
     PRUNING_FILE,
@@ -58,7 +58,7 @@ def lora_comparison(view, cases, layers: Sequence[int], batch_size: int = 32,
     peft_model = getattr(view, "peft_model", None)
     if peft_model is None:
         raise CnaError("the model carries no LoRA adapter (load one with load_adapter)")
-    enc = encode_all(view.tokenizer, cases) if cases and isinstance(cases[0], Case) else cases
+    enc = as_encoded(view.tokenizer, cases)
     a = score_neurons(view, enc, layers=layers, batch_size=batch_size, progress=progress)
     with peft_model.disable_adapter():
         b = score_neurons(view, enc, target=a.target, scale=a.scale, layers=layers,

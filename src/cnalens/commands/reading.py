@@ -267,8 +267,6 @@ def explain(
     top: Annotated[int, typer.Option(help="deep and shallow neurons in the chain")] = 10,
     shots: Annotated[int, typer.Option(
         help="few-shot examples before an arithmetic prompt")] = 3,
-    exact: Annotated[bool, typer.Option(
-        help="score every deep neuron exactly (slow on a large vocabulary)")] = False,
     out: OutOpt = Path("results/explain"),
     device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
     quiet: QuietOpt = False,
@@ -285,7 +283,7 @@ def explain(
     view = load_view(model, device, dtype, device_map, quiet, heads=[hd])
     target_id(view, target)  # a bad target fails before any work
     t0 = time.perf_counter()
-    chain = explain_case(view, case, hd, target=target, top=top, exact=exact)
+    chain = explain_case(view, case, hd, target=target, top=top)
     m = chain.meta
     console.print(f"[bold]{m['question']!r}[/] -> target {m['target']!r} (log p "
                   f"{m['logp']:.3f}; the model predicts {m['pred']!r}), head {m['head']}")
@@ -299,7 +297,7 @@ def explain(
                      "zeroed; coef_drop: of the deep neurons' sum |m|)")
     seconds = time.perf_counter() - t0
     write_explain(out, [chain], view, {"prompt": prompt, "head": m["head"], "target": target,
-                                       "top": top, "shots": shots, "exact": exact},
+                                       "top": top, "shots": shots},
                   seconds, merge=True)
     report = record_stage(out, view, _command(), "explain", seconds)
     console.print(f"wrote {out}/explain.csv; report: {report}")

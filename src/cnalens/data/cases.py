@@ -112,6 +112,16 @@ def encode_prompt(tokenizer, case: Case | Encoded) -> Encoded:
     return Encoded(case, ids, ())
 
 
+def question_start(tokenizer, enc: Encoded) -> int:
+    """Index of the case's first question token: the few-shot prefix and BOS skipped (at
+    most the last prompt token)."""
+    n = len(enc.prompt_ids)
+    if enc.case.prefix:
+        return min(n - 1, len(tokenizer(enc.case.prefix).input_ids))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return 1 if n > 1 and bos is not None and enc.prompt_ids[0] == bos else 0
+
+
 CaseLike = str | Case | Encoded
 Cases = CaseLike | Sequence[CaseLike]  # what a notebook passes where cases go
 Targets = str | int | Sequence[str | int] | None
@@ -131,7 +141,7 @@ def as_encoded(tokenizer, items: Cases, targets: Targets = None) -> list[Encoded
         raise CnaError(f"a case must be a prompt string, a Case or an Encoded (or a list "
                        f"of them), not {type(items).__name__}") from None
     if not items:
-        raise CnaError("no cases given")
+        raise CnaError("no cases given (empty dataset)")
     if targets is None or isinstance(targets, (str, int)):
         targets = [targets] * len(items)
     targets = list(targets)
@@ -146,8 +156,12 @@ def as_encoded(tokenizer, items: Cases, targets: Targets = None) -> list[Encoded
         elif not isinstance(x, (Case, Encoded)):
             raise CnaError(f"a case must be a prompt string, a Case or an Encoded, not "
                            f"{type(x).__name__}")
+        if isinstance(x, Encoded) and isinstance(t, int) and not isinstance(t, bool):
+            out.append(Encoded(x.case, x.prompt_ids, (int(t),)))  # scored on token t
+            continue
         if t is not None and isinstance(x, Encoded):
-            raise CnaError("targets= cannot retarget encoded cases: pass strings or Cases")
+            raise CnaError("targets= cannot retarget encoded cases with text: pass strings "
+                           "or Cases, or a token id")
         if isinstance(t, str):
             x = replace(x, target=t)
         elif t is not None:

@@ -31,6 +31,12 @@ from cnalens.models.shape import ModelShape
 CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores, lenses and norms compute in for weights or states of ``dtype``:
+    float32 for half precision, float64 stays float64 (the one definition)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _get(root: nn.Module, path: str | None) -> nn.Module | None:
     if path is None:
         return None
@@ -214,6 +220,11 @@ class ModelView:
         return self.unembed.weight.device
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """What scores and lenses compute in: the weights' dtype, at least float32."""
+        return compute_dtype(self.dtype)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.unembed.weight.dtype
 
@@ -267,7 +278,7 @@ class ModelView:
         to ``mod(ref)``. ``ref`` broadcasts against ``x`` over the last dimension.
         """
         eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
-        dt = torch.promote_types(x.dtype, torch.float32)
+        dt = compute_dtype(x.dtype)
         x, ref = x.to(dt), ref.to(dt)
         w = mod.weight.to(dt)
         if self.family.norm_kind == "layer":
@@ -621,7 +632,7 @@ class ModelView:
         ``ref``'s shape with last dimension 1; ``bias`` is None for RMS norms.
         """
         eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
-        dt = torch.promote_types(ref.dtype, torch.float32)
+        dt = compute_dtype(ref.dtype)
         ref = ref.to(dt)
         w = mod.weight.to(dt)
         if self.family.norm_kind == "layer":

@@ -22,7 +22,8 @@ from cnalens.io import read_json, write_text
 from cnalens.report import html
 from cnalens.report.sections import ORDER, Section, has_results, read_meta, registry
 
-__all__ = ["ORDER", "REPORT_NAME", "Section", "load_run", "registry", "render_report"]
+__all__ = ["ORDER", "REPORT_NAME", "Section", "findings_section", "load_run", "registry",
+           "render_report"]
 
 REPORT_NAME = "report.html"
 log = logging.getLogger(__name__)
@@ -41,6 +42,22 @@ def load_run(dir: Path) -> dict[str, Any]:
     if not isinstance(run, dict):
         raise CnaError(f"{path} should hold a JSON object")
     return run
+
+
+FINDING_TITLES = {"eval": "Accuracy", "heads": "Attention heads", "cna": "CNA and its "
+                  "verification", "shallow": "Shallow neurons", "explain": "The chain of "
+                  "single cases", "lora": "LoRA", "prune": "Pruning", "debias": "Bias editing"}
+
+
+def findings_section(dir: Path) -> str:
+    """The report's opening "Findings" section (:mod:`cnalens.report.findings`)."""
+    from cnalens.report.findings import NOTATION, collect, missing_line
+
+    found = collect(dir)
+    groups = [(FINDING_TITLES.get(st, st), [f.text for f in found if f.stage == st])
+              for st in dict.fromkeys(f.stage for f in found)]
+    notes = [NOTATION, *([m] if (m := missing_line(dir)) else [])]
+    return html.findings_box(groups, notes)
 
 
 def render_report(
@@ -79,5 +96,12 @@ def render_report(
             stage_seconds[str(stage)] = meta["seconds"]
 
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
-    page = html.page(run, str(dir), rendered, stage_seconds, generated)
+    try:
+        summary = findings_section(dir)
+    except Exception as e:
+        if strict:
+            raise
+        log.warning("report findings failed: %s", e)
+        summary = html.error_box("The findings could not be computed:", f"{type(e).__name__}: {e}")
+    page = html.page(run, str(dir), rendered, stage_seconds, generated, summary)
     return write_text(dir / REPORT_NAME, page)

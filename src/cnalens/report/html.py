@@ -11,6 +11,8 @@ from __future__ import annotations
 import html as _html
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -113,6 +115,40 @@ def fmt_time(iso: Any) -> str:
         return str(iso)
 
 
+# ---------------------------------------------------------------- tokens
+
+_REPR_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[ntr\\'\"])")
+_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+# categories shown by code point: controls, format (zero-width joiners, marks), separators
+# other than the plain space, private use, unassigned
+_HIDDEN = {"Cc", "Cf", "Co", "Cn", "Zl", "Zp"}
+
+
+def unrepr(text: str) -> str:
+    """Undo Python ``repr`` escapes (``\\u200d`` -> the character), as files that list
+    tokens escaped with ``repr`` hold them."""
+    def sub(m: re.Match) -> str:
+        e = m.group(1)
+        return _SIMPLE[e] if e in _SIMPLE else chr(int(e[1:], 16))
+    return _REPR_ESCAPE.sub(sub, text)
+
+
+def visible(token: Any) -> str:
+    """A token with every invisible character shown: line ends as ↵, tabs as →, other
+    control, format and separator characters as ⟨U+XXXX⟩ (spaces stay spaces)."""
+    out = []
+    for ch in "" if token is None else str(token):
+        if ch == "\n":
+            out.append("↵")
+        elif ch == "\t":
+            out.append("→")
+        elif unicodedata.category(ch) in _HIDDEN or (ch.isspace() and ch != " "):
+            out.append(f"⟨U+{ord(ch):04X}⟩")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 # ---------------------------------------------------------------- blocks
 
 
@@ -127,6 +163,20 @@ def what(text: Any) -> Html:
 
 def note(text: Any) -> Html:
     return tag("p", text, class_="note")
+
+
+def interp(text: Any) -> Html:
+    """One line of interpretation under a table or a figure: what its numbers mean."""
+    return tag("p", text, class_="interp") if text else Html("")
+
+
+def findings_box(groups: Sequence[tuple[str, Sequence[str]]], notes: Sequence[str] = ()
+                 ) -> Html:
+    """The report's opening summary: (heading, sentences) groups as lists, then notes."""
+    body = "".join(tag("h3", t) + tag("ul", join(tag("li", x) for x in lines))
+                   for t, lines in groups if lines)
+    return Html(f'<section id="findings" class="findings">{tag("h2", "Findings")}'
+                f'{join(note(n) for n in notes)}{body}</section>')
 
 
 def table(
@@ -237,6 +287,14 @@ letter-spacing:.04em}
 section{background:var(--bg);border:1px solid var(--line);border-radius:10px;
 padding:18px 24px 20px;margin-top:18px}
 .what{color:var(--muted);margin:0 0 12px;max-width:85ch}
+.interp{margin:6px 0 14px;padding:6px 10px;border-left:3px solid var(--accent);
+background:#f3f7fc;max-width:95ch}
+.interp::before{content:"What it means: ";font-weight:600;color:var(--accent)}
+.interp+.interp{margin-top:-8px;border-top:none}
+section.findings{border-color:#b2ccea;border-width:2px}
+section.findings ul{margin:4px 0 10px;padding-left:20px}
+section.findings li{margin:3px 0;max-width:110ch}
+section.findings h3{margin:12px 0 2px}
 .note{color:var(--muted);font-size:12.5px;margin:6px 0}
 nav.toc{margin-top:14px;padding-top:10px;border-top:1px solid var(--line);font-size:13px}
 nav.toc::before{content:"Sections";color:var(--muted);margin-right:14px;font-size:11.5px;
@@ -256,6 +314,8 @@ td.aux,th.aux{color:#475467}
 td.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;
 white-space:pre-wrap;word-break:break-word}
 td.bad{color:#b42318}
+td.exp{min-width:230px}
+.rand{color:var(--muted);font-size:11.5px}
 tr.total td{border-top:2px solid #cfd4dc;font-weight:600}
 table.kv th{color:var(--muted);font-weight:500;white-space:nowrap;padding-left:0}
 table.kv td{font-variant-numeric:tabular-nums}
@@ -315,9 +375,13 @@ def _setting_value(v: Any) -> Any:
 
 
 def header(
-    run: Mapping[str, Any], dir_label: str, stage_seconds: Mapping[str, Any], toc: Any = ""
-) -> Html:
-    """The top of the page: what was run, how, how long, and on which model."""
+    run: Mapping[str, Any], dir_label: str, stage_seconds: Mapping[str, Any], toc: Any = "",
+    details_after: bool = False,
+) -> Html | tuple[Html, Html]:
+    """The top of the page: what was run, how, how long, and on which model.
+
+    ``details_after``: return (top, run details) apart, so that the findings can come
+    between the command and the model and stage tables."""
     model = run.get("model") or {}
     finished = run.get("finished")
     status = (
@@ -363,17 +427,15 @@ def header(
                 kv_table((k, _setting_value(v)) for k, v in sorted(settings.items())),
             )
         )
-    return Html(
-        '<header class="top">'
-        + tag("h1", title)
-        + p(f"cnalens report · {dir_label}", class_="sub")
-        + tag("code", run.get("command") or "—", class_="cmd")
-        + tag("div", facts_html, class_="facts")
-        + '<div class="cols"><div>'
-        + tag("h3", "Model")
-        + kv_table(_model_rows(model))
-        + f"</div><div>{right}</div></div>{esc(toc)}</header>"
-    )
+    top = (tag("h1", title) + p(f"cnalens report · {dir_label}", class_="sub")
+           + tag("code", run.get("command") or "—", class_="cmd")
+           + tag("div", facts_html, class_="facts"))
+    cols = ('<div class="cols"><div>' + tag("h3", "Model") + kv_table(_model_rows(model))
+            + f"</div><div>{right}</div></div>")
+    if details_after:
+        return (Html(f'<header class="top">{top}{esc(toc)}</header>'),
+                Html(f'<section id="run">{tag("h2", "Model and stages")}{cols}</section>'))
+    return Html(f'<header class="top">{top}{cols}{esc(toc)}</header>')
 
 
 def section(stage: str, title: str, body: Any) -> Html:
@@ -395,21 +457,32 @@ def page(
     sections: Sequence[tuple[str, str, str]],
     stage_seconds: Mapping[str, Any],
     generated: str,
+    findings: str = "",
 ) -> str:
-    """The whole document; ``sections`` are (stage, title, body html) in display order."""
+    """The whole document; ``sections`` are (stage, title, body html) in display order,
+    after ``findings`` (the opening summary, :func:`findings_box`)."""
     model = (run.get("model") or {}).get("spec") or "run"
     ids = _unique_ids([s for s, _, _ in sections])
     titled = list(zip(ids, [t for _, t, _ in sections], [b for _, _, b in sections], strict=True))
-    toc = tag("nav", join(tag("a", t, href=f"#{i}") for i, t, _ in titled), class_="toc")
+    links = [tag("a", t, href=f"#{i}") for i, t, _ in titled]
+    if findings:
+        links[:0] = [tag("a", "Findings", href="#findings"),
+                     tag("a", "Model and stages", href="#run")]
+    toc = tag("nav", join(links), class_="toc")
     body = join(section(i, t, Html(b)) for i, t, b in titled)
     if not sections:
         toc = ""
         body = tag("section", note("No stage results found in this folder yet."))
     foot = tag("footer", f"generated by cnalens {run.get('cnalens_version') or ''} · {generated}")
+    if findings:  # the command, then what was found, then the model and stage tables
+        head, details = header(run, dir_label, stage_seconds, toc, details_after=True)
+        top = Html(head + findings + details)
+    else:
+        top = header(run, dir_label, stage_seconds, toc)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(f'cnalens report — {model}')}</title><style>{CSS}</style></head>"
-        f"<body><main>{header(run, dir_label, stage_seconds, toc)}{body}{foot}</main>"
+        f"<body><main>{top}{body}{foot}</main>"
         "</body></html>\n"
     )

@@ -24,6 +24,9 @@ from cnalens.io import write_bytes
 
 PLOTS_DIR = "plots"
 DPI = 144
+PAGE_PX = 894  # a figure's room on the page at a 1,000 px window (CSS px)
+MIN_TEXT_PX = 10.5  # no figure text renders smaller than this on such a page
+MIN_WIDTH = 6.0  # inches: every figure is at least 6 * DPI = 864 px wide
 
 # Muted, colour-blind-friendly palette (Okabe-Ito, minus yellow which is hard on white).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#555555"]
@@ -34,8 +37,9 @@ TEMPLATE_ORDER = ["eq", "nl", "qa", "verbal", "custom"]
 
 
 def new_figure(width: float = 8.0, height: float = 3.2) -> Figure:
-    """A figure with the report's look, attached to an Agg canvas."""
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    """A figure with the report's look, attached to an Agg canvas (at least
+    :data:`MIN_WIDTH` inches wide)."""
+    fig = Figure(figsize=(max(MIN_WIDTH, width), height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -46,6 +50,25 @@ def style_axes(ax) -> None:
     ax.tick_params(colors="#333333", labelsize=9)
     ax.yaxis.grid(True, color="#e6e6e6", linewidth=0.8)
     ax.set_axisbelow(True)
+
+
+def text_px(fig: Figure, size_pt: float, page_px: float = PAGE_PX) -> float:
+    """How tall text of ``size_pt`` points renders on a page ``page_px`` wide (the image
+    is scaled down to fit; never up)."""
+    width_px = fig.get_figwidth() * DPI
+    return size_pt * DPI / 72 * min(1.0, page_px / width_px)
+
+
+def legible(fig: Figure, min_px: float = MIN_TEXT_PX, page_px: float = PAGE_PX) -> int:
+    """Enlarge every visible text of ``fig`` that would render under ``min_px`` on a page
+    ``page_px`` wide; returns how many were enlarged."""
+    need = min_px / text_px(fig, 1.0, page_px)  # points
+    n = 0
+    for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text")):
+        if t.get_visible() and t.get_text() and t.get_fontsize() < need - 1e-9:
+            t.set_fontsize(need)
+            n += 1
+    return n
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -62,6 +85,7 @@ def embed(fig: Figure, dir: Path, name: str) -> str:
     """Save ``fig`` as ``DIR/plots/<name>.png`` and return it as a base64 PNG data URI."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"bad plot name {name!r}")
+    legible(fig)
     png = png_bytes(fig)
     write_bytes(Path(dir) / PLOTS_DIR / f"{name}.png", png)
     return data_uri(png)
@@ -118,7 +142,7 @@ def head_heatmaps(g: pd.DataFrame, value: str, label: str, scale: float = 1.0,
     n_layers, n_heads = int(g["layer"].max()) + 1, int(g["head"].max()) + 1
     vmax = max(floor, float(np.nanmax(np.abs(g[value].to_numpy()))) * abs(scale))
     width = min(12.0, 1.2 + len(panels) * max(1.6, 0.28 * n_heads + 0.8))
-    fig = new_figure(width=width, height=min(9.0, 1.4 + 0.2 * n_layers))
+    fig = new_figure(width=width, height=min(12.0, 1.4 + 0.22 * n_layers))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     im = None
     for ax, (group, sub) in zip(axes, panels, strict=True):
@@ -130,6 +154,7 @@ def head_heatmaps(g: pd.DataFrame, value: str, label: str, scale: float = 1.0,
         ax.set_xlabel("head", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
+        ax.set_yticks(range(n_layers))  # every layer row labelled
     axes[0].set_ylabel("layer", fontsize=9)
     fig.colorbar(im, ax=list(axes), shrink=0.9, label=label)
     return fig

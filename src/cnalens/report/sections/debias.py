@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
@@ -34,7 +35,7 @@ def bars(df: pd.DataFrame, split: str = "select") -> Figure | None:
     cna = cna.assign(r=rnd.reindex(cna.index)).reset_index()
     cna = cna.sort_values(["group", "b"], ascending=[True, True])
     n = len(cna)
-    fig = plots.new_figure(width=7.5, height=min(14.0, 1.2 + 0.22 * n))
+    fig = plots.new_figure(width=7.5, height=min(16.0, 1.2 + 0.3 * n))
     ax = fig.subplots()
     y = np.arange(n)
     ax.barh(y + 0.27, cna["b"], 0.27, color=plots.PALETTE[6], label="before")
@@ -42,7 +43,7 @@ def bars(df: pd.DataFrame, split: str = "select") -> Figure | None:
     if cna["r"].notna().any():
         ax.barh(y - 0.27, cna["r"], 0.27, color=plots.PALETTE[1], label="random (mean)")
     ax.set_yticks(y, [f"{t} ({g[0]})" for t, g in zip(cna["target"], cna["group"],
-                                                         strict=True)], fontsize=7)
+                                                         strict=True)], fontsize=9)
     ax.set_xlabel("mean |log p(target | a) - log p(target | b)|", fontsize=9)
     plots.style_axes(ax)
     ax.legend(fontsize=8, frameon=False, loc="best")
@@ -106,6 +107,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     if stage.get("metric"):
         parts.append(h.tag("h3", "Summary"))
         parts.append(summary_table(stage))
+        parts.append(h.join(h.interp(x) for x in F.debias_findings(stage)))
     if len(stage.get("k_search") or []) > 1:
         rows = [[r["k"], h.fmt_num(r["select_metric"]), ", ".join(r["neurons"][:6]) + " ..."]
                 for r in stage["k_search"]]

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cnalens.errors import CnaError
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, iter_csv, read_csv, read_meta
@@ -347,13 +348,11 @@ def _prefix_blocks(prefixes: dict[str, str]) -> str | None:
         blocks.append(
             h.pre_visible(text, title) if text else h.pre_visible("(zero-shot: no prefix)", title)
         )
-    return (
-        h.tag("h3", "Few-shot prefixes")
-        + h.note(
-            "Prepended to every prompt of that op and template. "
-            "↵ marks a line end, · a trailing space."
-        )
-        + h.tag("div", h.join(blocks), class_="pre-grid")
+    return h.details(
+        f"Few-shot prefixes ({len(blocks)})",
+        h.join([h.note("Prepended to every prompt of that op and template. "
+                       "↵ marks a line end, · a trailing space."),
+                h.tag("div", h.join(blocks), class_="pre-grid")]),
     )
 
 
@@ -467,23 +466,50 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     if df.empty:
         parts.append(h.note("eval.csv has no rows."))
         return "".join(parts)
+    lines = F.eval_findings(df, keys)
     if arithmetic:
         parts.append(accuracy_table(df))
+        parts.append(h.join(h.interp(x) for x in lines))
+        lines = [_template_line(df)]
         fig = plots.eval_accuracy_chart(df)
         alt, cap = ("accuracy by op, digits and template",
                     "Accuracy by operation (panels), operand digits (x) and template "
                     "(colour); whiskers are 95% intervals.")
     else:
         parts.append(group_table(df, keys))
+        parts.append(h.join(h.interp(x) for x in lines[:1]))
+        lines = lines[1:]
         fig = plots.group_accuracy_chart(df, keys)
         alt = f"accuracy by {_and(keys)}"
         cap = f"Accuracy by {_and(keys)}; whiskers are 95% intervals."
     if fig is not None:
         uri = plots.embed(fig, dir, "eval_acc")
         parts.append(h.figure(uri, alt, cap))
+        parts.append(h.join(h.interp(x) for x in lines if x))
     parts.append(failures(dir, prefixes, keys) or "")
     parts.append(_prefix_blocks(prefixes) or "")
     return "".join(parts)
+
+
+def _template_line(df: pd.DataFrame) -> str:
+    """The widest accuracy gap between templates within one op and digits."""
+    cells = df[(df["op"] != POOLED) & (df["template"] != POOLED) & df["acc"].notna()]
+    best = None
+    for (op, d), g in cells.groupby(["op", "digits"], sort=False):
+        if len(g) < 2:
+            continue
+        hi, lo = g.loc[g["acc"].idxmax()], g.loc[g["acc"].idxmin()]
+        gap = hi["acc"] - lo["acc"]
+        if best is None or gap > best[0]:
+            best = (gap, op, d, hi, lo)
+    if best is None:
+        return ""
+    gap, op, d, hi, lo = best
+    clear = hi.get("acc_lo", float("nan")) > lo.get("acc_hi", float("nan"))
+    return (f"The prompt template matters {'a lot' if gap >= 0.2 else 'little'}: the widest "
+            f"gap is {op} {_digits_label(d)}-digit, {hi['template']} {h.fmt_pct(hi['acc'])} vs "
+            f"{lo['template']} {h.fmt_pct(lo['acc'])}"
+            + (" (intervals apart)." if clear else " (intervals overlap)."))
 
 
 def title(dir: Path) -> str:

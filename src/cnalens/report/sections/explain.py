@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report.sections import Section, read_csv, read_meta
 
@@ -65,29 +66,48 @@ def _f(x: Any, d: int = 2) -> str:
     return h.fmt_num(x, d)
 
 
+def d_logp(effect: Any) -> str:
+    """The change of log p(target) when the element is zeroed (the files' ``effect`` is
+    the drop, so the change is ``-effect``): '−0.13'; missing: ''."""
+    return "" if h.is_missing(effect) else F.signed(-float(effect))
+
+
+def d_coef(coef_drop: Any) -> str:
+    """The change of the deep neurons' Σ|m| when the element is zeroed, in percent (the
+    files' ``coef_drop`` is the relative drop): '+2.9%'; missing: ''."""
+    return "" if h.is_missing(coef_drop) else f"{F.signed(-100 * float(coef_drop), 1)}%"
+
+
 def _effect_badge(effect: Any, coef_drop: Any = None) -> h.Html:
-    """Zeroing the element changes log p(target) by ``-effect``."""
+    """What zeroing the element changes, signed as in the element table."""
     if h.is_missing(effect):
         return h.Html("")
     e = float(effect)
     cls = "up" if e > 0.05 else "down" if e < -0.05 else "flat"
-    text = f"zeroed: log p {'−' if e > 0 else '+'}{abs(e):.2f}"
-    if not h.is_missing(coef_drop):
-        text += f" · deep Σ|m| {'−' if coef_drop > 0 else '+'}{abs(100 * coef_drop):.0f}%"
+    text = f"zeroed: log p {d_logp(effect)}"
+    if d_coef(coef_drop):
+        text += f" · deep Σ|m| {d_coef(coef_drop)}"
     return h.tag("span", text, class_=f"ch-eff {cls}")
+
+
+def token(text: Any) -> str:
+    """One token as the files write it (``repr`` escapes, ``␣`` for spaces) with every
+    invisible character shown (:func:`cnalens.report.html.visible`)."""
+    return h.visible(h.unrepr(str(text)))
 
 
 def _tokens(text: Any, n: int = 6) -> str:
     if not isinstance(text, str) or not text:
         return ""
     parts = text.split(" ")
-    return " · ".join(p for p in parts[:n] if p)
+    return " · ".join(token(p) for p in parts[:n] if p)
 
 
 def _node(r, transformed: bool = False, extra: Any = "") -> h.Html:
     at = ""
     if not h.is_missing(r.position) and r.kind != "head":
-        at = f" at ‘{r.token}’ ({int(r.position)})" if r.token else f" at {int(r.position)}"
+        at = (f" at ‘{token(r.token)}’ ({int(r.position)})" if r.token
+              else f" at {int(r.position)}")
     bits = [h.tag("div", h.join([r.name, h.tag("span", at, class_="at")]), class_="ch-name")]
     if r.tokens:
         bits.append(h.tag("div", _tokens(r.tokens), class_="ch-tok"))
@@ -110,7 +130,7 @@ def _column(df: pd.DataFrame, stage: str, title: str, sub: str, case_meta: dict)
     for r in part.head(SHOW[stage]).itertuples():
         extra = ""
         if r.kind == "attn_layer":
-            extra = f"route score {_f(r.score, 3)}"
+            extra = f"route score {_f(r.score, 3)} (first-order Σ|m| gain it carries)"
         elif r.kind == "head":
             extra = r.detail.replace("attends ", "attends: ") if r.detail else ""
         elif stage == "prediction enhancing":
@@ -142,7 +162,7 @@ def _strip(meta: dict) -> h.Html:
     for t, a in zip(toks[start:], att[start:], strict=True):
         a = max(0.0, min(1.0, float(a)))
         color = "#fff" if a > 0.5 else "#1d1f23"
-        cells.append(h.tag("span", t, class_="ch-t",
+        cells.append(h.tag("span", token(t), class_="ch-t",
                            title=f"{100 * a:.1f}%",
                            style=f"background:rgba(11,92,173,{a:.2f});color:{color}"))
     return h.tag("div", h.join(cells), class_="ch-strip")
@@ -151,16 +171,16 @@ def _strip(meta: dict) -> h.Html:
 def diagram(df: pd.DataFrame, meta: dict) -> h.Html:
     """One case's chain: attention strip, four stage columns, the answer."""
     p = math.exp(meta["logp"]) if "logp" in meta else float("nan")
-    title = f"{meta.get('question', meta.get('case'))} → {meta.get('target', '')!r}"
+    title = f"{meta.get('question', meta.get('case'))} → ‘{h.visible(meta.get('target', ''))}’"
     info = (f"head {meta.get('head')} · p(target) {p:.2f} · model predicts "
-            f"{meta.get('pred', '')!r} · deep neurons: {meta.get('ranking', '')}")
+            f"‘{h.visible(meta.get('pred', ''))}’ · deep neurons: {meta.get('ranking', '')}")
     parts: list[Any] = []
     for i, (stage, t, sub) in enumerate(TITLES):
         if i:
             parts.append(h.tag("div", "→", class_="ch-arrow"))
         parts.append(_column(df, stage, t, sub, meta))
     parts.append(h.tag("div", "→", class_="ch-arrow"))
-    parts.append(h.tag("div", h.join([repr(meta.get("target", ""))[1:-1],
+    parts.append(h.tag("div", h.join([h.visible(meta.get("target", "")),
                                       h.tag("small", f"p {p:.2f}")]), class_="ch-out"))
     return h.tag("div", h.join([h.tag("div", title, class_="ch-title"),
                                 h.tag("div", info, class_="ch-meta"), _strip(meta),
@@ -170,12 +190,19 @@ def diagram(df: pd.DataFrame, meta: dict) -> h.Html:
 
 def element_table(df: pd.DataFrame) -> h.Html:
     head = ["stage", "element", "position", "top tokens", "transformed", "score",
-            "effect (Δ log p drop)", "deep Σ|m| drop", "detail"]
-    rows = [[r.stage, r.name, f"{int(r.position)} ‘{r.token}’" if not h.is_missing(r.position)
-             else "", (_tokens(r.tokens, 8), {"class_": "mono"}),
+            "zeroed: Δ log p", "zeroed: Δ deep Σ|m|", "detail"]
+    rows = [[r.stage, r.name, f"{int(r.position)} ‘{token(r.token)}’"
+             if not h.is_missing(r.position) else "",
+             (_tokens(r.tokens, 8), {"class_": "mono"}),
              (_tokens(r.tokens_transformed, 8), {"class_": "mono"}), _f(r.score, 3),
-             _f(r.effect, 3), h.fmt_pct(r.coef_drop), r.detail] for r in df.itertuples()]
-    return h.tag("div", h.table(head, rows, num_cols=(5, 6, 7)), class_="scroll")
+             d_logp(r.effect), d_coef(r.coef_drop), token(r.detail)] for r in df.itertuples()]
+    return h.tag("div", h.table(head, rows, num_cols=(5, 6, 7), caption=SIGNS),
+                 class_="scroll")
+
+
+SIGNS = ("Signs, here and on the cards: the change when the element alone is zeroed. "
+         "log p −0.13: the answer became less likely, so the element helps it; deep Σ|m| "
+         "+2.9%: the deep neurons' coefficient sum grew.")
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
@@ -196,15 +223,21 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         "sum."),
         h.note("Scores: deep neurons by CNA (imp_a − imp_b, head zeroed in run B); the "
                "other stages by the first-order increase of the deep neurons' Σ|m| along "
-               "their route (see cnalens.explain). 'transformed' = a shallow neuron's vector "
-               "through its best route: the attention layer that moves it to the head's "
-               "source position, or the head itself when the head reads its position.")]
+               "their route (see cnalens.explain). An attention layer's 'route score' is "
+               "that increase for the layer's output at the head's source position, read "
+               "through the head: how much of the shallow features the layer carries to the "
+               "head, to first order; its measured effect says whether that holds when the "
+               "layer is zeroed. 'transformed' = a shallow neuron's vector through its best "
+               "route: the attention layer that moves it to the head's source position, or "
+               "the head itself when the head reads its position."),
+        h.note(SIGNS)]
     if stage.get("seconds") is not None:
         parts.append(h.note(f"time: {h.fmt_seconds(stage['seconds'])}"))
     for case, sub in df.groupby("case", sort=False):
         cm = cases.get(str(case), {"case": case, "question": sub["prompt"].iloc[0],
                                    "target": sub["target"].iloc[0]})
         parts.append(diagram(sub, cm))
+        parts.append(h.join(h.interp(x) for x in F.explain_findings(sub, {str(case): cm})))
         parts.append(h.details(f"all {len(sub)} elements of {cm.get('question', case)}",
                                element_table(sub)))
     chosen = (stage.get("settings") or {}).get("chosen") or {}

@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cnalens.heads import group_columns, panel_columns, pooled, top_heads
+from cnalens.heads import group_columns, panel_columns, pooled
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, read_csv, read_meta
@@ -23,7 +24,7 @@ STAGE = "heads"
 REQUIRED = ("layer", "head", "n", "acc_orig", "acc_ablated", "drop", "dlogp")
 NUMERIC = ("layer", "head", "digits", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
            "drop_lo", "drop_hi", "dlogp")
-DEFAULT_TOP = 5
+DEFAULT_TOP = 10
 
 
 def heatmap(df: pd.DataFrame) -> Figure | None:
@@ -46,21 +47,41 @@ def per_group(df: pd.DataFrame) -> str:
     return text + (" (digits pooled)" if "digits" in group_columns(df) else "")
 
 
+VISIBLE = 10  # rows of the top-heads table shown; the rest behind a toggle
+
+
+def _drop_cell(r) -> str:
+    if h.is_missing(r["drop_lo"]):
+        return h.fmt_pct(r["drop"])
+    approx = "" if r["ci_exact"] else "≈"
+    return f"{h.fmt_pct(r['drop'])} {approx}[{100 * r['drop_lo']:.1f}, {100 * r['drop_hi']:.1f}]"
+
+
 def top_table(df: pd.DataFrame, k: int) -> str:
-    top = top_heads(df, k)
+    """The top ``k`` heads per group with the drop's 95% interval: the best few of each
+    group (:data:`VISIBLE` rows in all) shown, every row behind a toggle."""
+    top = F.top_heads_ci(df, k)
     panel = panel_columns(df)
-    head = [*panel, "rank", "head", "n", "acc orig", "acc ablated", "drop", "rel. drop",
-            "Δ log p"]
+    head = [*panel, "rank", "head (L.H)", "n", "acc orig", "acc zeroed",
+            "drop [95% CI]", "rel. drop", "Δ log p"]
     rows = [[*[plots.group_value(c, r[c]) for c in panel], int(r["rank"]), r["name"],
              h.fmt_int(r["n"]), h.fmt_pct(r["acc_orig"]), h.fmt_pct(r["acc_ablated"]),
-             h.fmt_pct(r["drop"]), h.fmt_pct(r["drop_rel"]), h.fmt_num(r["dlogp"])]
+             _drop_cell(r), h.fmt_pct(r["drop_rel"]), h.fmt_num(r["dlogp"])]
             for _, r in top.iterrows()]
-    cap = (f"Heads ranked by accuracy drop when zeroed, {per_group(df)}; "
-           "drop is in accuracy points, Δ log p the mean change of the answer's first "
-           "token log-probability.")
+    n_groups = len(top[panel].drop_duplicates()) if panel else 1
+    per = max(1, VISIBLE // n_groups)
+    shown = [row for row, rank in zip(rows, top["rank"], strict=True) if rank <= per]
+    cap = (f"Heads ranked by accuracy drop when zeroed, {per_group(df)}: drops in accuracy "
+           "points (78% → 14% is a drop of 64%) with a paired bootstrap 95% interval over "
+           "cases (≈: digits pooled, the per-digits intervals combined); Δ log p: mean change "
+           "of the answer's first token log-probability.")
     first = len(panel) + 2
-    return h.tag("div", h.table(head, rows, num_cols=range(first, first + 6), caption=cap),
-                 class_="scroll")
+    table = h.tag("div", h.table(head, shown, num_cols=range(first, first + 6), caption=cap),
+                  class_="scroll")
+    if len(shown) < len(rows):
+        table += h.details(f"All {len(rows)} rows (top {k} per group)", h.tag(
+            "div", h.table(head, rows, num_cols=range(first, first + 6)), class_="scroll"))
+    return table
 
 
 def _meta_line(meta: dict[str, Any]) -> str:
@@ -76,6 +97,25 @@ def _meta_line(meta: dict[str, Any]) -> str:
     if meta.get("seconds") is not None:
         bits.append(f"time: {h.fmt_seconds(meta['seconds'])}")
     return h.note(" · ".join(bits)) if bits else ""
+
+
+def _heatmap_line(df: pd.DataFrame) -> str:
+    """How concentrated the effect is: the share of heads whose zeroing costs over 10
+    points, and whether the top heads' layers agree across groups."""
+    g = pooled(df)
+    panel = panel_columns(df)
+    worst = g.groupby(["layer", "head"])["drop"].max()
+    big = int((worst > 0.10).sum())
+    top = g.loc[g.groupby(panel, sort=False)["drop"].idxmax()] if panel else g.nlargest(1, "drop")
+    layers = sorted({int(x) for x in top["layer"]})
+    few = big <= 0.1 * len(worst)
+    text = (f"{big} of {len(worst)} heads ({h.fmt_pct(big / len(worst), 0)}) cost over 10 "
+            f"accuracy points{' for some group' if panel else ''} when zeroed: "
+            f"{'the effect sits in a few heads' if few else 'many heads matter'}.")
+    if len(top) > 1:
+        text += (f" Every group's top head is in layer {layers[0]}." if len(layers) == 1
+                 else f" The groups' top heads sit in layers {', '.join(map(str, layers))}.")
+    return text
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
@@ -95,7 +135,8 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
              else "the arithmetic heads")
     parts = [h.what("Accuracy drop when one attention head at a time is removed "
                     "(zeroed at the output projection's input): a few heads with large "
-                    f"drops are {which}."), _meta_line(stage)]
+                    f"drops are {which}. Heads are named L.H: layer L, head H, both "
+                    "0-based (7.0 = layer 7, head 0)."), _meta_line(stage)]
     if df.empty:
         parts.append(h.note("heads.csv has no rows."))
         return "".join(parts)
@@ -105,6 +146,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         parts.append(h.figure(uri, "accuracy drop per layer and head",
                               "Accuracy drop (points) when each head is zeroed, "
                               f"{per_group(df)}; red = the head helps, blue = it hurts."))
+        parts.append(h.interp(_heatmap_line(df)))
     rob_path = dir / "heads_robustness.csv"
     if rob_path.is_file():
         rob = pd.read_csv(rob_path, dtype={"op": str, "top_a": str, "top_b": str})
@@ -117,6 +159,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                              "property of the model or of one prompt format."))
     parts.append(h.tag("h3", "Top heads"))
     parts.append(top_table(df, int(stage.get("top_k") or DEFAULT_TOP)))
+    parts.append(h.join(h.interp(x) for x in F.heads_findings(df)))
     return "".join(parts)
 
 

@@ -63,6 +63,19 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                              rows, num_cols=range(first, first + 3), caption="Rank "
                              "correlation of the estimate with the exact zero-ablation scan "
                              "in this folder."))
+        rho = [a["spearman_dlogp"] for a in agree if not h.is_missing(a.get("spearman_dlogp"))]
+        if rho:
+            lo, hi = min(rho), max(rho)
+            verdict = ("orders the heads much as the exact scan does" if lo >= 0.7 else
+                       "roughly follows the exact scan: use it to shortlist heads, not to "
+                       "rank them" if lo >= 0.4 else
+                       "is a poor guide to the exact scan here: confirm every head with it")
+            parts.append(h.interp(f"Spearman {lo:.2f}–{hi:.2f} over the groups: the estimate "
+                                  f"{verdict}."))
+    else:
+        parts.append(h.interp("No exact scan in this folder to check the estimate against: "
+                              "treat its ranking as a screen until `cnalens heads` confirms "
+                              "the top heads."))
     top = [t for t in stage.get("top") or [] if t["rank"] <= TOP]
     if top:
         rows = [[*[plots.group_value(c, t.get(c)) for c in panel], t["rank"], t["name"],

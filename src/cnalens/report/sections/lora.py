@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
@@ -139,6 +140,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                     f"{h.fmt_seconds(t.get('train_seconds'))} on "
                     f"{t.get('threads')} thread(s); adapter: {stage.get('adapter')}")]
     parts.append(_acc_table(acc, layer))
+    parts.append(h.join(h.interp(x) for x in F.lora_findings(acc, stage)))
     fig = _by_layer(acc)
     if fig is not None:
         parts.append(h.figure(plots.embed(fig, dir, "lora_by_layer"), "accuracy by layer",
@@ -151,7 +153,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     cna = read_csv(dir, "lora_cna", required=("band", "k", "change"), text=("band", "layers"))
     if cna is not None and len(cna):
         parts.append(h.tag("h3", "Does LoRA amplify existing neurons?"))
-        parts.append(h.p(answer(cna)))
+        parts.append(h.interp(answer(cna)))
         c = stage.get("cna", {})
         parts.append(h.note(f"{c.get('n_cases')} test cases; ranking {c.get('ranking')}; "
                             f"{c.get('lens')}; bands: " + (f"deep from layer {stage['deep_from']}"

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
@@ -107,6 +108,7 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                          rows, num_cols=range(1, 9),
                          caption="Accuracy on the LoRA test split (random rows: mean over "
                          "seeds, interval of the pooled cases)."))
+    parts.append(h.join(h.interp(x) for x in F.prune_findings(summ)))
     fig = chart(summ)
     if fig is not None:
         parts.append(h.figure(plots.embed(fig, dir, "prune_accuracy"), "pruning accuracy",

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
@@ -32,7 +33,7 @@ def sweep_figure(sweep: pd.DataFrame, null: pd.DataFrame) -> Figure | None:
     per M, observed vs what random directions predict."""
     if sweep.empty:
         return None
-    fig = plots.new_figure(width=8.0, height=3.0)
+    fig = plots.new_figure(width=8.6, height=3.4)
     ax1, ax2 = fig.subplots(1, 2)
     ms = sweep["m"].to_numpy()
     x = np.arange(len(ms))
@@ -41,7 +42,7 @@ def sweep_figure(sweep: pd.DataFrame, null: pd.DataFrame) -> Figure | None:
             yerr=100 * sweep["random_std"], capsize=3, label="random, same layers & size")
     ax1.set_xticks(x, [f"M≥{m}" for m in ms])
     ax1.set_ylabel("accuracy drop (points)", fontsize=9)
-    ax1.legend(fontsize=8, frameon=False)
+    ax1.set_title("zeroed: located vs random", fontsize=10)
     plots.style_axes(ax1)
     if not null.empty:
         nm = null.set_index("m").reindex(ms)
@@ -50,8 +51,9 @@ def sweep_figure(sweep: pd.DataFrame, null: pd.DataFrame) -> Figure | None:
                 label="random directions")
         ax2.set_xticks(x, [f"M≥{m}" for m in ms])
         ax2.set_ylabel("neurons", fontsize=9)
-        ax2.legend(fontsize=8, frameon=False)
+        ax2.set_title("set size: observed vs random directions", fontsize=10)
         plots.style_axes(ax2)
+    fig.legend(loc="outside upper center", ncols=4, fontsize=9, frameon=False)
     return fig
 
 
@@ -60,7 +62,7 @@ def _tokens(text: str, n: int = 8) -> str:
         toks = json.loads(text) if text else []
     except ValueError:
         return text
-    return " · ".join(repr(t)[1:-1] for t in toks[:n])
+    return " · ".join(h.visible(str(t)).replace(" ", "␣") or "∅" for t in toks[:n])
 
 
 def neuron_table(df: pd.DataFrame, k: int = SHOW) -> str:
@@ -84,18 +86,19 @@ def sweep_table(sweep: pd.DataFrame, null: pd.DataFrame, hidden: dict) -> str:
     rows = []
     for r in sweep.itertuples():
         exp = nm["null_expected"].get(r.m) if "null_expected" in nm else None
-        rows.append([f"≥ {r.m}", h.fmt_int(r.n_neurons), h.fmt_int(exp),
+        rows.append([f"≥\u00a0{r.m}", h.fmt_int(r.n_neurons), h.fmt_int(exp),
                      h.fmt_int(hidden.get(str(r.m), hidden.get(r.m))),
                      h.fmt_pct(r.acc_orig), h.fmt_pct(r.acc_zeroed), h.fmt_pct(r.drop),
                      h.fmt_pct(r.rel_drop), h.fmt_pct(r.random_mean), h.fmt_int(r.n_cases)])
-    return h.table(["M", "neurons", "random directions predict", "hidden (fewer before)",
+    return h.tag("div", h.table(["M", "neurons", "random directions predict",
+                                 "hidden (fewer before)",
                     "acc", "acc zeroed", "drop", "rel. drop", "random sets' drop", "n"],
                    rows, num_cols=range(1, 10),
                    caption="Neurons with at least M concept tokens among their top tokens, "
                    "zeroed at every position; random sets have the same size and per-layer "
                    "counts. 'random directions predict': how many neurons the null "
                    "(Gaussian directions with the neurons' norms, same transforms) would "
-                   "put above M.")
+                   "put above M."), class_="scroll")
 
 
 def _meta_line(meta: dict[str, Any]) -> str:
@@ -110,6 +113,16 @@ def _meta_line(meta: dict[str, Any]) -> str:
     if meta.get("seconds") is not None:
         bits.append(f"time: {h.fmt_seconds(meta['seconds'])}")
     return h.note(" · ".join(bits))
+
+
+def _neuron_line(df: pd.DataFrame) -> str:
+    """How many located neurons read as numbers only after the transform."""
+    m = pd.to_numeric(df["matches"], errors="coerce").fillna(0)
+    before = pd.to_numeric(df["matches_untransformed"], errors="coerce").fillna(0)
+    hidden = int(((m > 0) & (before == 0)).sum())
+    return (f"{hidden:,} of {len(df):,} located neurons show no concept token before the "
+            "transform and some after it ('hidden' in the paper's sense); whether they matter "
+            "is the sweep's question above, not the token lists'.")
 
 
 def render(dir: Path, meta: dict[str, Any]) -> str | None:
@@ -133,9 +146,11 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
                                   "sets (error bars: std over seeds). Right: set sizes vs "
                                   "what random directions predict."))
         parts.append(sweep_table(sweep, null, stage.get("hidden") or {}))
+        parts.append(h.join(h.interp(x) for x in F.shallow_findings(stage)))
     if df is not None and not df.empty:
         parts.append(h.tag("h3", "Neurons"))
         parts.append(neuron_table(df))
+        parts.append(h.interp(_neuron_line(df)))
     elif df is not None:
         parts.append(h.note("No shallow neuron has a concept token among its top tokens."))
     return "".join(parts)

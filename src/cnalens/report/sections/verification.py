@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, read_csv, read_meta
@@ -36,10 +37,13 @@ PAPER = {  # Llama-7B, 1D +/-, head 17_22, K = 99, 50, 30, 20, 10 (method.md)
 }
 
 
-def _cell(r) -> str:
-    rand = "" if pd.isna(r.random_mean) else (
-        f" (random {h.fmt_pct(r.random_mean)} ± {h.fmt_pct(r.random_std)})")
-    return f"{h.fmt_pct(r.value)}{rand}"
+def _cell(r, exp: str) -> h.Html:
+    """The value (with its interval for accuracy drops) over the random baseline."""
+    value = F.fmt_drop(r.value, r.n) if exp in F.ACC_DROPS else h.fmt_pct(r.value)
+    rand = "" if pd.isna(r.random_mean) else h.tag(
+        "span", f"random {h.fmt_pct(r.random_mean)} ± {h.fmt_pct(r.random_std)}",
+        class_="rand")
+    return h.Html(h.esc(value) + "<br>" + rand if rand else h.esc(value))
 
 
 def op_table(df: pd.DataFrame, paper: bool = True) -> str:
@@ -52,34 +56,55 @@ def op_table(df: pd.DataFrame, paper: bool = True) -> str:
         if sub.empty:
             continue
         ref = PAPER.get(exp, {})
-        rows.append([label, *[_cell(sub.loc[k]) if k in sub.index else "—" for k in ks],
+        rows.append([(label, {"class_": "exp"}),
+                     *[_cell(sub.loc[k], exp) if k in sub.index else "—" for k in ks],
                      *([", ".join(f"{k}: {v}" for k, v in sorted(ref.items()) if k in ks)
                         or "—"] if paper else [])])
-    return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1)), class_="scroll")
+    cap = ("Accuracy drops with their Wilson 95% interval (all cases were answered correctly "
+           "before, so a drop is the share of them lost); random: mean ± std over seeds.")
+    return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1), caption=cap),
+                 class_="scroll")
+
+
+YLABELS = {"coef_drop_head": "Σ|m| drop (%)", "coef_drop_lowest": "others' Σ|m| drop (%)"}
 
 
 def chart(df: pd.DataFrame, by: list[str] | tuple[str, ...] = ("op",)):
+    """One panel per experiment run, two per row, each with its own y label; the legend
+    in a panel of its own (never over a line)."""
     groups = plots.groups_of(df, by)
-    fig = plots.new_figure(width=min(14.0, 3.2 * len(EXPERIMENTS)), height=3.4)
-    axes = fig.subplots(1, len(EXPERIMENTS), squeeze=False)[0]
-    for ax, (exp, label) in zip(axes, EXPERIMENTS.items(), strict=True):
-        for group, rows in groups:
-            sub = rows[rows["experiment"] == exp].sort_values("k")
+    exps = [(e, lab) for e, lab in EXPERIMENTS.items() if (df["experiment"] == e).any()]
+    cols = 2
+    rows = (len(exps) + 1 + cols - 1) // cols  # + 1: the legend's panel
+    fig = plots.new_figure(width=8.6, height=0.6 + 2.5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    handles: dict[str, Any] = {}
+    for ax, (exp, label) in zip(axes, exps, strict=False):
+        for i, (group, rws) in enumerate(groups):
+            sub = rws[rws["experiment"] == exp].sort_values("k")
             if sub.empty:
                 continue
             name = plots.group_label(group)
-            line = ax.plot(sub["k"], sub["value"] * 100, marker="o",
-                           label=f"{name} top-K")[0]
-            ax.plot(sub["k"], sub["random_mean"] * 100, ls="--", color=line.get_color(),
-                    alpha=0.7, label=f"{name} random")
-        ax.set_title(textwrap.fill(label, 30), fontsize=8)
-        ax.set_xlabel("K", fontsize=8)
-        ax.tick_params(labelsize=7)
+            color = plots.PALETTE[i % len(plots.PALETTE)]
+            line = ax.plot(sub["k"], sub["value"] * 100, marker="o", color=color)[0]
+            dash = ax.plot(sub["k"], sub["random_mean"] * 100, ls="--", marker="x",
+                           color=color, alpha=0.75)[0]
+            handles.setdefault(f"{name}: CNA top-K", line)
+            handles.setdefault(f"{name}: random neurons", dash)
+        ax.set_title(textwrap.fill(label, 46), fontsize=10)
+        ax.set_xlabel("K (neurons per case)", fontsize=9)
+        ax.set_ylabel(YLABELS.get(exp, "accuracy drop (%)"), fontsize=9)
+        if exp in F.ACC_DROPS:
+            ax.set_ylim(-4, 104)
+        ax.set_xticks(sorted(df.loc[df["experiment"] == exp, "k"].unique()))
+        ax.tick_params(labelsize=9)
         plots.style_axes(ax)
-    axes[0].set_ylabel("%", fontsize=8)
-    drawn = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
-    if drawn:  # panels of experiments that were not run stay empty
-        drawn[-1].legend(fontsize=7, frameon=False)
+    for ax in axes[len(exps):]:
+        ax.axis("off")
+    if handles:
+        axes[len(exps)].legend(handles.values(), handles.keys(), loc="center", fontsize=9,
+                               frameon=False, title="solid: CNA · dashed: random",
+                               title_fontsize=9)
     return fig
 
 
@@ -116,9 +141,18 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
             parts.append(h.tag("h3", f"{plots.group_label(group)}: head {head} zeroed, "
                                      f"n = {n}{n_held}"))
             parts.append(op_table(sub, paper=source is None))
+            lines = F.verification_findings(sub, by)
+            lines += [x for x in (F.keep_meaning(sub), F.coef_meaning(sub)) if x]
+            parts.append(h.join(h.interp(x) for x in lines))
     uri = plots.embed(chart(df, by), dir, "verification")
     parts.append(h.figure(uri, "verification by K", "Solid: the CNA top-K neurons; dashed: "
                           "random neurons from the same layers."))
+    parts.append(h.interp("A CNA line far above its dashed random line means the neurons CNA "
+                          "picks matter more than random neurons of the same layers; the "
+                          "paper's Llama-7B values are in the tables' last column."
+                          if source is None else "A CNA line far above its dashed random "
+                          "line means the neurons CNA picks matter more than random neurons "
+                          "of the same layers."))
     return "".join(parts)
 
 
