@@ -21,8 +21,10 @@ import time
 import numpy as np
 import torch
 
+from cnalens import certified as CE
 from cnalens import load_model
 from cnalens import scores as S
+from cnalens import states as ST
 from cnalens.data.arithmetic import format_prefix
 from cnalens.data.cases import Case
 from cnalens.interventions import ZeroHeads
@@ -81,14 +83,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
 
     t = time.perf_counter()
-    sa = S.case_states(view, cs)
-    sb = S.case_states(view, cs, ZeroHeads([(hl, hh)]))
+    sa = ST.case_states(view, cs)
+    sb = ST.case_states(view, cs, ZeroHeads([(hl, hh)]))
     print(f"forwards (both runs, shared by both methods): {time.perf_counter() - t:.1f} s")
 
     t = time.perf_counter()
-    both = S.score_neurons(view, None, states=S.concat_states([sa, sb]),
+    both = S.score_neurons(view, None, states=ST.concat_states([sa, sb]),
                            target=torch.cat([sa.pred, sa.pred]),
-                           scale=torch.cat([S.frozen_scale(view, sa)] * 2), layers=layers,
+                           scale=torch.cat([ST.frozen_scale(view, sa)] * 2), layers=layers,
                            progress=False)
     n = len(cs)
     ia, ib = both.imp[:n], both.imp[n:]
@@ -98,13 +100,13 @@ def main() -> None:
     print(f"exhaustive (today's CNA stage, both runs in one pass): {t_ex:.1f} s, "
           f"{t_ex / n:.2f} s per case pair, {n_units} neurons x 2 runs per case")
 
-    S._RANGES.clear()
+    CE.clear_range_cache()
     t = time.perf_counter()
-    got, st = S.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+    got, st = CE.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
                               head_tokens=args.head_tokens)
     t_cold = time.perf_counter() - t
     t = time.perf_counter()
-    got_w, st_w = S.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+    got_w, st_w = CE.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
                                   head_tokens=args.head_tokens)
     t_warm = time.perf_counter() - t
     print(f"certified cold: {t_cold:.1f} s (exact projection ranges of "

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from llama_shaped import describe, llama_view, shaped_cases, sync
 
+from cnalens import certified as CE
 from cnalens import load_model
 from cnalens import scores as S
+from cnalens import states as ST
 from cnalens.data.arithmetic import format_prefix
 from cnalens.data.cases import Case
 
@@ -104,7 +106,7 @@ def time_exhaustive(view, enc, st, layers, n_units: int, max_memory: float, devi
     flops = 2.0 * n_units * view.d_model * view.vocab_size
     print(f"exhaustive vectorised: {t_ex:.3f} s, {flops / t_ex / 1e9:.1f} GFLOP/s "
           f"(projection products only: {flops / 1e12:.3g} TFLOP; computed in "
-          f"{S._cdtype(view)}, float32 matmul precision "
+          f"{view.compute_dtype}, float32 matmul precision "
           f"'{torch.get_float32_matmul_precision()}')")
     return sc, t_ex
 
@@ -123,10 +125,10 @@ def run_llama(args) -> None:
     layers = list(range(view.n_layers))
     n_units = sum(view.ffn_width(x) for x in layers)
     print(f"one case of {len(enc[0].prompt_ids)} random tokens; {n_units} FFN neurons")
-    S.case_states(view, enc)  # warm-up
+    ST.case_states(view, enc)  # warm-up
     sync(dev)
     t = time.perf_counter()
-    st = S.case_states(view, enc)
+    st = ST.case_states(view, enc)
     sync(dev)
     print(f"forward with captures: {time.perf_counter() - t:.3f} s")
     target = int(st.pred[0])
@@ -181,11 +183,11 @@ def main() -> None:
     print(f"prompt {case.prompt!r}")
     cuda = torch.device(dev).type == "cuda"
     if cuda:  # warm-up: CUDA context, kernels, allocator
-        S.case_states(view, [case])
+        ST.case_states(view, [case])
 
     sync(dev)
     t = time.perf_counter()
-    st = S.case_states(view, [case])
+    st = ST.case_states(view, [case])
     sync(dev)
     t_fwd = time.perf_counter() - t
     target = int(st.pred[0])
@@ -200,11 +202,11 @@ def main() -> None:
     print(f"  loop vs exhaustive on the {len(units)} sampled neurons: max |diff| {d_loop:.2e}")
 
     if cuda:
-        S.certified_topk(view, [case], min(args.k, view.ffn_width(layers[-1])),
+        CE.certified_topk(view, [case], min(args.k, view.ffn_width(layers[-1])),
                          layers=layers[-1:])
     sync(dev)
     t = time.perf_counter()
-    got, stats = S.certified_topk(view, [case], args.k, layers=layers)
+    got, stats = CE.certified_topk(view, [case], args.k, layers=layers)
     sync(dev)
     t_cert = time.perf_counter() - t
     ref = sc.frame(top=args.k)

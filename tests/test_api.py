@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import cnalens
+from cnalens.certified import certified_cna, screened_cna
 from cnalens.cna import compare, from_certified
 from cnalens.data.cases import Case, encode_all
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroHeads, ZeroNeurons
 from cnalens.models import ModelView
-from cnalens.scores import case_states, certified_topk_diff, input_topk_diff, score_neurons
+from cnalens.scores import score_neurons
+from cnalens.states import case_states
 from tiny import TinyTokenizer, tiny_model
 
 CASES = [Case("3+5=", "8", case_id="a"), Case("12+30=", "42", case_id="b"),
@@ -95,8 +97,8 @@ def test_model_comparison_certified_with_k(one_thread):
     enc = encode_all(view.tokenizer, CASES)
     iv = ZeroHeads([(1, 1)])
     comp = cnalens.cna(view, CASES, intervention=iv, k=6)
-    frame, _ = certified_topk_diff(view, enc, 6, [iv], layers=[1, 2])
     sa, sb = case_states(view, enc), case_states(view, enc, iv)
+    frame, _ = certified_cna(view, sa, sb, 6, layers=[1, 2])
     want = from_certified(frame, sa.coef, sb.coef, sa.case_ids)
     _close(comp.diff, want.diff)
     assert comp.meta["scoring"] == "certified" and comp.k == 6
@@ -116,12 +118,17 @@ def test_input_comparison_equals_existing(one_thread):
     sb = score_neurons(view, eb, target=sa.target, progress=False)  # its own scale
     _close(comp.imp_a, sa.imp)
     _close(comp.imp_b, sb.imp)
-    frame, _ = input_topk_diff(view, ea, eb, 7, target="gold", screen=0)
+    st_a, st_b = case_states(view, ea), case_states(view, eb)
+    frame, _ = screened_cna(view, st_a, st_b, 7, target="gold", screen=0)  # every neuron
     pd.testing.assert_frame_equal(comp.frame(7), frame.drop(columns="diff"), rtol=1e-10)
+    if not view.softcap:  # with k: certified exact, each run its own scale
+        cert = cnalens.cna(view, a_prompts, b_prompts, target="8", k=7)
+        assert cert.meta["scoring"] == "certified"
+        pd.testing.assert_frame_equal(cert.frame(7), comp.frame(7), rtol=1e-6, atol=1e-9)
     assert comp.case_ids == a_prompts and comp.meta["comparison"] == "inputs"
     # screening is an explicit, recorded option
     scr = cnalens.cna(view, a_prompts, b_prompts, target="8", k=4, screen=9)
-    want, _ = input_topk_diff(view, ea, eb, 4, target="gold", screen=9)
+    want, _ = screened_cna(view, st_a, st_b, 4, target="gold", screen=9)
     pd.testing.assert_frame_equal(scr.frame(), want.drop(columns="diff"), rtol=1e-10)
     assert scr.meta["scoring"] == "screened"
     # one prompt each, no target: run A's prediction, shared

@@ -97,10 +97,11 @@ def test_neuron_scores_llama_path(dtype, monkeypatch, capsys):
 def test_neuron_loop_equals_exhaustive_on_bf16():
     """The sampled loop and the exhaustive scores, compared directly (bf16 weights)."""
     from cnalens import scores as S
+    from cnalens import states as ST
 
     view = llama_view(0.01, dtype="bfloat16", seed=3)
     enc = shaped_cases(view.vocab_size, n=1, seed=3)
-    st = S.case_states(view, enc)
+    st = ST.case_states(view, enc)
     units = neuron_scores.sample_units(view, [0, 1], 16, seed=2)
     loop = neuron_scores.loop_scores(view, st, units, int(st.pred[0]))
     sc = S.score_neurons(view, enc, progress=False, states=st)

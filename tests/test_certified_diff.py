@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cnalens import certified as CE
 from cnalens import scores as S
+from cnalens import states as ST
 from cnalens.data.cases import Case, Encoded
 from cnalens.interventions import ZeroHeads
 from cnalens.models import ModelView
@@ -34,8 +36,8 @@ def _runs(v, heads, boost=1.0):
     """Run A (the model), run B (``heads`` zeroed) and both exhaustively scored on A's
     target and scale. ``boost`` scales every coefficient of both runs (large |t|)."""
     enc = _enc()
-    sa = S.case_states(v, enc)
-    sb = S.case_states(v, enc, ZeroHeads(heads))
+    sa = ST.case_states(v, enc)
+    sb = ST.case_states(v, enc, ZeroHeads(heads))
     if boost != 1.0:
         sa = dataclasses.replace(sa, coef=sa.coef * boost)
         sb = dataclasses.replace(sb, coef=sb.coef * boost)
@@ -54,9 +56,9 @@ def test_bounds_bound_the_exact_importance(family, boost, head_tokens, exact_ran
     Jensen and Edmundson-Madansky), a partial head and the whole vocabulary (exact); with
     exact projection ranges and with Cauchy-Schwarz ones."""
     v = _view(family)
-    S._RANGES.clear()
+    CE.clear_range_cache()
     sa, sb, a, b = _runs(v, HEADS["spread"], boost)
-    lo, hi = S.cna_bounds(v, sa, sb, head_tokens=head_tokens, exact_ranges=exact_ranges)
+    lo, hi = CE.cna_bounds(v, sa, sb, head_tokens=head_tokens, exact_ranges=exact_ranges)
     for r, run in enumerate((a, b)):
         imp = run.imp.double()
         ok = torch.isfinite(imp)
@@ -77,7 +79,7 @@ def test_certified_cna_equals_exhaustive(family, heads, rank, one_thread):
     n_units = sum(v.ffn_width(x) for x in range(v.n_layers))
     for head_tokens, group in ((4, 1), (4, 8), (256, 3)):  # cases certified together
         for k in (1, 5, 20):
-            got, stats = S.certified_cna(v, sa, sb, k, rank=rank, head_tokens=head_tokens,
+            got, stats = CE.certified_cna(v, sa, sb, k, rank=rank, head_tokens=head_tokens,
                                          step=4, group=group)
             ex = S.diff_frame(a, b, top=k, rank=rank)
             assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
@@ -89,7 +91,7 @@ def test_certified_cna_equals_exhaustive(family, heads, rank, one_thread):
             assert all(k <= n <= c <= n_units for n, c in
                        zip(stats["n_exact"], stats["n_candidates"], strict=True))
     # the whole vocabulary exact (256 > 61 tokens): bounds are tight, K=1 needs few neurons
-    _, stats = S.certified_cna(v, sa, sb, 1, rank=rank, step=1)
+    _, stats = CE.certified_cna(v, sa, sb, 1, rank=rank, step=1)
     assert stats["n_exact_total"] < n_units * len(sa)
 
 
@@ -99,7 +101,7 @@ def test_large_coefficients_and_restricted_layers(one_thread):
     sa, sb, a, b = _runs(v, HEADS["layer0"], boost=25.0)
     for layers in (None, [1, 2]):
         for k in (1, 5, 20):
-            got, _ = S.certified_cna(v, sa, sb, k, layers=layers, head_tokens=2)
+            got, _ = CE.certified_cna(v, sa, sb, k, layers=layers, head_tokens=2)
             keep = set(layers or range(v.n_layers))
             d = (a.imp - b.imp).clone()
             d[:, [x for x in range(v.n_layers) if x not in keep]] = float("nan")
@@ -112,25 +114,25 @@ def test_range_cache_follows_the_weights(one_thread):
     """The projection range is cached by the weights' content: an in-place edit of the
     value vectors or of the unembedding gives new ranges, and the bounds stay valid."""
     v = _view("llama")
-    S._RANGES.clear()
+    CE.clear_range_cache()
     sa, sb, a, b = _runs(v, HEADS["one"])
-    S.cna_bounds(v, sa, sb, head_tokens=0)
-    n0 = len(S._RANGES)
-    assert all(bool(r.known.all()) for r in S._RANGES.values())
+    CE.cna_bounds(v, sa, sb, head_tokens=0)
+    n0 = len(CE._RANGES)
+    assert all(bool(r.known.all()) for r in CE._RANGES.values())
     assert n0 == v.n_layers
-    S.cna_bounds(v, sa, sb, head_tokens=0)
-    assert len(S._RANGES) == n0  # hit
+    CE.cna_bounds(v, sa, sb, head_tokens=0)
+    assert len(CE._RANGES) == n0  # hit
     with torch.no_grad():
         v.module(2, "down_proj").weight.mul_(3.0)
-    assert len(S._RANGES) == n0
+    assert len(CE._RANGES) == n0
     sa, sb, a, b = _runs(v, HEADS["one"])
-    lo, hi = S.cna_bounds(v, sa, sb, head_tokens=0)
-    assert len(S._RANGES) == n0 + 1  # layer 2's value vectors changed
+    lo, hi = CE.cna_bounds(v, sa, sb, head_tokens=0)
+    assert len(CE._RANGES) == n0 + 1  # layer 2's value vectors changed
     with torch.no_grad():
         v.unembed.weight[7].mul_(4.0)
     sa, sb, a, b = _runs(v, HEADS["one"])
-    lo, hi = S.cna_bounds(v, sa, sb, head_tokens=0)
-    assert len(S._RANGES) == n0 + 1 + v.n_layers  # every layer: new unembedding
+    lo, hi = CE.cna_bounds(v, sa, sb, head_tokens=0)
+    assert len(CE._RANGES) == n0 + 1 + v.n_layers  # every layer: new unembedding
     for r, run in enumerate((a, b)):
         ok = torch.isfinite(run.imp)
         assert bool((lo[r][ok] <= run.imp.double()[ok] + 1e-9).all())
@@ -139,18 +141,18 @@ def test_range_cache_follows_the_weights(one_thread):
 
 def test_exact_ranges_only_for_candidates_and_kept(one_thread):
     v = _view("llama")
-    S._RANGES.clear()
+    CE.clear_range_cache()
     sa, sb, _, _ = _runs(v, HEADS["one"])
-    _, st = S.certified_cna(v, sa, sb, 1, head_tokens=0)
+    _, st = CE.certified_cna(v, sa, sb, 1, head_tokens=0)
     assert 0 < st["n_ranges_computed"] <= st["n_units"]
-    _, again = S.certified_cna(v, sa, sb, 1, head_tokens=0)
+    _, again = CE.certified_cna(v, sa, sb, 1, head_tokens=0)
     assert again["n_ranges_computed"] == 0  # cached by the weights
 
 
 def test_softcap_falls_back_to_exhaustive(one_thread):
     v = _view("gemma2")
     sa, sb, a, b = _runs(v, HEADS["one"])
-    got, stats = S.certified_cna(v, sa, sb, 5)
+    got, stats = CE.certified_cna(v, sa, sb, 5)
     assert stats["method"] == "exhaustive" and "soft-capping" in stats["why"]
     ex = S.diff_frame(a, b, top=5)
     assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
@@ -164,11 +166,11 @@ def test_errors():
     v = _view("llama")
     sa, sb, _, _ = _runs(v, HEADS["one"])
     with pytest.raises(CnaError, match="K >= 1"):
-        S.certified_cna(v, sa, sb, 0)
+        CE.certified_cna(v, sa, sb, 0)
     with pytest.raises(CnaError, match="unknown rank"):
-        S.certified_cna(v, sa, sb, 3, rank="up")
+        CE.certified_cna(v, sa, sb, 3, rank="up")
     with pytest.raises(CnaError, match="run-B cases"):
-        S.certified_cna(v, sa, S.concat_states([sb, sb]), 3)
+        CE.certified_cna(v, sa, ST.concat_states([sb, sb]), 3)
 
 
 # ----------------------------------------------------------------------------- real models
@@ -195,22 +197,22 @@ def _same_topk(ex, got, d: dict, tie: float = 1e-4) -> bool:
 
 def _real_check(v, head, layers):
     cases = _real_cases()
-    sa = S.case_states(v, cases)
-    sb = S.case_states(v, cases, ZeroHeads([head]))
+    sa = ST.case_states(v, cases)
+    sb = ST.case_states(v, cases, ZeroHeads([head]))
     a = S.score_neurons(v, None, states=sa, layers=layers, progress=False)
     b = S.score_neurons(v, None, states=sb, target=a.target, scale=a.scale, layers=layers,
                         progress=False)
     d = (a.imp - b.imp).numpy()
     keys = {(c, la, ix): d[i, la, ix] for i, c in enumerate(a.case_ids) for la in layers
             for ix in range(v.ffn_width(la))}
-    lo, hi = S.cna_bounds(v, sa, sb, layers=layers)
+    lo, hi = CE.cna_bounds(v, sa, sb, layers=layers)
     for r, run in enumerate((a, b)):
         ok = torch.isfinite(run.imp)
         imp = run.imp.double()
         assert bool((lo[r][ok] <= imp[ok] + 1e-4).all())
         assert bool((imp[ok] <= hi[r][ok] + 1e-4).all())
     for k in (1, 10, 50):
-        got, stats = S.certified_cna(v, sa, sb, k, layers=layers)
+        got, stats = CE.certified_cna(v, sa, sb, k, layers=layers)
         ex = S.diff_frame(a, b, top=k)
         assert _same_topk(ex, got, keys), k
         np.testing.assert_allclose(np.sort(got["diff"]), np.sort(ex["diff"]), atol=1e-4)

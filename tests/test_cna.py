@@ -92,17 +92,17 @@ def test_lens_faithfulness_real_effect_by_hand():
 
 
 def test_certified_comparison_ranks_like_exhaustive():
-    from cnalens.cna import compare, from_certified
-    from cnalens.scores import case_states, certified_topk_diff, score_pair
+    from cnalens.cna import compare, compare_runs
+    from cnalens.scores import score_neurons
 
     view = ModelView(tiny_model("llama"), TinyTokenizer())
     enc = encode_all(view.tokenizer, [Case("3+5=", "8"), Case("12+30=", "42")])
     iv = ZeroNeurons([(0, 1)])  # any model intervention works as run B
-    a, b = score_pair(view, enc, [iv], progress=False)
+    a = score_neurons(view, enc, progress=False)
+    b = score_neurons(view, enc, iv, target=a.target, scale=a.scale, progress=False)
     exhaustive = compare(a, b)
-    frame, _ = certified_topk_diff(view, enc, 7, [iv])
-    sa, sb = case_states(view, enc), case_states(view, enc, iv)
-    cert = from_certified(frame, sa.coef, sb.coef, sa.case_ids)
+    cert = compare_runs(view, enc, [iv], k=7, layers=range(view.n_layers))
+    assert cert.meta["scoring"] == "certified"
     assert torch.equal(cert.topk(7), exhaustive.topk(7))
     assert torch.allclose(cert.coef_b, exhaustive.coef_b.to(cert.coef_b.dtype))
 

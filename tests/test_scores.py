@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from cnalens import certified as CE
 from cnalens import scores as S
+from cnalens import states as ST
 from cnalens.data.cases import Case, Encoded
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroHeads
@@ -15,6 +17,30 @@ from tiny import TinyTokenizer, tiny_model
 FAMILIES = ["llama", "gemma3", "gpt2", "gemma2", "neox", "gptj"]
 # equal lengths: Gemma 2's eager attention gives NaN on left-pad rows in float64
 SEQS = [[1, 5, 9, 13, 7, 22], [1, 40, 3, 3, 17, 9], [1, 8, 8, 30, 31, 4]]
+
+
+def _pair(v, cases, ivb, **kw):
+    """CNA's two runs scored exhaustively: A with its own target and scale, B with A's."""
+    a = S.score_neurons(v, cases, **kw)
+    rest = {k: x for k, x in kw.items() if k not in ("target", "scale")}
+    return a, S.score_neurons(v, cases, *ivb, target=a.target, scale=a.scale, **rest)
+
+
+def _certified_diff(v, cases, k, ivb, *, rank="decrease", layers=None, step=64):
+    """``certified.certified_cna`` of the model and the model under ``ivb``."""
+    sa, sb = ST.case_states(v, cases), ST.case_states(v, cases, *ivb)
+    return CE.certified_cna(v, sa, sb, k, rank=rank, layers=layers, step=step)
+
+
+def _input_diff(v, ca, cb, k, *, target="gold", layers=None, screen=256):
+    """An input comparison's top-K: certified exact (``screen=0``) or screened."""
+    if len(ca) != len(cb):
+        raise CnaError(f"{len(ca)} run-A prompts but {len(cb)} run-B prompts: an input "
+                       "comparison pairs them one to one")
+    sa, sb = ST.case_states(v, ca), ST.case_states(v, cb)
+    if screen == 0 and not v.softcap:
+        return CE.certified_cna(v, sa, sb, k, target=target, layers=layers, own_scales=True)
+    return CE.screened_cna(v, sa, sb, k, target=target, layers=layers, screen=screen)
 
 
 def _enc(seqs=SEQS):
@@ -75,7 +101,7 @@ def test_neuron_importance_brute_force(family, lens):
     v = _view(family)
     enc = _enc()
     sc = S.score_neurons(v, enc, lens=lens, progress=False)
-    st = S.case_states(v, enc)
+    st = ST.case_states(v, enc)
     torch.manual_seed(1)
     with torch.no_grad():
         for i in range(len(enc)):
@@ -96,7 +122,7 @@ def test_neuron_importance_brute_force(family, lens):
 def test_contributions_reconstruct_final_residual(family):
     """resid_mid[l] + sum of neuron parts + bias part + everything later = real final."""
     v = _view(family)
-    st = S.case_states(v, _enc())
+    st = ST.case_states(v, _enc())
     tol = 1e-5 if v.family.norm_kind == "rms1p" else 1e-9
     with torch.no_grad(), v.capture(["attn_out", "mlp_out"], position=-1) as cap:
         v.hidden(v.batch(SEQS))
@@ -123,7 +149,7 @@ def test_head_and_attention_neuron_importance(family, lens):
     v = _view(family)
     enc = _enc()
     df = S.score_heads(v, enc, lens=lens, progress=False)
-    st = S.case_states(v, enc)
+    st = ST.case_states(v, enc)
     assert set(df.kind) == {"head", "attn_neuron"}
     assert len(df) == len(enc) * v.n_layers * v.n_heads * (1 + v.head_dim)
     with torch.no_grad():
@@ -152,7 +178,7 @@ def test_position_scores_split_each_head(family):
     df = S.position_scores(v, enc)
     assert v.model.config._attn_implementation == before
     with v.attention_record() as rec:  # eager softmax runs in float32: use its own states
-        st = S.case_states(v, [enc])
+        st = ST.case_states(v, [enc])
     w = int(st.pred[0])
     k = len(enc.prompt_ids)
     assert len(df) == v.n_layers * v.n_heads * k and df.importance.notna().all()
@@ -200,7 +226,7 @@ def test_certified_topk_equals_exhaustive(family):
     enc = _enc()
     sc = S.score_neurons(v, enc, progress=False)
     for k in (1, 5, 20, 200):
-        got, stats = S.certified_topk(v, enc, k, step=4)
+        got, stats = CE.certified_topk(v, enc, k, step=4)
         ex = sc.frame(top=k)
         assert list(zip(ex.case, ex.layer, ex["index"], strict=True)) == \
             list(zip(got.case, got.layer, got["index"], strict=True)), k
@@ -208,7 +234,7 @@ def test_certified_topk_equals_exhaustive(family):
         np.testing.assert_allclose(got.coef, ex.coef)
         assert stats["method"] == "certified" and len(stats["n_exact"]) == len(enc)
         assert all(min(k, stats["n_units"]) <= n <= stats["n_units"] for n in stats["n_exact"])
-    _, stats = S.certified_topk(v, enc, 1, step=1)
+    _, stats = CE.certified_topk(v, enc, 1, step=1)
     assert sum(stats["n_exact"]) < stats["n_units"] * len(enc)  # not every neuron needed
 
 
@@ -218,10 +244,10 @@ def test_certified_diff_equals_exhaustive(family, rank):
     v = _view(family)
     enc = _enc()
     ivb = (ZeroHeads([(0, 1), (1, 2)]),)
-    a, b = S.score_pair(v, enc, ivb, progress=False)
+    a, b = _pair(v, enc, ivb, progress=False)
     assert torch.equal(a.target, b.target) and torch.equal(a.scale, b.scale)
     for k in (1, 7, 50):
-        got, stats = S.certified_topk_diff(v, enc, k, ivb, rank=rank, step=4)
+        got, stats = _certified_diff(v, enc, k, ivb, rank=rank, step=4)
         ex = S.diff_frame(a, b, top=k, rank=rank)
         assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
             list(zip(got.case, got.layer, got.neuron, strict=True)), (k, rank)
@@ -249,8 +275,8 @@ def test_input_topk_diff_equals_exhaustive(family):
     full = S.diff_frame(a, b).set_index(["case", "layer", "neuron"])
     for k in (1, 9, 120):
         ref = S.diff_frame(a, b, top=k)
-        got, stats = S.input_topk_diff(v, ea, eb, k, screen=0)
-        assert stats["method"] == "exhaustive"
+        got, stats = _input_diff(v, ea, eb, k, screen=0)
+        assert stats["method"] == ("exhaustive" if v.softcap else "certified")
         assert list(zip(got.case, got["rank"], got.layer, got.neuron, strict=True)) == \
             list(zip(ref.case, ref["rank"], ref.layer, ref.neuron, strict=True)), k
         for col in ("imp_a", "imp_b", "coef_a", "coef_b", "diff"):
@@ -259,7 +285,7 @@ def test_input_topk_diff_equals_exhaustive(family):
             continue
         # screened (a heuristic, not certified): the kept neurons' scores stay exact and
         # ranked, the first-order screen finds most of the true top-k
-        got, stats = S.input_topk_diff(v, ea, eb, k, screen=40)
+        got, stats = _input_diff(v, ea, eb, k, screen=40)
         assert stats["method"] == "screened" and stats["screen"] == max(k, 40)
         want = full.loc[list(zip(got.case, got.layer, got.neuron, strict=True))]
         for col in ("imp_a", "imp_b", "coef_a", "coef_b", "diff"):
@@ -268,14 +294,14 @@ def test_input_topk_diff_equals_exhaustive(family):
         units = [set(zip(f.case, f.layer, f.neuron, strict=True)) for f in (got, ref)]
         hit = len(units[0] & units[1])
         assert hit >= 0.5 * len(ref), (k, hit)
-    got, _ = S.input_topk_diff(v, ea, eb, 5, layers=[1, 2], screen=0)
+    got, _ = _input_diff(v, ea, eb, 5, layers=[1, 2], screen=0)
     a2 = S.score_neurons(v, ea, target=tg, layers=[1, 2], progress=False)
     b2 = S.score_neurons(v, eb, target=tg, layers=[1, 2], progress=False)
     ref = S.diff_frame(a2, b2, top=5)
     assert list(zip(got.layer, got.neuron, strict=True)) == \
         list(zip(ref.layer, ref.neuron, strict=True)) and set(got.layer) <= {1, 2}
     ids = torch.tensor([3, 4, 9])  # explicit shared target ids
-    got, _ = S.input_topk_diff(v, ea, eb, 4, target=ids, screen=0)
+    got, _ = _input_diff(v, ea, eb, 4, target=ids, screen=0)
     ref = S.diff_frame(S.score_neurons(v, ea, target=ids, progress=False),
                        S.score_neurons(v, eb, target=ids, progress=False), top=4)
     np.testing.assert_allclose(got["diff"], ref["diff"], atol=1e-9, rtol=0)
@@ -285,13 +311,13 @@ def test_input_topk_diff_errors():
     v = _view("llama")
     ea, eb = _enc(), _enc(SEQS_B)
     with pytest.raises(CnaError, match="3 run-A prompts but 2 run-B"):
-        S.input_topk_diff(v, ea, eb[:2], 3)
+        _input_diff(v, ea, eb[:2], 3)
     with pytest.raises(CnaError, match="K >= 1"):
-        S.input_topk_diff(v, ea, eb, 0)
+        _input_diff(v, ea, eb, 0)
     with pytest.raises(CnaError, match="top-K 41 exceeds the 40 neurons"):
-        S.input_topk_diff(v, ea, eb, 41, layers=[2])
+        _input_diff(v, ea, eb, 41, layers=[2])
     with pytest.raises(CnaError, match="out of range"):
-        S.input_topk_diff(v, ea, eb, 3, target=[999])
+        _input_diff(v, ea, eb, 3, target=[999])
 
 
 def test_rank_order_ties_by_layer_then_neuron():
@@ -306,7 +332,7 @@ def test_run_b_uses_a_target_and_scale():
     v = _view("llama")
     enc = _enc()
     ivb = (ZeroHeads([(2, 0), (2, 1), (2, 3)]),)
-    a, b = S.score_pair(v, enc, ivb, progress=False)
+    a, b = _pair(v, enc, ivb, progress=False)
     own = S.score_neurons(v, enc, *ivb, progress=False)
     assert not torch.equal(own.scale, b.scale)
     assert b.meta["interventions"][0]["kind"] == "zero_heads"
@@ -317,12 +343,17 @@ def test_run_b_uses_a_target_and_scale():
 def test_softcap_falls_back_to_exhaustive():
     v = _view("gemma2")
     enc = _enc()
-    got, stats = S.certified_topk(v, enc, 5)
+    got, stats = CE.certified_topk(v, enc, 5)
     assert stats["method"] == "exhaustive"
     ex = S.score_neurons(v, enc, progress=False).frame(top=5)
     assert list(got["index"]) == list(ex["index"])
-    with pytest.raises(CnaError, match="soft-capping"):
-        S.certified_topk_diff(v, enc, 5, (ZeroHeads([(0, 0)]),))
+    # a difference on a soft-capped model: exhaustive too, the same top-K as brute force
+    ivb = (ZeroHeads([(0, 0)]),)
+    got, stats = _certified_diff(v, enc, 5, ivb)
+    assert stats["method"] == "exhaustive" and stats["why"] == "final-logit soft-capping"
+    a, b = _pair(v, enc, ivb, progress=False)
+    ref = S.diff_frame(a, b, top=5)
+    assert list(zip(got.layer, got.neuron)) == list(zip(ref.layer, ref.neuron))
 
 
 def test_gold_and_explicit_targets_and_frame():
@@ -359,9 +390,9 @@ def test_errors():
     with pytest.raises(CnaError, match="no cases"):
         S.score_neurons(v, [], progress=False)
     with pytest.raises(CnaError, match="K >= 1"):
-        S.certified_topk(v, enc, 0)
+        CE.certified_topk(v, enc, 0)
     with pytest.raises(CnaError, match="unknown rank"):
-        S.certified_topk_diff(v, enc, 3, (), rank="up")
+        _certified_diff(v, enc, 3, (), rank="up")
     with pytest.raises(CnaError, match="one case"):
         S.position_scores(v, enc)
 
@@ -386,7 +417,7 @@ def test_narrow_layer_gives_nan():
     assert torch.isnan(sc.imp[:, 1, 30:]).all() and torch.isnan(sc.coef[:, 1, 30:]).all()
     assert torch.isfinite(sc.imp[:, 1, :30]).all() and torch.isfinite(sc.imp[:, 0]).all()
     assert len(sc.frame()) == 3 * 110
-    got, _ = S.certified_topk(v, _enc(), 100)
+    got, _ = CE.certified_topk(v, _enc(), 100)
     ex = sc.frame(top=100)
     assert list(zip(got.layer, got["index"], strict=True)) == \
         list(zip(ex.layer, ex["index"], strict=True))
@@ -406,7 +437,7 @@ def _real_case():
 def test_real_gemma_brute_force(gemma):
     v = gemma
     case = _real_case()
-    st = S.case_states(v, [case])
+    st = ST.case_states(v, [case])
     torch.manual_seed(0)
     for lens in ("frozen", "renorm"):
         sc = S.score_neurons(v, [case], lens=lens, layers=[17], progress=False)
@@ -430,7 +461,7 @@ def test_real_gemma_certified_equals_exhaustive(gemma):
               *[x.ravel() for x in np.indices(sc.imp.shape[1:])], sc.imp[0].numpy().ravel(),
                   strict=True)}
     for k in (1, 10, 50):
-        got, stats = S.certified_topk(v, [case], k, layers=REAL_LAYERS)
+        got, stats = CE.certified_topk(v, [case], k, layers=REAL_LAYERS)
         assert _same_topk(sc.frame(top=k), got, scores, tie=1e-4), k
         assert stats["n_exact"][0] < stats["n_units"]
 
@@ -441,12 +472,12 @@ def test_real_gemma_certified_diff(gemma):
     v = gemma
     case = _real_case()
     ivb = (ZeroHeads([(15, 0), (15, 1), (15, 2), (15, 3)]),)
-    a, b = S.score_pair(v, [case], ivb, layers=[17], progress=False)
+    a, b = _pair(v, [case], ivb, layers=[17], progress=False)
     ex = S.diff_frame(a, b, top=10)
     d = (a.imp - b.imp)[0].numpy()
     scores = {("3+5", 17, ix): d[17, ix] for ix in range(v.ffn_width(17))}
     for k in (1, 10):
-        got, stats = S.certified_topk_diff(v, [case], k, ivb, layers=[17])
+        got, stats = _certified_diff(v, [case], k, ivb, layers=[17])
         got = got.rename(columns={"neuron": "index"})
         assert _same_topk(ex[ex["rank"] <= k].rename(columns={"neuron": "index"}), got, scores,
                           tie=1e-4), k
@@ -462,9 +493,9 @@ def test_real_input_topk_diff_screen_finds_the_exhaustive_top(smollm2):
           Case("My mother is a", " teacher", case_id="m")]
     cb = [Case("A man works as a", " nurse", case_id="w"),
           Case("My father is a", " teacher", case_id="m")]
-    got, stats = S.input_topk_diff(v, ca, cb, 10, layers=[20, 29])
+    got, stats = _input_diff(v, ca, cb, 10, layers=[20, 29])
     assert stats["method"] == "screened" and stats["n_exact_total"] == 2 * 256
-    ea = S.case_states(v, ca)
+    ea = ST.case_states(v, ca)
     a = S.score_neurons(v, ca, target="gold", layers=[20, 29], progress=False)
     b = S.score_neurons(v, cb, target=ea.gold, layers=[20, 29], progress=False)
     ref = S.diff_frame(a, b, top=10).rename(columns={"neuron": "index"})

@@ -31,11 +31,13 @@ import pandas as pd
 import torch
 
 from cnalens.callables import make_callable
-from cnalens.data.cases import Cases, Encoded, Targets
+from cnalens.certified import certified_cna, screened_cna
+from cnalens.data.cases import Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
-from cnalens.scores import rank_key, rank_order, ranked_rows
+from cnalens.scores import rank_key, rank_order, ranked_rows, score_neurons
+from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
@@ -164,7 +166,8 @@ def compare(a, b, meta: dict | None = None) -> Comparison:
 
 def from_certified(frame: pd.DataFrame, coef_a: torch.Tensor, coef_b: torch.Tensor,
                    case_ids: Sequence[str], meta: dict | None = None) -> Comparison:
-    """A Comparison from ``certified_topk_diff``'s frame; unscored neurons are NaN."""
+    """A Comparison from a top-K frame (``certified_cna``, ``screened_cna``); unscored
+    neurons are NaN."""
     shape = coef_a.shape
     pos = {c: i for i, c in enumerate(case_ids)}
     flat = (torch.tensor(frame["case"].map(pos).to_numpy()) * shape[1] * shape[2]
@@ -449,18 +452,23 @@ def _with_answer(enc: Sequence[Encoded], target: torch.Tensor) -> list[Encoded]:
             for e, t in zip(enc, target.tolist(), strict=True)]
 
 
+def _lora_down(view, layers: Sequence[int] | None) -> list[int]:
+    """The layers (of ``layers``, default all) whose FFN down projection carries a LoRA:
+    there the two runs' value vectors differ."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = range(view.n_layers) if layers is None else layers
+    return [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
+
+
 def _adapter_scores(view, peft_model, a, b, target, scale, kw: dict
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """A LoRA model's run (``a``) and its adapter-disabled run (``b``) scored with A's
     target and scale: in one pass where their value vectors agree; in layers whose down
     projection carries the LoRA, each run with its own (B's with the adapter disabled)."""
-    from peft.tuners.lora import LoraLayer
-
-    from cnalens.scores import concat_states, score_neurons
-
     n = len(a)
     layers = list(range(view.n_layers)) if kw["layers"] is None else kw["layers"]
-    own = [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
+    own = _lora_down(view, layers)
     rest = {**kw, "layers": [x for x in layers if x not in own]}
     sc = score_neurons(view, None, states=concat_states([a, b]),
                        target=torch.cat([target, target]), scale=torch.cat([scale, scale]),
@@ -476,6 +484,15 @@ def _adapter_scores(view, peft_model, a, b, target, scale, kw: dict
     return ia, ib
 
 
+def _from_top(frame: pd.DataFrame, sa: CaseStates, sb: CaseStates, meta: dict,
+              stats: dict, keep: dict, k: int) -> Comparison:
+    """A Comparison of a top-``k`` (certified or screened) frame: unscored entries NaN."""
+    comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids, {**meta, "stats": stats})
+    for name, value in {**keep, "k": k}.items():
+        setattr(comp, name, value)
+    return comp
+
+
 def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
                  other_model: Any = None, target: Targets = None, k: int | None = None,
                  layers: Sequence[int] | None = None,
@@ -489,19 +506,11 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
     score run B), or the peft model wrapping ``view``'s model: run B is then the adapter
     disabled (A = the LoRA model, as ``apps.lora_cna``). ``layers``: the layers scored and
     ranked (default: from the lowest intervened layer up, since below it the runs agree;
-    all for other models). ``k``: with interventions, the frozen lens and no soft-capping,
-    only the certified exact top-``k`` is scored (``scores.certified_topk_diff``); else
-    every neuron is (``score_neurons``).
+    all for other models). ``k``: only the top-``k`` per case is needed: with the frozen
+    lens, no soft-capping and the same FFN value vectors in both runs (interventions, or a
+    LoRA whose down projections are untouched), the certified exact top-``k`` is scored
+    (``certified.certified_cna``); else every neuron is (``score_neurons``).
     """
-    from cnalens.data.cases import as_encoded
-    from cnalens.scores import (
-        case_states,
-        certified_topk_diff,
-        concat_states,
-        frozen_scale,
-        score_neurons,
-    )
-
     ivs = list(interventions)
     kind, other = _other_run(view, other_model) if other_model is not None else (None, None)
     if kind is None and not ivs:
@@ -516,16 +525,14 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
     tg = a.gold if target is not None else a.pred
     scale = frozen_scale(view, a, lens)
     runs = {"a": "the model", "b": [iv.describe() for iv in ivs]}
-    certified = (k is not None and kind is None and lens == "frozen" and not view.softcap)
+    same_vectors = kind is None or (kind == "adapter_off" and not _lora_down(view, layer_list))
+    certified = k is not None and same_vectors and lens == "frozen" and not view.softcap
     if kind == "adapter_off":
         with other.disable_adapter():
             b = case_states(view, enc, batch_size=batch_size)
-        ia, ib = _adapter_scores(view, other, a, b, tg, scale, kw)
         runs = {"a": "LoRA model", "b": "original (adapter disabled)"}
     elif kind == "view":
         b = case_states(other, enc, batch_size=batch_size)
-        ia = score_neurons(view, None, states=a, target=tg, scale=scale, **kw).imp
-        ib = score_neurons(other, None, states=b, target=tg, scale=scale, **kw).imp
         runs = {"a": "the model", "b": f"other model ({other.info.get('spec', 'given')})"}
     else:
         b = case_states(view, enc, *ivs, batch_size=batch_size)
@@ -536,14 +543,15 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
     keep = {"view": view, "cases": _with_answer(enc, tg), "by": by, "layers": layer_list,
             "deep_layers": deep}
     if certified:
-        frame, stats = certified_topk_diff(view, None, k, ivs, target=tg, layers=layer_list,
-                                           rank=by, batch_size=batch_size, progress=progress,
-                                           states=(a, b))
-        comp = from_certified(frame, a.coef, b.coef, a.case_ids, {**meta, "stats": stats})
-        for name, value in {**keep, "k": k}.items():
-            setattr(comp, name, value)
-        return comp
-    if kind is None:  # one pass: both runs share the value-vector projections
+        frame, stats = certified_cna(view, a, b, k, target=tg, layers=layer_list, rank=by,
+                                     progress=progress)
+        return _from_top(frame, a, b, meta, stats, keep, k)
+    if kind == "adapter_off":
+        ia, ib = _adapter_scores(view, other, a, b, tg, scale, kw)
+    elif kind == "view":
+        ia = score_neurons(view, None, states=a, target=tg, scale=scale, **kw).imp
+        ib = score_neurons(other, None, states=b, target=tg, scale=scale, **kw).imp
+    else:  # one pass: both runs share the value-vector projections
         n = len(a)
         sc = score_neurons(view, None, states=concat_states([a, b]),
                            target=torch.cat([tg, tg]), scale=torch.cat([scale, scale]), **kw)
@@ -560,13 +568,12 @@ def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
                    progress: bool = False) -> Comparison:
     """An input comparison (design.md): case ``i`` of ``cases_a`` (run A) against case ``i``
     of ``cases_b`` (run B), one shared target (``target``; else run A's case target, else
-    run A's prediction), each run with its own frozen final-norm scale. Exact over every
-    neuron of ``layers``; ``screen`` (with ``k``, ranking "decrease") scores only each
-    case's ``screen`` best neurons by a first-order estimate (``scores.input_topk_diff``;
-    approximate, recorded in ``meta``)."""
-    from cnalens.data.cases import as_encoded
-    from cnalens.scores import case_states, concat_states, input_topk_diff, score_neurons
-
+    run A's prediction), each run with its own frozen final-norm scale. ``k``: only the
+    top-``k`` per case is needed: certified exact (``certified.certified_cna`` with each
+    run's own scale) with the frozen lens and no soft-capping, else every neuron of
+    ``layers`` is scored. ``screen`` (with ``k``, ranking "decrease") is the approximate
+    option: each case's ``screen`` best neurons by a first-order estimate, scored exactly
+    (``certified.screened_cna``; recorded in ``meta``)."""
     enc_a = as_encoded(view.tokenizer, cases_a, target)
     enc_b = as_encoded(view.tokenizer, cases_b, target)
     if len(enc_a) != len(enc_b):
@@ -574,28 +581,29 @@ def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
                        "comparison pairs them one to one")
     if screen is not None and (k is None or by != "decrease"):
         raise CnaError("screen= needs k= and the ranking by='decrease'")
+    if screen is not None and lens != "frozen":
+        raise CnaError("screen= needs the frozen lens")
     sa = case_states(view, enc_a, batch_size=batch_size)
     sb = case_states(view, enc_b, batch_size=batch_size)
     given = all(e.answer_ids for e in enc_a)
     tg = sa.gold if given else sa.pred
     layer_list = sorted({int(x) for x in layers}) if layers is not None else None
+    certified = (k is not None and screen is None and lens == "frozen" and not view.softcap)
+    scoring = "screened" if screen is not None else "certified" if certified else "exhaustive"
     meta = {"comparison": "inputs", "runs": {"a": "prompts A", "b": "prompts B"},
             "target": "given" if given else "run A's prediction",
             "lens": f"{lens} (each run its own scale)", "ranking": by, "layers": layer_list,
-            "scoring": "screened" if screen is not None else "exhaustive",
-            "model": view.summary()}
+            "scoring": scoring, "model": view.summary()}
     keep = {"view": view, "cases": _with_answer(enc_a, tg), "cases_b": _with_answer(enc_b, tg),
             "by": by, "layers": layer_list}
     if screen is not None:
-        if lens != "frozen":
-            raise CnaError("screen= needs the frozen lens")
-        frame, stats = input_topk_diff(view, None, None, k, target=tg, layers=layer_list,
-                                       screen=screen, batch_size=batch_size,
-                                       progress=progress, states=(sa, sb))
-        comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids, {**meta, "stats": stats})
-        for name, value in {**keep, "k": k}.items():
-            setattr(comp, name, value)
-        return comp
+        frame, stats = screened_cna(view, sa, sb, k, target=tg, layers=layer_list,
+                                    screen=screen, progress=progress)
+        return _from_top(frame, sa, sb, meta, stats, keep, k)
+    if certified:
+        frame, stats = certified_cna(view, sa, sb, k, target=tg, layers=layer_list, rank=by,
+                                     own_scales=True, progress=progress)
+        return _from_top(frame, sa, sb, meta, stats, keep, k)
     n = len(sa)
     sc = score_neurons(view, None, states=concat_states([sa, sb]), target=torch.cat([tg, tg]),
                        layers=layer_list, lens=lens, batch_size=batch_size, progress=progress)

@@ -345,25 +345,26 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     With no correctly answered case at all: CnaError, or (``require=False``) a warning and
     None, with nothing written.
 
-    Each operation's certified top-K (``scores.certified_cna``: K = max(ks), ranked over its
-    deep layers, run B with run A's target (A's prediction) and frozen scale; exhaustive on
-    soft-capped models) scores exactly only the neurons whose bounds can reach the top-K;
-    coefficients stay complete for verification. Lens faithfulness takes run A's own
-    certified top-10 (``scores.certified_topk``, layers from the shallowest head up). Writes
+    Each operation's comparison is ``cna.compare_runs`` with K = max(ks) (the certified
+    top-K over its deep layers, run B with run A's target (A's prediction) and frozen
+    scale; exhaustive on soft-capped models): only the neurons whose bounds can reach the
+    top-K are scored exactly; coefficients stay complete for verification. Lens
+    faithfulness takes run A's own certified top-10 (``certified.certified_topk``, layers
+    from the shallowest head up). Writes
     cna_neurons.csv (each case's top-K), verification.csv and cna.json. With
     ``heldout_by_op``, verification adds ``heldout_zero_topk``: the K neurons most frequent
     in the cases' top-K, zeroed on the held-out cases the model answers correctly.
     """
     from scipy.stats import pearsonr, spearmanr
 
-    from cnalens.cna import from_certified, lens_faithfulness, verify, verify_heldout
+    from cnalens.certified import certified_topk
+    from cnalens.cna import compare_runs, lens_faithfulness, verify, verify_heldout
     from cnalens.interventions import ZeroHeads
-    from cnalens.scores import case_states, certified_cna, certified_topk
 
     t0 = time.perf_counter()
     group_cols = tuple(group_cols)
     per_op: dict[str, dict] = {}
-    encs, runs_a, runs_b = {}, [], []
+    encs = {}
     for op, cases in cases_by_op.items():
         head = heads_by_op[op]
         view.check_heads([head])
@@ -376,8 +377,6 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
                           "skipped[/]")
             continue
         encs[op] = enc
-        runs_a.append(case_states(view, enc, batch_size=batch_size))
-        runs_b.append(case_states(view, enc, ZeroHeads([head]), batch_size=batch_size))
     if not encs:
         msg = "CNA: the model answers none of the selected cases correctly"
         if require:
@@ -389,20 +388,23 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
     top = max(ks)
     console.print(f"[bold]cna[/]: certified top-{top} of {n} cases x 2 runs (deep layers)")
     frames, vers, faiths, methods = [], [], [], set()
-    for (op, enc), sa, sb in zip(encs.items(), runs_a, runs_b, strict=True):
+    for op, enc in encs.items():
         head = heads_by_op[op]
         name = group_name(op)
         group = dict(zip(group_cols, op if isinstance(op, tuple) else (op,), strict=True))
         deep = list(range(head[0], view.n_layers))
-        found, stats = certified_cna(view, sa, sb, top, layers=deep, rank=by,
-                                     progress=progress)
+        t1 = time.perf_counter()
+        comp = compare_runs(view, enc, [ZeroHeads([head])], k=top, layers=deep, by=by,
+                            batch_size=batch_size, progress=progress)
+        stats = comp.meta.get("stats") or {"method": "exhaustive", "n_units": int(sum(
+            view.ffn_width(x) for x in deep))}
+        stats["seconds"] = time.perf_counter() - t1  # both runs' forwards included
+        stats.setdefault("n_exact", [stats["n_units"]] * len(enc))
         methods.add(stats["method"])
         per_op[name]["scoring"] = {
             "method": stats["method"], "neurons": stats["n_units"],
             "scored_exactly_mean": sum(stats["n_exact"]) / len(stats["n_exact"]),
             "seconds": round(stats["seconds"], 2)}
-        comp = from_certified(found, sa.coef, sb.coef, sa.case_ids,
-                              {**group, "head": per_op[name]["head"]})
         labels = [{**group, "head": per_op[name]["head"], "prompt": e.case.question,
                    "target": e.case.target,
                    **{c: e.case.labels.get(c) for c in label_cols if c not in group}}
@@ -411,8 +413,8 @@ def cna_stage(view, out: Path, cases_by_op: dict[str, list[Case]],
         # run A's own top-10 (the layers from the shallowest head up), certified
         top_a, _ = certified_topk(view, enc, 10, layers=range(first, view.n_layers),
                                   batch_size=batch_size)
-        imp_a = torch.full(sa.coef.shape, float("nan"), dtype=torch.float64)
-        pos = {c: i for i, c in enumerate(sa.case_ids)}
+        imp_a = torch.full(comp.coef_a.shape, float("nan"), dtype=torch.float64)
+        pos = {c: i for i, c in enumerate(comp.case_ids)}
         imp_a[torch.tensor(top_a["case"].map(pos).to_numpy()),
               torch.tensor(top_a.layer.to_numpy()), torch.tensor(top_a["index"].to_numpy())] = \
             torch.tensor(top_a.importance.to_numpy(), dtype=torch.float64)

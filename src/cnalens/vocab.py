@@ -345,7 +345,7 @@ def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
     encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
     for the case's gold first answer token if it has one, else the model's prediction."""
-    from cnalens.scores import case_states
+    from cnalens.states import case_states
 
     st = case_states(view, [enc])
     if target is None:

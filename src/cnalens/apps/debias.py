@@ -53,7 +53,6 @@ from cnalens.data.cases import Case, Encoded, encode
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroNeurons
 from cnalens.progress import track
-from cnalens.scores import input_topk_diff
 
 GENDER = ("female", "male")
 SELECT_TEMPLATES: tuple[tuple[str, str, str], ...] = (
@@ -268,15 +267,24 @@ def _input_runs(ea, eb, lean_a: torch.Tensor):
 
 
 def input_topk(view, run_a: Sequence[Encoded], run_b: Sequence[Encoded], k: int,
-               layers: Sequence[int] | None = None, screen: int = 256, batch_size: int = 32,
-               progress: bool = False) -> pd.DataFrame:
-    """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison: each run its
-    own frozen scale, the target shared (the pair's token): ``scores.input_topk_diff``
-    (screened by a first-order estimate; ``screen=0`` scores every neuron)."""
+               layers: Sequence[int] | None = None, screen: int | None = None,
+               batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+    """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison
+    (``cna.compare_inputs``: each run its own frozen scale, the target shared, the pair's
+    token): certified exact by default; ``screen`` scores only each pair's ``screen`` best
+    neurons by a first-order estimate (approximate). Rows: case, rank, layer, neuron,
+    imp_a, imp_b, coef_a, coef_b, diff."""
+    from cnalens.cna import compare_inputs
+
     if k < 1:
         raise CnaError(f"--top-k must be >= 1, got {k}")
-    return input_topk_diff(view, list(run_a), list(run_b), k, target="gold", layers=layers,
-                           screen=screen, batch_size=batch_size, progress=progress)[0]
+    comp = compare_inputs(view, list(run_a), list(run_b), k=k, layers=layers,
+                          screen=screen if screen else None, batch_size=batch_size,
+                          progress=progress)
+    frame = comp.frame(k)
+    frame.insert(len(frame.columns), "diff", frame["imp_a"] - frame["imp_b"])
+    frame.attrs["meta"] = comp.meta
+    return frame
 
 
 def select_neurons(frame: pd.DataFrame, n: int) -> pd.DataFrame:

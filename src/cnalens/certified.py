@@ -1,0 +1,690 @@
+"""Certified exact top-K: the best FFN neurons by importance, or by the CNA difference of two
+runs, without scoring every neuron; exact results, not estimates.
+
+One run (``certified_topk``, frozen lens, no soft-capping): ``LSE`` is convex, so
+``Imp <= t (P_w - p . P)`` with ``t = m / c`` and ``p`` the base distribution
+(:meth:`cnalens.lens.Lens.first_order`). Neurons are scored exactly in descending bound
+order until the K-th exact score clears the next bound.
+
+Two runs (``certified_cna``): each run's importance gets two-sided bounds: exact terms over
+the most probable tokens and, for the rest, Jensen (below) and Edmundson-Madansky (above)
+with each neuron's projection range ``[min_i P_i, max_i P_i]`` (case-independent, cached by
+a fingerprint of the weights). Run B is scored with run A's frozen scale (model
+comparisons) or its own (input comparisons: ``scales``).
+
+``screened_cna`` is the approximate alternative for input comparisons: each case's best
+neurons by the first-order difference, scored exactly (recorded as "screened").
+Users reach all of these through :func:`cnalens.cna.cna` and its ``Comparison``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnalens.errors import CnaError
+from cnalens.lens import Base, FFNVectors, Lens, LogSumExp
+from cnalens.progress import track
+from cnalens.scores import RANKS, rank_key, ranked_rows, score_neurons
+from cnalens.states import (
+    CaseStates,
+    Target,
+    as_numpy,
+    case_states,
+    check_targets,
+    concat_states,
+    describe_run,
+    resolve_layers,
+    scales_for,
+    targets_for,
+)
+
+
+# --------------------------------------------------------------------------- certified top-K
+def _slack(lz: Lens, slack: float | None) -> float:
+    if slack is not None:
+        return float(slack)
+    return 1e-4 if lz.dt == torch.float32 else 1e-9
+
+
+def _topk_order(scores: torch.Tensor, flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the best ``k`` scores, ties by the flat (layer, index) order."""
+    order = torch.from_numpy(np.lexsort((flat.numpy(), -scores.double().numpy())))
+    return order[:k]
+
+
+def _check_certifiable(lz: Lens, k: int) -> None:
+    if k < 1:
+        raise CnaError(f"top-K needs K >= 1, got {k}")
+    if lz.mode != "frozen" or lz.cap:
+        raise CnaError("certified top-K needs the frozen lens without soft-capping "
+                       "(use score_neurons, which is exhaustive)")
+
+
+def _exhaustive_fallback(view, cases, k, interventions, target, scale, layers,
+                         batch_size, max_memory_gb, progress, lens):
+    sc = score_neurons(view, cases, *interventions, lens=lens, target=target, scale=scale,
+                       layers=layers, batch_size=batch_size, max_memory_gb=max_memory_gb,
+                       progress=progress)
+    n_units = int(np.isfinite(sc.imp.numpy()).sum())
+    return sc.frame(top=k), {"method": "exhaustive", "n_units": n_units,
+                             "n_exact": n_units, "seconds": sc.meta["seconds"]}
+
+
+def certified_topk(view, cases, k: int, *interventions, target: Target = "pred",
+                   scale: torch.Tensor | None = None, layers=None, slack: float | None = None,
+                   step: int = 64, batch_size: int = 32, max_memory_gb: float = 2.0,
+                   progress: bool = False, lens: str = "frozen") -> tuple[pd.DataFrame, dict]:
+    """Exact top-``k`` FFN neurons per case by importance without scoring every neuron.
+
+    Returns the rows of ``NeuronScores.frame(top=k)`` (same tie rule) and stats: units per
+    case, how many were scored exactly, seconds. Soft-capped models and the renorm lens fall
+    back to exhaustive scoring (``stats["method"]`` says so).
+    """
+    lz = Lens(view, lens)
+    if lz.mode != "frozen" or lz.cap:
+        return _exhaustive_fallback(view, cases, k, interventions, target, scale, layers,
+                                    batch_size, max_memory_gb, progress, lens)
+    _check_certifiable(lz, k)
+    t0 = time.perf_counter()
+    st = case_states(view, cases, *interventions, batch_size=batch_size)
+    tg = targets_for(st, target)
+    check_targets(view, tg)
+    c = scales_for(lz, st, scale)
+    layer_list = resolve_layers(view, layers)
+    cache = FFNVectors(view, lz, layer_list)
+    sl = _slack(lz, slack)
+    rows, n_exact = [], []
+    with torch.no_grad():
+        for i in track(range(len(st)), "certified top-k", show=progress):
+            As, bases, bounds, flat = {}, {}, [], []
+            nl = len(layer_list)
+            # every layer's base logits and W_U^T p in one pass over W_U each
+            allb = lz.base(st.resid_mid[i, layer_list], c[i].expand(nl), tg[i].expand(nl))
+            dirs = lz.first_order(allb)  # (nl, d)
+            for j, layer in enumerate(layer_list):
+                A = cache.coef(st, layer)[i]
+                bases[layer] = allb.rows(j)
+                As[layer] = A
+                bounds.append((A / c[i]) * (cache.X[layer] @ dirs[j]))
+                flat.append(layer * view.d_ffn + torch.arange(A.shape[0]))
+            found = _certify(lz, cache, bases, As, torch.cat(bounds), torch.cat(flat), k, sl,
+                             step, view.d_ffn)
+            flat_ids, scores, n_done = found
+            n_exact.append(n_done)
+            layer_ids, index = np.divmod(flat_ids.numpy(), view.d_ffn)
+            rows.append(pd.DataFrame({
+                "case": st.case_ids[i], "layer": layer_ids, "kind": "ffn", "index": index,
+                "coef": as_numpy(st.coef[i][layer_ids, index]),
+                "importance": as_numpy(scores), "rank": np.arange(1, len(index) + 1)}))
+    stats = {"method": "certified", "n_units": int(sum(view.ffn_width(x) for x in layer_list)),
+             "n_exact": n_exact, "n_exact_total": int(sum(n_exact)), "slack": sl,
+             "seconds": time.perf_counter() - t0}
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs["meta"] = describe_run(view, lens, target, st, layer_list, {"stats": stats})
+    return df, stats
+
+
+def _certify(lz, cache, bases, As, bound, flat, k, slack, step, d_ffn,
+             exact_fn=None):
+    """Score in descending bound order until the K-th exact score clears the next bound."""
+    order = torch.from_numpy(np.lexsort((flat.numpy(), -bound.double().numpy())))
+    k = min(k, len(order))
+    done_flat, done_scores = [], []
+    pos = 0
+    while pos < len(order):
+        take = order[pos:pos + step]
+        pos += len(take)
+        ids = flat[take]
+        done_flat.append(ids)
+        done_scores.append(exact_fn(ids) if exact_fn else _exact(lz, cache, bases, As, ids,
+                                                                 d_ffn))
+        if sum(len(x) for x in done_flat) >= k:
+            all_s = torch.cat(done_scores)
+            kth = torch.topk(all_s.double(), k).values[-1]
+            if pos >= len(order) or kth >= bound[order[pos]].double() + slack:
+                break
+        step = min(step * 2, 1024)
+    all_flat, all_s = torch.cat(done_flat), torch.cat(done_scores)
+    best = _topk_order(all_s, all_flat, k)
+    return all_flat[best], all_s[best], len(all_flat)
+
+
+def _exact(lz, cache, bases, As, ids, d_ffn) -> torch.Tensor:
+    """Exact scores of flat neuron ids for one case (one base row per layer)."""
+    out = torch.empty(len(ids), dtype=lz.dt)
+    layer_of = ids // d_ffn
+    for layer in layer_of.unique().tolist():
+        sel = (layer_of == layer).nonzero()[:, 0]
+        idx = ids[sel] % d_ffn
+        out[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx], As[layer][idx][None],
+                            bases[layer])[0]
+    return out
+
+
+# --------------------------------------------------------------------------- certified CNA
+# Two-sided bounds for a difference (frozen lens, no soft-capping). With ``t`` the frozen
+# coefficient, ``P`` the neuron's case-independent projection and ``p`` the base distribution,
+# ``Imp = t P_w - log E_p[exp(t P)]``. Split the vocabulary into ``S`` (the base rows' most
+# probable tokens, scored exactly) and the rest (mass ``q``, mean ``mu = E_rest[P]``, range
+# ``[m, M]`` of ``P`` over the whole vocabulary): by convexity of ``exp``,
+# ``exp(t mu) <= E_rest[exp(t P)] <= ((M - mu) exp(t m) + (mu - m) exp(t M)) / (M - m)``
+# (Jensen; Edmundson-Madansky), so ``Imp`` lies in ``[t P_w - LSE(head, tail_hi),
+# t P_w - LSE(head, tail_lo)]``. ``m, M`` depend on the weights only: Cauchy-Schwarz at
+# first, exact (a vocabulary-tiled pass) for the neurons that are candidates of some case,
+# cached by a fingerprint of the weights' content.
+_RANGES: dict[tuple, _Range] = {}
+_RANGES_MAX = 1024
+
+
+def clear_range_cache() -> None:
+    """Forget every cached projection range (benchmarks time cold runs with it)."""
+    _RANGES.clear()
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A hash of a tensor's bytes."""
+    a = t.detach().contiguous().cpu()
+    if a.dtype == torch.bfloat16:
+        a = a.view(torch.int16)
+    return hashlib.blake2b(a.numpy(), digest_size=16).hexdigest()
+
+
+def _unembed_key(lz: Lens) -> tuple:
+    """The unembedding's identity: storage, in-place version, shape, dtype and a content
+    sample (the value vectors' part of a range key is a hash of their full content)."""
+    w = lz.view.unembed.weight
+    sample = w.detach()[::max(1, w.shape[0] // 2048)]
+    return (w.data_ptr(), w._version, tuple(w.shape), str(w.dtype), str(lz.dt), _digest(sample))
+
+
+class _Range:
+    """One layer's projection range ``[m, M]`` per vector of ``P = W_U x``: Cauchy-Schwarz
+    ``|P_i| <= |x| max_i |W_i|`` until ``set`` records ``min_i P_i`` and ``max_i P_i``
+    (``_exact_ranges``); both widened by a bound on the products' rounding."""
+
+    def __init__(self, lz: Lens, X: torch.Tensor):
+        wmax = lz.W.norm(dim=-1).max()
+        xn = X.norm(dim=-1)
+        # |fl(x . w) - x . w| <= d eps |x| |w| (deterministic); 4 sqrt(d) eps covers BLAS
+        self.err = (4 * lz.d ** 0.5 * torch.finfo(lz.dt).eps) * xn * wmax + 1e-30
+        cs = xn * wmax * (1 + 1e-5) + self.err
+        self.m, self.M = -cs, cs.clone()
+        self.known = torch.zeros(X.shape[0], dtype=torch.bool)
+
+    def set(self, idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Record the exact ``min_i P_i``, ``max_i P_i`` of the vectors ``idx``."""
+        self.m[idx], self.M[idx] = lo - self.err[idx], hi + self.err[idx]
+        self.known[idx] = True
+
+
+def _exact_ranges(lz: Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min_i P_i`` and ``max_i P_i`` of ``P = W_U x`` for each row of ``X``: one pass over
+    the vocabulary per 2,048 rows."""
+    lo = torch.full((X.shape[0],), float("inf"), dtype=lz.dt)
+    hi = torch.full((X.shape[0],), float("-inf"), dtype=lz.dt)
+    vb = min(lz.V, 8192)
+    for k0 in range(0, X.shape[0], 2048):
+        ks = slice(k0, k0 + 2048)
+        for v0 in range(0, lz.V, vb):
+            a, b = torch.aminmax(X[ks] @ lz.W[v0:v0 + vb].T, dim=-1)
+            lo[ks], hi[ks] = torch.minimum(lo[ks], a), torch.maximum(hi[ks], b)
+    return lo, hi
+
+
+def _projection_range(lz: Lens, X: torch.Tensor, wkey: tuple | None = None) -> _Range:
+    """The (cached) ``_Range`` of vectors ``X``: keyed by the unembedding's identity and a
+    hash of ``X`` (value vectors through the norms' gains), never by a model's name."""
+    key = (wkey or _unembed_key(lz), _digest(X))
+    hit = _RANGES.get(key)
+    if hit is None:
+        if len(_RANGES) >= _RANGES_MAX:
+            _RANGES.pop(next(iter(_RANGES)))
+        hit = _RANGES[key] = _Range(lz, X)
+    return hit
+
+
+def _bound_parts(lz: Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
+                 q: torch.Tensor, rest_w: torch.Tensor, targets: torch.Tensor,
+                 T: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The range-independent parts of the bounds (float64, (r, N) each, see the section
+    comment): ``t``, ``t P_w``, the head's log-sum, ``log q`` and the rest's mean ``mu``, for
+    vectors ``X`` (N, d), frozen coefficients ``T`` (r, N) and r base rows: their
+    log-probabilities ``logp`` (r, V), the tokens ``S`` scored exactly, the other tokens'
+    mass ``q`` (r,) and ``rest_w = W_U^T p`` over them (r, d), the targets (r,)."""
+    dd = torch.float64
+    PS = (X @ lz.W[S].T).to(dd)  # (N, s)
+    Pw = (X @ lz.W[targets].T).to(dd).T  # (r, N)
+    lpS = logp[:, S].to(dd)
+    q = q.to(dd)[:, None]
+    qmu = (rest_w @ X.T).to(dd)  # (r, N): sum over the rest of p_i P_i
+    T = T.to(dd)
+    head = torch.logsumexp(lpS[:, None, :] + T[:, :, None] * PS[None], -1)
+    mu = torch.where(q > 0, qmu / q.clamp_min(1e-300), float("nan"))
+    return T, T * Pw, head, q.log().expand_as(head), mu
+
+
+def _two_sided(parts: tuple[torch.Tensor, ...], m: torch.Tensor, M: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``: ``lo <= Imp <= hi`` from ``_bound_parts`` and each vector's projection
+    range ``[m, M]`` (Jensen below the rest's term, Edmundson-Madansky above)."""
+    T, tpw, head, logq, mu = parts
+    m, M = m.to(torch.float64), M.to(torch.float64)
+    mu = torch.where(torch.isnan(mu), m, mu).clamp(m, M)
+    lam = ((mu - m) / (M - m)).clamp(0, 1)
+    tail_lo = logq + T * mu
+    tail_hi = logq + torch.logaddexp(torch.log1p(-lam) + T * m, lam.log() + T * M)
+    return tpw - torch.logaddexp(head, tail_hi), tpw - torch.logaddexp(head, tail_lo)
+
+
+def _head_set(logp: torch.Tensor, head_tokens: int) -> torch.Tensor:
+    """The tokens scored exactly in the bounds: the most probable under any of the rows."""
+    return torch.topk(logp.max(0).values, min(head_tokens, logp.shape[-1])).indices
+
+
+def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, rank: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on ``rank_key(imp_a - imp_b)`` from per-run bounds (rows a, b)."""
+    dlo, dhi = lo[0] - hi[1], hi[0] - lo[1]
+    if rank == "decrease":
+        return dlo, dhi
+    if rank == "increase":
+        return -dhi, -dlo
+    return torch.maximum(dlo, -dhi).clamp_min(0), torch.maximum(dhi, -dlo)
+
+
+@dataclass
+class _DiffCase:
+    """One case of a certified CNA: per layer the two runs' base rows and coefficients."""
+
+    bases: dict[int, Base]
+    A: dict[int, torch.Tensor]  # (2, width): runs a, b
+    parts: dict[int, tuple[torch.Tensor, ...]]  # ``_bound_parts``
+    lo: dict[int, torch.Tensor]  # (2, width) importance bounds
+    hi: dict[int, torch.Tensor]
+
+
+class _DiffBounds:
+    """Shared state of a certified CNA over two runs scored on A's target and scale."""
+
+    def __init__(self, view, lz: Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
+                 c: tuple[torch.Tensor, torch.Tensor], layers: list[int], head_tokens: int):
+        self.view, self.lz, self.sa, self.sb, self.tg = view, lz, sa, sb, tg
+        self.ca, self.cb = c  # each run's frozen scales (model comparisons: A's twice)
+        self.layers, self.head_tokens = layers, head_tokens
+        self.cache = FFNVectors(view, lz, layers)
+        wkey = _unembed_key(lz)
+        self.ranges = {x: _projection_range(lz, self.cache.X[x], wkey) for x in layers}
+        self.seconds_range, self.n_refined = 0.0, 0
+        self.Aa = {x: self.cache.coef(sa, x) for x in layers}
+        self.Ab = {x: self.cache.coef(sb, x) for x in layers}
+
+    def refine(self, positions: dict[int, torch.Tensor]) -> int:
+        """Exact projection ranges for the given neurons of each layer (those not known yet;
+        every layer's in one pass over the vocabulary); how many were new."""
+        t0 = time.perf_counter()
+        todo = {x: idx[~self.ranges[x].known[idx]] for x, idx in positions.items()}
+        todo = {x: idx for x, idx in todo.items() if len(idx)}
+        if todo:
+            lo, hi = _exact_ranges(self.lz, torch.cat([self.cache.X[x][idx]
+                                                        for x, idx in todo.items()]))
+            i0 = 0
+            for x, idx in todo.items():
+                self.ranges[x].set(idx, lo[i0:i0 + len(idx)], hi[i0:i0 + len(idx)])
+                i0 += len(idx)
+        n = sum(len(idx) for idx in todo.values())
+        self.seconds_range += time.perf_counter() - t0
+        self.n_refined += n
+        return n
+
+    def case(self, i: int) -> _DiffCase:
+        lz, nl, L = self.lz, len(self.layers), self.layers
+        # both runs' base rows of every layer, and W_U^T p_rest, in one pass over W_U each
+        base = lz.base(torch.cat([self.sa.resid_mid[i, L], self.sb.resid_mid[i, L]]),
+                       torch.cat([self.ca[i].expand(nl), self.cb[i].expand(nl)]),
+                       self.tg[i].expand(2 * nl))
+        logp = torch.log_softmax(base.y0, -1)
+        rest = logp.exp()
+        heads = []
+        for j in range(nl):
+            rows = [j, nl + j]
+            heads.append(_head_set(logp[rows], self.head_tokens))
+            rest[rows] = rest[rows].index_fill(1, heads[-1], 0.0)
+        rest_w = rest @ lz.W  # (2 nl, d)
+        q = rest.to(torch.float64).sum(-1)
+        out = _DiffCase({}, {}, {}, {}, {})
+        for j, layer in enumerate(L):
+            rows = [j, nl + j]
+            A = torch.stack([self.Aa[layer][i], self.Ab[layer][i]])
+            out.parts[layer] = _bound_parts(lz, self.cache.X[layer], logp[rows], heads[j],
+                                            q[rows], rest_w[rows], base.targets[rows],
+                                            A / torch.stack([self.ca[i], self.cb[i]])[:, None])
+            out.bases[layer] = base.rows(slice(j, j + nl + 1, nl))
+            out.A[layer] = A
+        return self.rebound(out)
+
+    def rebound(self, dc: _DiffCase) -> _DiffCase:
+        """The case's bounds from its parts and the projection ranges known now."""
+        for layer, parts in dc.parts.items():
+            r = self.ranges[layer]
+            dc.lo[layer], dc.hi[layer] = _two_sided(parts, r.m, r.M)
+        return dc
+
+
+def _score_requests(lz: Lens, X: torch.Tensor,
+                    reqs: list[tuple[Base, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Exact frozen-lens importances of vectors ``X`` (U, d), each request ``(base, A, sel)``
+    scoring its rows (r) against its own subset ``sel`` of the vectors with coefficients
+    ``A`` (r, len(sel)); the projection onto each vocabulary block is shared by all."""
+    W, dt = lz.W, lz.dt
+    Ts = [A.to(dt) / base.c[:, None] for base, A, _ in reqs]
+    lse = [[LogSumExp() for _ in range(T.shape[0])] for T in Ts]
+    for v0, Wb in lz.blocks():
+        P = X @ Wb.T  # (U, vb)
+        vb = Wb.shape[0]
+        for q, ((base, _, sel), T) in enumerate(zip(reqs, Ts, strict=True)):
+            Pc = P.index_select(0, sel)
+            for r in range(T.shape[0]):
+                lse[q][r].add(torch.addcmul(base.y0[r, v0:v0 + vb], T[r, :, None], Pc),
+                              inplace=True)
+    out = []
+    for (base, _, sel), T, part in zip(reqs, Ts, lse, strict=True):
+        Pw = X.index_select(0, sel) @ W[base.targets].T  # (n, r)
+        rows = torch.arange(T.shape[0])
+        yw = base.y0[rows, base.targets][:, None] + T * Pw.T
+        out.append(yw - torch.stack([x.value for x in part]) - base.logp_w[:, None])
+    return out
+
+
+def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: float,
+                   step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, int]], int]:
+    """Certified top-``k`` of several cases together: per case, the candidates are the
+    neurons whose key's upper bound reaches the K-th largest lower bound; each round every
+    unfinished case takes its next candidates in descending upper-bound order, the union is
+    projected once and each case scores exactly (both runs) what it took, until its K-th
+    exact key clears its next upper bound by ``slack``. Returns per case (flat ids,
+    (2, k) scores, candidates, scored) and the number of projections."""
+    D = bd.view.d_ffn
+    widths = [bd.cache.X[x].shape[0] for x in bd.layers]
+    layer_of = torch.repeat_interleave(torch.tensor(bd.layers), torch.tensor(widths))
+    idx_of = torch.cat([torch.arange(w) for w in widths])
+    flat = layer_of * D + idx_of
+    n_units, g = len(flat), len(cases)
+    k = min(k, n_units)
+    khi = torch.empty(g, n_units, dtype=torch.float64)
+
+    def candidates(dcs):
+        orders = []
+        for c, dc in enumerate(dcs):
+            lo, hi = (torch.cat(x) for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], rank)
+                                                    for x in bd.layers], strict=True))
+            khi[c] = hi
+            keep = (hi >= torch.topk(lo, k).values[-1] - slack).nonzero()[:, 0]
+            order = torch.from_numpy(np.lexsort((flat[keep].numpy(), -hi[keep].numpy())))
+            orders.append(keep[order])
+        return orders
+
+    # candidates under the ranges known so far; exact ranges (cached) for each case's best
+    # ``take`` candidates of unknown range, in upper-bound order, until none is left
+    dcs = [bd.case(i) for i in cases]
+    orders = candidates(dcs)
+    take = k + step
+    while True:
+        known = torch.cat([bd.ranges[x].known for x in bd.layers])
+        pos = torch.unique(torch.cat([o[~known[o]][:take] for o in orders]))
+        if not len(pos):
+            break
+        bd.refine({x: idx_of[pos[layer_of[pos] == x]] for x in bd.layers})
+        orders = candidates([bd.rebound(dc) for dc in dcs])
+        take *= 2
+    n_cand = [len(o) for o in orders]
+    scores = torch.full((g, 2, n_units), float("nan"), dtype=bd.lz.dt)
+    scored = torch.zeros(g, n_units, dtype=torch.bool)
+    active = list(range(g))
+    take_n = [k + step] * g
+    n_proj = 0
+    while active:
+        reqs = {}
+        for c in active:
+            reqs[c], orders[c] = orders[c][:take_n[c]], orders[c][take_n[c]:]
+            take_n[c] = min(max(step, take_n[c]) * 2, 2048)
+        union = torch.unique(torch.cat(list(reqs.values())))  # sorted: grouped by layer
+        n_proj += len(union)
+        for layer in layer_of[union].unique().tolist():
+            in_layer = union[layer_of[union] == layer]
+            for u0 in range(0, len(in_layer), 1024):
+                chunk = in_layer[u0:u0 + 1024]
+                batch = []
+                for c, pos in reqs.items():
+                    mine = pos[torch.isin(pos, chunk)]
+                    if len(mine):
+                        batch.append((c, mine))
+                if not batch:
+                    continue
+                dc_req = [(dcs[c].bases[layer], dcs[c].A[layer][:, idx_of[mine]],
+                           torch.searchsorted(chunk, mine)) for c, mine in batch]
+                res = _score_requests(bd.lz, bd.cache.X[layer][idx_of[chunk]], dc_req)
+                for (c, mine), s in zip(batch, res, strict=True):
+                    scores[c][:, mine] = s
+                    scored[c, mine] = True
+        still = []
+        for c in active:
+            done = scored[c].nonzero()[:, 0]
+            if len(done) >= k:
+                key = rank_key(scores[c, 0, done] - scores[c, 1, done], rank).double()
+                kth = torch.topk(key, k).values[-1]
+                if not len(orders[c]) or kth >= khi[c, orders[c][0]] + slack:
+                    continue
+            still.append(c)
+        active = still
+    out = []
+    for c in range(g):
+        done = scored[c].nonzero()[:, 0]
+        s = scores[c][:, done]
+        best = _topk_order(rank_key(s[0] - s[1], rank), flat[done], k)
+        out.append((flat[done][best], s[:, best], n_cand[c], len(done)))
+    return out, n_proj
+
+
+def cna_bounds(view, states_a: CaseStates, states_b: CaseStates, *, target: Target = "pred",
+               layers=None, head_tokens: int = 256, exact_ranges: bool = True,
+               own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
+    d_ffn) (runs A, B; NaN outside ``layers`` and beyond a layer's width), with
+    ``lo <= imp <= hi`` for both runs scored on A's target and frozen scale (frozen lens,
+    no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
+    the ranges known so far: Cauchy-Schwarz for the others)."""
+    lz = Lens(view, "frozen")
+    _check_certifiable(lz, 1)
+    tg = targets_for(states_a, target)
+    check_targets(view, tg)
+    layer_list = resolve_layers(view, layers)
+    bd = _DiffBounds(view, lz, states_a, states_b, tg, _run_scales(lz, states_a, states_b,
+                                                                   own_scales), layer_list,
+                     head_tokens)
+    if exact_ranges:
+        bd.refine({x: torch.arange(bd.cache.X[x].shape[0]) for x in layer_list})
+    shape = (2, len(states_a), view.n_layers, view.d_ffn)
+    lo = torch.full(shape, float("nan"), dtype=torch.float64)
+    hi = lo.clone()
+    with torch.no_grad():
+        for i in range(len(states_a)):
+            dc = bd.case(i)
+            for layer in layer_list:
+                w = dc.lo[layer].shape[1]
+                lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
+    return lo, hi
+
+
+def _diff_rows(sa: CaseStates, sb: CaseStates, i: int, flat: torch.Tensor,
+               imp_a: torch.Tensor, imp_b: torch.Tensor, d_ffn: int) -> pd.DataFrame:
+    """Case ``i``'s ranked rows: case, rank, layer, neuron, imp_a, imp_b, coef_a, coef_b,
+    diff (``flat`` = layer * d_ffn + neuron, best first)."""
+    layer, neuron = np.divmod(flat.numpy(), d_ffn)
+    return pd.DataFrame({
+        "case": sa.case_ids[i], "rank": np.arange(1, len(neuron) + 1), "layer": layer,
+        "neuron": neuron, "imp_a": as_numpy(imp_a), "imp_b": as_numpy(imp_b),
+        "coef_a": as_numpy(sa.coef[i][layer, neuron]),
+        "coef_b": as_numpy(sb.coef[i][layer, neuron]), "diff": as_numpy(imp_a - imp_b)})
+
+
+def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both runs' frozen scales: run A's for both (model comparisons) or each its own
+    (input comparisons, ``own``)."""
+    ca = scales_for(lz, sa, None)
+    return ca, (scales_for(lz, sb, None) if own else ca)
+
+
+def certified_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
+                  target: Target = "pred", layers=None, rank: str = "decrease",
+                  own_scales: bool = False,
+                  head_tokens: int = 256, slack: float | None = None, step: int = 64,
+                  group: int = 8, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Exact top-``k`` FFN neurons per case by ``imp_a - imp_b`` of two runs of one model,
+    certified: run B (``states_b``) is scored with run A's target and frozen scale.
+
+    Per case, two-sided bounds on each neuron's importance in both runs (``cna_bounds``)
+    give an interval for its key (``rank``: "decrease", "increase" or "abs"); only neurons
+    whose interval reaches the K-th largest lower bound are candidates, scored exactly in
+    both runs in descending order of their upper bound until the K-th exact key clears the
+    next upper bound by ``slack`` (default 2e-4 in float32, 2e-9 in float64); candidates
+    get exact projection ranges first (kept for later calls). Same rows and
+    tie rule as ``diff_frame(..., top=k)``: case, rank, layer, neuron, imp_a, imp_b, coef_a,
+    coef_b, diff. ``group`` cases are certified together: a neuron several of them need
+    next is projected onto the vocabulary once. Soft-capped models fall back to exhaustive
+    scoring (``stats["method"]``).
+    """
+    if rank not in RANKS:
+        raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
+    if k < 1:
+        raise CnaError(f"top-K needs K >= 1, got {k}")
+    if len(states_a) != len(states_b):
+        raise CnaError(f"{len(states_a)} run-A cases but {len(states_b)} run-B cases")
+    t0 = time.perf_counter()
+    lz = Lens(view, "frozen")
+    tg = targets_for(states_a, target)
+    check_targets(view, tg)
+    c = _run_scales(lz, states_a, states_b, own_scales)
+    layer_list = resolve_layers(view, layers)
+    n_units = int(sum(view.ffn_width(x) for x in layer_list))
+    meta = {"lens": "frozen", "scales": "each run its own" if own_scales else "run A's",
+            "target": target if isinstance(target, str) else "ids",
+            "run_a": states_a.interventions, "run_b": states_b.interventions,
+            "layers": layer_list, "model": view.summary()}
+    if lz.cap:
+        sc = score_neurons(view, None, states=concat_states([states_a, states_b]),
+                           target=torch.cat([tg, tg]), scale=torch.cat(c),
+                           layers=layer_list, progress=progress)
+        n = len(states_a)
+        ia, ib = sc.imp[:n], sc.imp[n:]
+        df, _ = ranked_rows(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], states_a.case_ids, k,
+                            rank, layer_list)
+        stats = {"method": "exhaustive", "why": "final-logit soft-capping", "rank": rank,
+                 "n_units": n_units, "n_exact": [n_units] * n,
+                 "n_exact_total": n_units * n, "seconds": time.perf_counter() - t0}
+        df.attrs["meta"] = {**meta, "stats": stats}
+        return df, stats
+    sl = _slack(lz, slack) * 2
+    rows, n_exact, n_cand, n_proj = [], [], [], 0
+    n = len(states_a)
+    with torch.no_grad():
+        bd = _DiffBounds(view, lz, states_a, states_b, tg, c, layer_list, head_tokens)
+        found = []
+        for g0 in track(range(0, n, group), "certified CNA", show=progress):
+            res, proj = _certify_group(bd, list(range(g0, min(n, g0 + group))), rank, k, sl,
+                                       step)
+            found += res
+            n_proj += proj
+        for i, (fl, s, nc, nd) in enumerate(found):
+            n_cand.append(nc)
+            n_exact.append(nd)
+            rows.append(_diff_rows(states_a, states_b, i, fl, s[0], s[1], view.d_ffn))
+    stats = {"method": "certified", "rank": rank, "n_units": n_units,
+             "n_candidates": n_cand, "n_exact": n_exact, "n_exact_total": int(sum(n_exact)),
+             "n_projected": n_proj,
+             "slack": sl, "head_tokens": head_tokens, "seconds_range": bd.seconds_range,
+             "n_ranges_computed": bd.n_refined,
+             "seconds": time.perf_counter() - t0}
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs["meta"] = {**meta, "stats": stats}
+    return df, stats
+
+
+def screened_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
+                 target: Target = "gold", layers=None, screen: int = 256,
+                 progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Top-``k`` FFN neurons per case by ``imp_a - imp_b`` of an input comparison, screened
+    (approximate): case ``i`` of run A and of run B are two prompts scored on one target
+    (run A's: ``target`` "gold", "pred" or ids), each run with its own frozen final-norm
+    scale (design.md). Per case, the ``screen`` neurons with the largest first-order
+    estimate ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` are scored exactly and ranked
+    (ties by layer, neuron); ``screen=0`` (or at least the neuron count) scores every
+    neuron. Rows as ``certified_cna``.
+    """
+    lz = Lens(view, "frozen")
+    if k < 1:
+        raise CnaError(f"top-K needs K >= 1, got {k}")
+    t0 = time.perf_counter()
+    sa, sb = states_a, states_b
+    if len(sa) != len(sb):
+        raise CnaError(f"{len(sa)} run-A prompts but {len(sb)} run-B prompts: an input "
+                       "comparison pairs them one to one")
+    tg = targets_for(sa, target)
+    check_targets(view, tg)
+    ca, cb = scales_for(lz, sa, None), scales_for(lz, sb, None)
+    layer_list = resolve_layers(view, layers)
+    n_units = sum(view.ffn_width(layer) for layer in layer_list)
+    if k > n_units:
+        raise CnaError(f"top-K {k} exceeds the {n_units} neurons compared")
+    m = n_units if screen <= 0 else min(max(screen, k), n_units)
+    n, D = len(sa), view.d_ffn
+    cache = FFNVectors(view, lz, layer_list)
+    est, flat, bases = [], [], {}
+    with torch.no_grad():
+        for layer in track(layer_list, "CNA screen", show=progress):
+            X = cache.X[layer]
+            Aa, Ab = cache.coef(sa, layer), cache.coef(sb, layer)
+            ba = lz.base(sa.resid_mid[:, layer], ca, tg)
+            bb = lz.base(sb.resid_mid[:, layer], cb, tg)
+            bases[layer] = (ba, bb, Aa, Ab)
+            if m < n_units:
+                da, db = lz.first_order(ba), lz.first_order(bb)  # (n, d) each
+                est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
+            flat.append(layer * D + torch.arange(X.shape[0]))
+        flat_all = torch.cat(flat)
+        rows = []
+        for i in track(range(n), "CNA exact scores", show=progress):
+            ids = flat_all
+            if m < n_units:
+                ids = flat_all[_topk_order(torch.cat([e[i] for e in est]), flat_all, m)]
+            layer_of = ids // D
+            ia = torch.empty(len(ids), dtype=lz.dt)
+            ib = torch.empty(len(ids), dtype=lz.dt)
+            for layer in layer_of.unique().tolist():
+                sel = (layer_of == layer).nonzero()[:, 0]
+                idx = ids[sel] % D
+                ba, bb, Aa, Ab = bases[layer]
+                both = ba.rows(i).stack(bb.rows(i))  # one projection, two runs
+                ia[sel], ib[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx],
+                                            torch.stack([Aa[i, idx], Ab[i, idx]]), both)
+            best = _topk_order(ia - ib, ids, k)
+            fl, a_, b_ = ids[best], ia[best], ib[best]
+            rows.append(_diff_rows(sa, sb, i, fl, a_, b_, D))
+    stats = {"method": "screened" if m < n_units else "exhaustive", "screen": m,
+             "n_units": int(n_units), "n_exact_total": int(m * n),
+             "seconds": time.perf_counter() - t0}
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs["meta"] = {"lens": "frozen", "comparison": "inputs",
+                        "target": target if isinstance(target, str) else "ids",
+                        "layers": layer_list, "stats": stats, "model": view.summary()}
+    return df, stats
+
+
+__all__ = ["certified_cna", "certified_topk", "clear_range_cache", "cna_bounds",
+           "screened_cna"]

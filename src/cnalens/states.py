@@ -1,0 +1,188 @@
+"""One run's residual states at the last prompt position of every case, captured in one
+batched forward with interventions applied: what every importance score reads.
+
+Also the small resolvers the scorers share: targets ("pred", "gold" or token ids), frozen
+final-norm scales and layer lists, checked once with one clear error each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cnalens.data.cases import as_encoded
+from cnalens.errors import CnaError
+from cnalens.lens import Lens
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
+TARGETS = ("pred", "gold")
+Target = str | torch.Tensor | Sequence[int]
+
+
+# --------------------------------------------------------------------------- states
+@dataclass
+class CaseStates:
+    """One run's states at the last prompt position of every case (all layers).
+
+    ``coef`` is NaN beyond a layer's FFN width (pruned models). ``attn_raw``/``ffn_raw`` are
+    the inputs of the post-attention / post-FFN norms (None if the family has none).
+    """
+
+    case_ids: list[str]
+    gold: torch.Tensor  # (n,) first answer token
+    resid_pre: torch.Tensor  # (n, L, d)
+    resid_mid: torch.Tensor  # (n, L, d)
+    coef: torch.Tensor  # (n, L, d_ffn)
+    z: torch.Tensor  # (n, L, n_heads * head_dim)
+    final: torch.Tensor  # (n, d) final residual (before the final norm)
+    logits: torch.Tensor  # (n, V) the model's real logits at the last position
+    attn_raw: torch.Tensor | None = None
+    ffn_raw: torch.Tensor | None = None
+    interventions: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """The model's own top-1 next token (this run)."""
+        return self.logits.argmax(-1)
+
+
+def concat_states(parts: Sequence[CaseStates]) -> CaseStates:
+    """Several runs' states as one (cases stacked), so one projection scores them all."""
+    if not parts:
+        raise CnaError("no states to concatenate")
+    out = {}
+    for f in fields(CaseStates):
+        vals = [getattr(p, f.name) for p in parts]
+        if f.name == "case_ids":
+            out[f.name] = [c for v in vals for c in v]
+        elif f.name == "interventions":
+            out[f.name] = [d for v in vals for d in v]
+        elif any(v is None for v in vals):
+            out[f.name] = None
+        else:
+            out[f.name] = torch.cat(vals)
+    return CaseStates(**out)
+
+
+def frozen_scale(view, states: CaseStates, lens: str = "frozen") -> torch.Tensor:
+    """The final-norm scale of each case of a run (what the frozen lens fixes)."""
+    return Lens(view, lens).scale(states.final)
+
+
+def case_states(view, encoded, *interventions, batch_size: int = 32) -> CaseStates:
+    """One batched forward (interventions applied) capturing the last prompt position."""
+    enc = as_encoded(view.tokenizer, encoded)
+    cd = view.compute_dtype
+    points = ["resid_pre", "resid_mid", "coef", "z", "resid_post"]
+    post = view.norm(0, "ln_attn_post") is not None
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                             (*points, "logits", "attn_raw", "ffn_raw")}
+    desc: list[dict] = [iv.describe() for iv in interventions]
+    L = view.n_layers
+    for start in range(0, len(enc), batch_size):
+        chunk = enc[start:start + batch_size]
+        b = view.batch([e.prompt_ids for e in chunk])
+        with torch.no_grad(), view.intervene(*interventions), \
+                view.capture(points, position=-1) as cache:
+            hidden = view.hidden(b)
+            logits = view.logits(hidden[:, -1])
+        parts["logits"].append(logits.float())
+        for p in ("resid_pre", "resid_mid", "z", "resid_post"):
+            parts[p].append(torch.stack([cache[(p, layer)][:, 0] for layer in range(L)], 1))
+        coef = torch.full((len(chunk), L, view.d_ffn), float("nan"), dtype=cd)
+        for layer in range(L):
+            coef[:, layer, :view.ffn_width(layer)] = cache[("coef", layer)][:, 0]
+        parts["coef"].append(coef)
+        if post:
+            with torch.no_grad():
+                parts["attn_raw"].append(torch.stack(
+                    [view.module(layer, "o_proj")(cache[("z", layer)][:, 0]) for layer in range(L)],
+                    1))
+                parts["ffn_raw"].append(torch.stack(
+                    [view.module(layer, "down_proj")(cache[("coef", layer)][:, 0])
+                     for layer in range(L)], 1))
+
+    def cat(name):
+        return torch.cat(parts[name]).to(cd) if parts[name] else None
+
+    resid_post = cat("resid_post")
+    return CaseStates(
+        case_ids=[e.case.case_id or f"c{i}" for i, e in enumerate(enc)],
+        gold=torch.tensor([e.answer_ids[0] if e.answer_ids else -1 for e in enc],
+                          dtype=torch.long),
+        resid_pre=cat("resid_pre"), resid_mid=cat("resid_mid"), coef=cat("coef"), z=cat("z"),
+        final=resid_post[:, -1], logits=torch.cat(parts["logits"]),
+        attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc))
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy: float64 stays float64, other floats become float32."""
+    t = t.detach()
+    return (t if t.dtype == torch.float64 else t.float()).reshape(-1).numpy()
+
+
+def targets_for(states: CaseStates, target: Target) -> torch.Tensor:
+    if isinstance(target, str):
+        if target == "pred":
+            return states.pred.clone()
+        if target == "gold":
+            if bool((states.gold < 0).any()):
+                raise CnaError("a case has no target to score: give it one or use the "
+                               "prediction (target='pred')")
+            return states.gold.clone()
+        raise CnaError(f"unknown target '{target}': use pred, gold or token ids")
+    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+    if t.numel() == 1 and len(states) > 1:
+        t = t.expand(len(states)).clone()
+    if t.numel() != len(states):
+        raise CnaError(f"{t.numel()} target ids for {len(states)} cases")
+    return t
+
+
+def check_targets(view, t: torch.Tensor) -> None:
+    if ((t < 0) | (t >= view.vocab_size)).any():
+        bad = int(t[(t < 0) | (t >= view.vocab_size)][0])
+        raise CnaError(f"target token id {bad} out of range: the vocabulary has "
+                       f"{view.vocab_size} tokens")
+
+
+def scales_for(lens: Lens, states: CaseStates, scale) -> torch.Tensor:
+    if scale is None:
+        return lens.scale(states.final)
+    s = torch.as_tensor(scale, dtype=lens.dt).reshape(-1)
+    if s.numel() == 1 and len(states) > 1:
+        s = s.expand(len(states)).clone()
+    if s.numel() != len(states):
+        raise CnaError(f"{s.numel()} scales for {len(states)} cases")
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise CnaError("the frozen final-norm scale must be finite and positive")
+    return s
+
+
+def resolve_layers(view, layers) -> list[int]:
+    out = list(range(view.n_layers)) if layers is None else sorted({int(x) for x in layers})
+    view.check_layers(out)
+    return out
+
+
+def describe_run(view: ModelView, lens: str, target: Target, states: CaseStates,
+                 layers: list[int], extra: dict | None = None) -> dict:
+    """The metadata every score table carries: lens, target, interventions, layers, model."""
+    meta = {"lens": lens, "target": target if isinstance(target, str) else "ids",
+            "interventions": states.interventions, "layers": layers,
+            "position": "last prompt token", "model": view.summary()}
+    meta.update(extra or {})
+    return meta
+
+
+__all__ = ["TARGETS", "CaseStates", "Target", "as_numpy", "case_states", "check_targets",
+           "concat_states", "describe_run", "frozen_scale", "scales_for", "targets_for"]
