@@ -11,11 +11,11 @@ from cnalens.cli import main
 from cnalens.data.arithmetic import arithmetic_cases
 from cnalens.data.lexicon import concept_table
 from cnalens.interventions import ZeroHeads
+from cnalens.lens import neuron_vectors
 from cnalens.locator import (
     ConceptCounter,
     LocatorSettings,
     locate,
-    neuron_vectors,
     random_set,
     run_shallow,
     transform_layers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,9 +11,12 @@ from cnalens.data.cases import Case, Encoded, as_encoded
 from cnalens.evaluate import batches
 from cnalens.interventions import ReplaceHeads, ReplaceNeurons
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
 
 @torch.inference_mode()
-def dataset_means(view, cases: Sequence[Case] | Sequence[Encoded], point: str,
+def dataset_means(view: ModelView, cases: Sequence[Case] | Sequence[Encoded], point: str,
                   layers: Sequence[int], last_only: bool = False,
                   batch_size: int = 64) -> dict[int, torch.Tensor]:
     """Mean of ``point`` (``z`` or ``coef``) per layer over the prompts' real tokens
@@ -32,7 +36,7 @@ def dataset_means(view, cases: Sequence[Case] | Sequence[Encoded], point: str,
     return {layer: (s / count).to(view.dtype) for layer, s in sums.items()}
 
 
-def mean_ablation(view, cases, heads: Sequence[tuple[int, int]] = (),
+def mean_ablation(view: ModelView, cases, heads: Sequence[tuple[int, int]] = (),
                   neurons: Sequence[tuple[int, int]] = (), last_only: bool = False,
                   batch_size: int = 64) -> list:
     """Interventions that set the given heads / neurons to their mean over ``cases``."""

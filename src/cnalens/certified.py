@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,9 @@ from cnalens.states import (
     scales_for,
     targets_for,
 )
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 
 # --------------------------------------------------------------------------- certified top-K
@@ -66,7 +70,7 @@ def _check_certifiable(lz: Lens, k: int) -> None:
                        "(use score_neurons, which is exhaustive)")
 
 
-def _exhaustive_fallback(view, cases, k, interventions, target, scale, layers,
+def _exhaustive_fallback(view: ModelView, cases, k, interventions, target, scale, layers,
                          batch_size, max_memory_gb, progress, lens):
     sc = score_neurons(view, cases, *interventions, lens=lens, target=target, scale=scale,
                        layers=layers, batch_size=batch_size, max_memory_gb=max_memory_gb,
@@ -76,7 +80,7 @@ def _exhaustive_fallback(view, cases, k, interventions, target, scale, layers,
                              "n_exact": n_units, "seconds": sc.meta["seconds"]}
 
 
-def certified_topk(view, cases, k: int, *interventions, target: Target = "pred",
+def certified_topk(view: ModelView, cases, k: int, *interventions, target: Target = "pred",
                    scale: torch.Tensor | None = None, layers=None, slack: float | None = None,
                    step: int = 64, batch_size: int = 32, max_memory_gb: float = 2.0,
                    progress: bool = False, lens: str = "frozen") -> tuple[pd.DataFrame, dict]:
@@ -312,7 +316,7 @@ class _DiffCase:
 class _DiffBounds:
     """Shared state of a certified CNA over two runs scored on A's target and scale."""
 
-    def __init__(self, view, lz: Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
+    def __init__(self, view: ModelView, lz: Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
                  c: tuple[torch.Tensor, torch.Tensor], layers: list[int], head_tokens: int):
         self.view, self.lz, self.sa, self.sb, self.tg = view, lz, sa, sb, tg
         self.ca, self.cb = c  # each run's frozen scales (model comparisons: A's twice)
@@ -491,7 +495,8 @@ def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: 
     return out, n_proj
 
 
-def cna_bounds(view, states_a: CaseStates, states_b: CaseStates, *, target: Target = "pred",
+def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
+               target: Target = "pred",
                layers=None, head_tokens: int = 256, exact_ranges: bool = True,
                own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
@@ -541,7 +546,7 @@ def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
     return ca, (scales_for(lz, sb, None) if own else ca)
 
 
-def certified_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
+def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
                   target: Target = "pred", layers=None, rank: str = "decrease",
                   own_scales: bool = False,
                   head_tokens: int = 256, slack: float | None = None, step: int = 64,
@@ -616,7 +621,7 @@ def certified_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
     return df, stats
 
 
-def screened_cna(view, states_a: CaseStates, states_b: CaseStates, k: int, *,
+def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
                  target: Target = "gold", layers=None, screen: int = 256,
                  progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Top-``k`` FFN neurons per case by ``imp_a - imp_b`` of an input comparison, screened

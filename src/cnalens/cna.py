@@ -217,7 +217,7 @@ def _row_scale_hook(scale: torch.Tensor):
 
 
 @torch.inference_mode()
-def run_with_row_masks(view, enc: Sequence[Encoded], factor: torch.Tensor,
+def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Tensor,
                        batch_size: int = 32, capture_coef: bool = False,
                        progress: bool = False, description: str = "") -> dict:
     """Evaluate with a per-case multiplicative mask on the FFN coefficients.
@@ -266,7 +266,7 @@ def _coef_drop(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) ->
     return float(((sb - sa)[ok] / sb[ok]).mean()) if bool(ok.any()) else float("nan")
 
 
-def verify(view, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
+def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
            deep_layers: Sequence[int], by: str = "decrease", metric: str = "correct",
            seeds: int = 3, batch_size: int = 32, progress: bool = True,
            rank_layers: Sequence[int] | None = None) -> pd.DataFrame:
@@ -350,7 +350,8 @@ def frequency_set(comp: Comparison, k: int, by: str = "decrease",
     return mask.view(n_layers, width)
 
 
-def verify_heldout(view, test_enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
+def verify_heldout(view: ModelView, test_enc: Sequence[Encoded], comp: Comparison,
+                   ks: Sequence[int],
                    by: str = "decrease", layers: Sequence[int] | None = None,
                    metric: str = "correct", seeds: int = 3, batch_size: int = 32,
                    progress: bool = True) -> pd.DataFrame:
@@ -377,7 +378,7 @@ def verify_heldout(view, test_enc: Sequence[Encoded], comp: Comparison, ks: Sequ
     return pd.DataFrame(rows)
 
 
-def lens_faithfulness(view, enc: Sequence[Encoded], imp: torch.Tensor, top: int = 10,
+def lens_faithfulness(view: ModelView, enc: Sequence[Encoded], imp: torch.Tensor, top: int = 10,
                       batch_size: int = 32) -> pd.DataFrame:
     """Lens importance of each case's ``top`` neurons beside the real effect of zeroing
     each one alone in the full model: the drop of the first answer token's log-probability
@@ -409,7 +410,7 @@ def _intervention_list(intervention) -> list:
     return ivs
 
 
-def _other_run(view, other):
+def _other_run(view: ModelView, other):
     """Run B's model: ``("view", ModelView)`` or ``("adapter_off", peft_model)``."""
     from torch import nn
 
@@ -432,7 +433,7 @@ def _other_run(view, other):
     return "view", other
 
 
-def _check_call(view, by: str, lens: str, k: int | None) -> None:
+def _check_call(view: ModelView, by: str, lens: str, k: int | None) -> None:
     from cnalens.models import ModelView
 
     if not isinstance(view, ModelView):
@@ -452,7 +453,7 @@ def _with_answer(enc: Sequence[Encoded], target: torch.Tensor) -> list[Encoded]:
             for e, t in zip(enc, target.tolist(), strict=True)]
 
 
-def _lora_down(view, layers: Sequence[int] | None) -> list[int]:
+def _lora_down(view: ModelView, layers: Sequence[int] | None) -> list[int]:
     """The layers (of ``layers``, default all) whose FFN down projection carries a LoRA:
     there the two runs' value vectors differ."""
     from peft.tuners.lora import LoraLayer
@@ -461,7 +462,7 @@ def _lora_down(view, layers: Sequence[int] | None) -> list[int]:
     return [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
 
 
-def _adapter_scores(view, peft_model, a, b, target, scale, kw: dict
+def _adapter_scores(view: ModelView, peft_model, a, b, target, scale, kw: dict
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """A LoRA model's run (``a``) and its adapter-disabled run (``b``) scored with A's
     target and scale: in one pass where their value vectors agree; in layers whose down

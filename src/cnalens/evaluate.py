@@ -9,6 +9,7 @@ Logits are computed only at the scored positions (the last ones, thanks to left 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -20,6 +21,9 @@ from cnalens.errors import CnaError
 from cnalens.names import parse_list
 from cnalens.progress import track
 from cnalens.stats import wilson
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 CASE_COLUMNS = ("case_id", "prompt", "target", "target_first", "pred", "n_answer_tokens",
                 "moved_space", "merged", "correct", "correct_first", "logp")
@@ -75,7 +79,7 @@ def batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def score_batch(view, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+def score_batch(view: ModelView, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
     """Teacher-forced scores of one batch: correct, correct_first, logp, pred (first)."""
     k = max(len(e.answer_ids) for e in items)
     b = view.batch([e.input_ids for e in items])
@@ -98,7 +102,7 @@ def score_batch(view, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
             "logp": logp, "pred": pred[rows, first]}
 
 
-def encode_cases(view, cases: Cases, targets: Targets = None) -> list[Encoded]:
+def encode_cases(view: ModelView, cases: Cases, targets: Targets = None) -> list[Encoded]:
     """Cases to score by teacher forcing: Cases or Encoded as they are, or prompt strings
     (or Cases) with ``targets`` (one text or id for all, or one per case:
     ``data.cases.as_encoded``). CnaError for a prompt without a target."""
@@ -111,7 +115,7 @@ def encode_cases(view, cases: Cases, targets: Targets = None) -> list[Encoded]:
     return enc
 
 
-def evaluate(view, cases: Cases, *interventions, targets: Targets = None,
+def evaluate(view: ModelView, cases: Cases, *interventions, targets: Targets = None,
              batch_size: int = 64, progress: bool = True,
              description: str = "evaluating") -> pd.DataFrame:
     """Per-case results (one row per case, in input order) under optional interventions.
@@ -131,7 +135,8 @@ def evaluate(view, cases: Cases, *interventions, targets: Targets = None,
     return per_case_frame(view, enc, out)
 
 
-def per_case_frame(view, enc: Sequence[Encoded], out: dict[str, torch.Tensor]) -> pd.DataFrame:
+def per_case_frame(view: ModelView, enc: Sequence[Encoded], out: dict[str,
+                   torch.Tensor]) -> pd.DataFrame:
     """One row per case: case_id, its labels (``label_columns``), prompt, target, results."""
     tok = view.tokenizer
     preds = out["pred"].tolist()

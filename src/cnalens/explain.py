@@ -114,7 +114,7 @@ def case_from_prompt(prompt: str, shots: int = 3) -> Case:
                 f"{OP_NAMES[op]}-{digits}-eq-{a}-{b}")
 
 
-def target_id(view, target: str | int | None) -> int | None:
+def target_id(view: ModelView, target: str | int | None) -> int | None:
     """A target given as text must be exactly one token; ids must be in the vocabulary."""
     if target is None:
         return None
@@ -130,18 +130,18 @@ def target_id(view, target: str | int | None) -> int | None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _ffn_norm(view, layer: int):
+def _ffn_norm(view: ModelView, layer: int):
     """The norm in front of a layer's FFN and whether it reads resid_pre (parallel blocks)."""
     mod = view.norm(layer, "ln_ffn")
     return (mod if mod is not None else view.norm(layer, "ln_attn")), view.family.parallel
 
 
-def _scale(view, mod, x: torch.Tensor) -> torch.Tensor:
+def _scale(view: ModelView, mod, x: torch.Tensor) -> torch.Tensor:
     """A norm's frozen scale at real input(s) ``x`` (..., d) -> (...)."""
     return view.norm_affine(mod, x)[1][..., 0]
 
 
-def deep_key(view, resid_in: dict[int, torch.Tensor], neurons: list[tuple[int, int]],
+def deep_key(view: ModelView, resid_in: dict[int, torch.Tensor], neurons: list[tuple[int, int]],
              coef: torch.Tensor) -> torch.Tensor:
     """``K = sum_j sign(m_j) dm_j/dx`` (d,): the first-order increase of ``sum_j |m_j|``
     per unit vector added to the residual, each FFN's input norm frozen at its real scale.
@@ -181,7 +181,8 @@ def _row_mult(factor: torch.Tensor):
 
 
 @torch.no_grad()
-def ablate_rows(view, prompt_ids, target: int, specs: list[tuple], watch: list[tuple[int, int]],
+def ablate_rows(view: ModelView, prompt_ids, target: int, specs: list[tuple],
+                watch: list[tuple[int, int]],
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Row 0 plain, row ``r + 1`` with ``specs[r]`` zeroed: ``(point, layer, idx, position)``
     with point ``z`` or ``coef``, ``idx`` the coordinates and ``position`` an index or None
@@ -246,7 +247,7 @@ class _Run:
     logits: torch.Tensor
 
 
-def _plain_run(view, ids, head_layer: int) -> _Run:
+def _plain_run(view: ModelView, ids, head_layer: int) -> _Run:
     b = view.batch([list(ids)])
     with torch.no_grad(), view.attention_record(range(head_layer + 1)) as rec, \
             view.capture(["resid_pre", "resid_mid", "attn_out", "coef", "z"]) as cache:
@@ -256,22 +257,22 @@ def _plain_run(view, ids, head_layer: int) -> _Run:
                 {k: (w[0].to(dt), v[0].to(dt)) for k, (w, v) in rec.items()}, logits)
 
 
-def _attn_raw(view, run: _Run, layer: int, pos: int) -> torch.Tensor:
+def _attn_raw(view: ModelView, run: _Run, layer: int, pos: int) -> torch.Tensor:
     with torch.no_grad():
         return view.module(layer, "o_proj")(run.cache[("z", layer)][pos].to(view.dtype)).to(
             view.compute_dtype)
 
 
-def _post_scale(view, run: _Run, layer: int, pos: int):
+def _post_scale(view: ModelView, run: _Run, layer: int, pos: int):
     post = view.norm(layer, "ln_attn_post")
     return None if post is None else _scale(view, post, _attn_raw(view, run, layer, pos))
 
 
-def _in_scale(view, run: _Run, layer: int, pos: int):
+def _in_scale(view: ModelView, run: _Run, layer: int, pos: int):
     return _scale(view, view.norm(layer, "ln_attn"), run.cache[("resid_pre", layer)][pos])
 
 
-def _source_split(view, run: _Run, layer: int, query: int, heads=None) -> torch.Tensor:
+def _source_split(view: ModelView, run: _Run, layer: int, query: int, heads=None) -> torch.Tensor:
     """Attention output of ``layer`` at position ``query`` split by source position:
     (T, d), each row ``sum_h a_hj W_O[h] v_hj`` (``heads``: a subset), through the
     post-attention norm frozen at the real output."""
@@ -289,7 +290,7 @@ def _source_split(view, run: _Run, layer: int, query: int, heads=None) -> torch.
     return out
 
 
-def explain_case(view, case: Case | Encoded | str, head: tuple[int, int], *,
+def explain_case(view: ModelView, case: Case | Encoded | str, head: tuple[int, int], *,
                  target: str | int | None = None, top: int = 10, n_shallow: int | None = None,
                  k_tokens: int = 8,
                  batch_size: int = 32) -> Chain:
@@ -438,7 +439,7 @@ def _links(dn: list[tuple[int, int]], absm: torch.Tensor) -> tuple[np.ndarray, p
     return deep_drop, links
 
 
-def _contribs(view, run: _Run, units, pos: int) -> torch.Tensor:
+def _contribs(view: ModelView, run: _Run, units, pos: int) -> torch.Tensor:
     """``m_k v_k`` of chosen FFN neurons at a position (post-FFN norm frozen), (n, d)."""
     out = torch.zeros(len(units), view.d_model, dtype=view.compute_dtype)
     lay = torch.tensor([la for la, _ in units], dtype=torch.long)
@@ -454,7 +455,7 @@ def token_text(t: str) -> str:
     return repr(t)[1:-1].replace(" ", "␣") or "∅"
 
 
-def _strings(view, proj, k: int) -> list[str]:
+def _strings(view: ModelView, proj, k: int) -> list[str]:
     """Each row's top ``k`` tokens, space-separated (see :func:`token_text`)."""
     from cnalens.vocab import ids_to_strings
 
@@ -464,12 +465,13 @@ def _strings(view, proj, k: int) -> list[str]:
             for row in ids_to_strings(view.tokenizer, proj.top_ids[:, :k])]
 
 
-def _onehot(view, h: int) -> torch.Tensor:
+def _onehot(view: ModelView, h: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(h), view.n_heads).to(view.compute_dtype)
 
 
 @torch.no_grad()
-def _adjoint(view, run: _Run, layer: int, y: torch.Tensor, weights: torch.Tensor, src: int,
+def _adjoint(view: ModelView, run: _Run, layer: int, y: torch.Tensor, weights: torch.Tensor,
+             src: int,
              dst: int) -> torch.Tensor:
     """``sum_h weights[h] T_h^T y``: the adjoint of ``cnalens.vocab.transform`` (head ``h``,
     input norm frozen at ``src``, post-attention norm at ``dst``), so that
@@ -491,7 +493,7 @@ def _adjoint(view, run: _Run, layer: int, y: torch.Tensor, weights: torch.Tensor
 
 
 @torch.no_grad()
-def _shallow_neurons(view, run: _Run, p: int, start: int, n: int, kh: torch.Tensor,
+def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh: torch.Tensor,
                      K: torch.Tensor, k_tok: int, through_head):
     """Top ``n`` shallow FFN neurons (layers below the head) over the question positions
     ``q <= p`` by the path sum: ``u . (sum_{l < t < Lh} T_t^T kh + [q == p] kh)``, where
@@ -554,7 +556,7 @@ def _shallow_neurons(view, run: _Run, p: int, start: int, n: int, kh: torch.Tens
     return out
 
 
-def _gather_contribs(view, run: _Run, sel: torch.Tensor) -> torch.Tensor:
+def _gather_contribs(view: ModelView, run: _Run, sel: torch.Tensor) -> torch.Tensor:
     """``m v`` of neurons ``sel`` (rows layer, index, position), grouped by layer and
     position."""
     out = torch.zeros(len(sel), view.d_model, dtype=view.compute_dtype)
@@ -572,7 +574,7 @@ def _gather_coefs(run: _Run, sel: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _contrib_layer(view, run: _Run, layer: int, pos: int) -> torch.Tensor:
+def _contrib_layer(view: ModelView, run: _Run, layer: int, pos: int) -> torch.Tensor:
     """``m_k v_k`` of every neuron of a layer at a position (post-FFN norm frozen)."""
     m = run.cache[("coef", layer)][pos]
     v = view.value_vectors(layer).detach().to(view.compute_dtype) * m[:, None]
@@ -590,7 +592,7 @@ def chain_records(chain: Chain) -> dict:
     return {**chain.meta, "links": chain.links.to_dict("records")}
 
 
-def write_explain(out, chains: list[Chain], view, settings: dict, seconds: float,
+def write_explain(out, chains: list[Chain], view: ModelView, settings: dict, seconds: float,
                   merge: bool = False) -> None:
     """``DIR/explain.csv`` (one row per chain element) and ``DIR/explain.json`` (per case:
     prompt tokens, the head's attention, links). ``merge`` keeps the cases already there
@@ -627,7 +629,7 @@ def write_explain(out, chains: list[Chain], view, settings: dict, seconds: float
 PREFERRED = {"+": (3, 5), "-": (8, 3), "*": (2, 3), "/": (8, 2)}
 
 
-def pick_case(view, op: str, tries: int = 16) -> tuple[Case | None, str]:
+def pick_case(view: ModelView, op: str, tries: int = 16) -> tuple[Case | None, str]:
     """A 1-digit ``eq`` case of ``op`` that the model answers correctly with a one-token
     answer: the paper-like example first (3+5, 8-3, 2*3, 8/2), then a seeded sample; and
     a sentence saying why this case (or none) was chosen."""

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 Head = tuple[int, int]
 Neuron = tuple[int, int]
@@ -57,7 +61,7 @@ class ScaleHeads:
     def __post_init__(self):
         object.__setattr__(self, "heads", _norm_units(self.heads))
 
-    def edits(self, view) -> list[Edit]:
+    def edits(self, view: ModelView) -> list[Edit]:
         view.check_heads(self.heads)
         return [
             Edit("z", layer, _head_coords(hs, view.head_dim), self.factor, None, self.position)
@@ -84,7 +88,7 @@ class ReplaceHeads:
     label: str = "replace_heads"
     position: int | None = None
 
-    def edits(self, view) -> list[Edit]:
+    def edits(self, view: ModelView) -> list[Edit]:
         view.check_heads(self.heads)
         out = []
         by_layer: dict[int, list[int]] = defaultdict(list)
@@ -112,7 +116,7 @@ class ScaleNeurons:
     def __post_init__(self):
         object.__setattr__(self, "neurons", _norm_units(self.neurons))
 
-    def edits(self, view) -> list[Edit]:
+    def edits(self, view: ModelView) -> list[Edit]:
         view.check_neurons(self.neurons)
         return [
             Edit("coef", layer, torch.tensor(ns, dtype=torch.long), self.factor, None,
@@ -144,7 +148,7 @@ class KeepOnlyNeurons:
         object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
         object.__setattr__(self, "keep", _norm_units(self.keep))
 
-    def edits(self, view) -> list[Edit]:
+    def edits(self, view: ModelView) -> list[Edit]:
         view.check_layers(self.layers)
         view.check_neurons(self.keep)
         kept = _group(self.keep)
@@ -170,7 +174,7 @@ class ReplaceNeurons:
     label: str = "replace_neurons"
     position: int | None = None
 
-    def edits(self, view) -> list[Edit]:
+    def edits(self, view: ModelView) -> list[Edit]:
         view.check_neurons(self.neurons)
         by_layer: dict[int, list[int]] = defaultdict(list)
         for i, (layer, _) in enumerate(self.neurons):

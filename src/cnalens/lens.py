@@ -212,6 +212,17 @@ class Lens:
         return (self.capped(yw) - total) - base.logp_w[:, None]
 
 
+def neuron_vectors(view: ModelView, layer: int) -> torch.Tensor:
+    """FFN value vectors as the residual stream receives them, (width, d): the post-FFN
+    norm's gain applied where the family has one (Gemma 2/3), the value vectors otherwise."""
+    v = view.value_vectors(layer).detach().to(view.compute_dtype)
+    post = view.norm(layer, "ln_ffn_post")
+    if post is not None:
+        gain, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))
+        v = v * gain.detach().to(v.dtype)
+    return v
+
+
 class _HasCoefficients(Protocol):
     coef: torch.Tensor  # (n, n_layers, d_ffn)
     ffn_raw: torch.Tensor | None  # (n, n_layers, d): the post-FFN norm's inputs
@@ -226,11 +237,7 @@ class FFNVectors:
         self.X: dict[int, torch.Tensor] = {}
         self.Cv: dict[int, torch.Tensor] = {}
         for layer in layers:
-            v = view.value_vectors(layer).detach().to(lens.dt)
-            post = view.norm(layer, "ln_ffn_post")
-            if post is not None:
-                v = v * view.norm_affine(post, v[:1])[0].detach()
-            self.X[layer], self.Cv[layer] = lens.vectors(v)
+            self.X[layer], self.Cv[layer] = lens.vectors(neuron_vectors(view, layer))
 
     def coef(self, states: _HasCoefficients, layer: int) -> torch.Tensor:
         """Per-case coefficients divided by the post-FFN norm's frozen scale: (n, width)."""
@@ -241,4 +248,4 @@ class FFNVectors:
         return A
 
 
-__all__ = ["LENSES", "Base", "FFNVectors", "Lens", "LogSumExp", "center"]
+__all__ = ["LENSES", "Base", "FFNVectors", "Lens", "LogSumExp", "center", "neuron_vectors"]

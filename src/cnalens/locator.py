@@ -33,14 +33,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from cnalens.data.lexicon import ConceptTable, concept_table
 from cnalens.errors import CnaError
+from cnalens.lens import neuron_vectors
 from cnalens.progress import track
 from cnalens.vocab import SIGNS, lens_vectors, topk_lens, transform
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 TRANSFORMS = ("all", "head")
 
@@ -80,17 +85,6 @@ PRESETS = {
 }
 
 
-def neuron_vectors(view, layer: int) -> torch.Tensor:
-    """FFN value vectors as the residual stream receives them, (width, d): Gemma 2/3's
-    post-FFN norm applied with unit scale (its gain), the value vectors otherwise."""
-    v = view.value_vectors(layer).detach().to(view.compute_dtype)
-    post = view.norm(layer, "ln_ffn_post")
-    if post is not None:
-        gain, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))
-        v = v * gain.detach().to(v.dtype)
-    return v
-
-
 def transform_layers(layer: int, head_layer: int, mode: str) -> list[int]:
     """The attention layers that transform a neuron of ``layer`` (below ``head_layer``)."""
     return list(range(layer + 1, head_layer + 1)) if mode == "all" else [head_layer]
@@ -103,7 +97,7 @@ class ConceptCounter:
     tokens of largest second moment of their logits over the batch (``w^T E[x x^T] w``,
     from the top ``rank`` eigenvectors), the tokens most likely to rank high."""
 
-    def __init__(self, view, table: ConceptTable, k: int = 50, bound_tokens: int = 32768,
+    def __init__(self, view: ModelView, table: ConceptTable, k: int = 50, bound_tokens: int = 32768,
                  rank: int = 64):
         self.view, self.table, self.k = view, table, k
         self.W = view.unembed.weight.detach()
@@ -180,7 +174,7 @@ def _signed_count(counter: ConceptCounter, X: torch.Tensor, sign: str):
     return best, side, tops
 
 
-def _null_vectors(view, V: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+def _null_vectors(view: ModelView, V: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` random Gaussian directions, each rescaled to the norm of a random neuron."""
     norms = V.norm(dim=-1)
     pick = torch.randint(0, V.shape[0], (n,), generator=gen)
@@ -188,7 +182,7 @@ def _null_vectors(view, V: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     return R / R.norm(dim=-1, keepdim=True) * norms[pick.to(V.device)][:, None]
 
 
-def locate(view, head_layer: int, settings: LocatorSettings = LocatorSettings(),
+def locate(view: ModelView, head_layer: int, settings: LocatorSettings = LocatorSettings(),
            layers: Sequence[int] | None = None, progress: bool = True) -> Located:
     """Run the locator over the shallow ``layers`` (default: every layer below
     ``head_layer``)."""
@@ -267,7 +261,7 @@ def sets(located: Located, ms: Sequence[int]) -> dict[int, list[tuple[int, int]]
             for m in ms}
 
 
-def random_set(view, units: Sequence[tuple[int, int]], gen: torch.Generator
+def random_set(view: ModelView, units: Sequence[tuple[int, int]], gen: torch.Generator
                ) -> list[tuple[int, int]]:
     """A random set with the same number of neurons in each layer as ``units``."""
     counts: dict[int, int] = {}
@@ -290,7 +284,7 @@ def null_table(located: Located, ms: Sequence[int]) -> list[dict]:
              "observed": int((located.frame["matches"] >= m).sum())} for m in ms]
 
 
-def sweep(view, located: Located, enc, batch_size: int = 64, progress: bool = True
+def sweep(view: ModelView, located: Located, enc, batch_size: int = 64, progress: bool = True
           ) -> pd.DataFrame:
     """Accuracy drop when each M-set is zeroed vs random sets (same per-layer counts)."""
     from cnalens.evaluate import evaluate
@@ -333,7 +327,7 @@ def _json_tokens(rows: list[list[str]]) -> list[str]:
     return [json.dumps(r, ensure_ascii=False) for r in rows]
 
 
-def located_frame(view, located: Located, show: int = 10) -> pd.DataFrame:
+def located_frame(view: ModelView, located: Located, show: int = 10) -> pd.DataFrame:
     """One row per located neuron (matches >= 1), most matches first: its concept tokens,
     top tokens after the transform and untransformed (JSON lists of token strings)."""
     from cnalens.data.lexicon import concept_table
@@ -366,7 +360,7 @@ def located_frame(view, located: Located, show: int = 10) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def run_shallow(view, out, head: tuple[int, int] | None, head_layer: int,
+def run_shallow(view: ModelView, out, head: tuple[int, int] | None, head_layer: int,
                 settings: LocatorSettings, cases, batch_size: int = 64,
                 progress: bool = True, extra: dict | None = None,
                 layers: Sequence[int] | None = None) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -46,10 +47,13 @@ from cnalens.states import (
     targets_for,
 )
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
 RANKS = ("decrease", "increase", "abs")
 
 
-def _attn_post(view, lens: Lens, states: CaseStates, layer: int):
+def _attn_post(view: ModelView, lens: Lens, states: CaseStates, layer: int):
     post = view.norm(layer, "ln_attn_post")
     if post is None:
         return None, None
@@ -92,7 +96,8 @@ class NeuronScores:
         return df[df["rank"] <= top].reset_index(drop=True)
 
 
-def _prepare(view, lens, cases, interventions, target, scale, layers, batch_size, states):
+def _prepare(view: ModelView, lens, cases, interventions, target, scale, layers, batch_size,
+             states):
     """Lens, states (given or computed), targets, frozen scales and layers of one run."""
     lz = Lens(view, lens)
     st = states if states is not None else case_states(view, cases, *interventions,
@@ -102,7 +107,7 @@ def _prepare(view, lens, cases, interventions, target, scale, layers, batch_size
     return lz, st, tg, scales_for(lz, st, scale), resolve_layers(view, layers)
 
 
-def score_neurons(view, cases_or_encoded, *interventions, lens: str = "frozen",
+def score_neurons(view: ModelView, cases_or_encoded, *interventions, lens: str = "frozen",
                   target: Target = "pred", scale: torch.Tensor | None = None, layers=None,
                   batch_size: int = 32, max_memory_gb: float = 2.0, progress: bool = True,
                   states: CaseStates | None = None) -> NeuronScores:
@@ -137,7 +142,7 @@ def score_neurons(view, cases_or_encoded, *interventions, lens: str = "frozen",
 
 
 # --------------------------------------------------------------------------- heads
-def score_heads(view, cases_or_encoded, *interventions, lens: str = "frozen",
+def score_heads(view: ModelView, cases_or_encoded, *interventions, lens: str = "frozen",
                 target: Target = "pred", scale: torch.Tensor | None = None, layers=None,
                 batch_size: int = 32, max_memory_gb: float = 2.0, progress: bool = True,
                 attn_neurons: bool = True, states: CaseStates | None = None) -> pd.DataFrame:
@@ -191,7 +196,8 @@ def score_heads(view, cases_or_encoded, *interventions, lens: str = "frozen",
     return df
 
 
-def position_scores(view, case, *interventions, lens: str = "frozen", target: Target = "pred",
+def position_scores(view: ModelView, case, *interventions, lens: str = "frozen",
+                    target: Target = "pred",
                     scale: torch.Tensor | None = None, layers=None, progress: bool = False
                     ) -> pd.DataFrame:
     """One case: each head's output split by source position (kind="head_pos").

@@ -73,12 +73,12 @@ def concat_states(parts: Sequence[CaseStates]) -> CaseStates:
     return CaseStates(**out)
 
 
-def frozen_scale(view, states: CaseStates, lens: str = "frozen") -> torch.Tensor:
+def frozen_scale(view: ModelView, states: CaseStates, lens: str = "frozen") -> torch.Tensor:
     """The final-norm scale of each case of a run (what the frozen lens fixes)."""
     return Lens(view, lens).scale(states.final)
 
 
-def case_states(view, encoded, *interventions, batch_size: int = 32) -> CaseStates:
+def case_states(view: ModelView, encoded, *interventions, batch_size: int = 32) -> CaseStates:
     """One batched forward (interventions applied) capturing the last prompt position."""
     enc = as_encoded(view.tokenizer, encoded)
     cd = view.compute_dtype
@@ -148,7 +148,7 @@ def targets_for(states: CaseStates, target: Target) -> torch.Tensor:
     return t
 
 
-def check_targets(view, t: torch.Tensor) -> None:
+def check_targets(view: ModelView, t: torch.Tensor) -> None:
     if ((t < 0) | (t >= view.vocab_size)).any():
         bad = int(t[(t < 0) | (t >= view.vocab_size)][0])
         raise CnaError(f"target token id {bad} out of range: the vocabulary has "
@@ -168,7 +168,7 @@ def scales_for(lens: Lens, states: CaseStates, scale) -> torch.Tensor:
     return s
 
 
-def resolve_layers(view, layers) -> list[int]:
+def resolve_layers(view: ModelView, layers) -> list[int]:
     out = list(range(view.n_layers)) if layers is None else sorted({int(x) for x in layers})
     view.check_layers(out)
     return out

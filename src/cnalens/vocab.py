@@ -36,13 +36,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from cnalens.data.cases import as_encoded, question_start
 from cnalens.errors import CnaError
-from cnalens.lens import FFNVectors, Lens, center
+from cnalens.lens import FFNVectors, Lens, center, neuron_vectors
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 SIGNS = ("pos", "neg", "both")
 
@@ -103,14 +107,14 @@ def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
     return s.reshape(n, 1)
 
 
-def lens_vectors(view, vectors: torch.Tensor, scale=None) -> torch.Tensor:
+def lens_vectors(view: ModelView, vectors: torch.Tensor, scale=None) -> torch.Tensor:
     """What the vocabulary sees of residual vectors: ``g * C(v) / c`` (n, d)."""
     v = _vectors(view, vectors)
     X = Lens(view).vectors(v)[0]
     return X / _as_scale(scale, v.shape[0], X.dtype, "final-norm")
 
 
-def _vectors(view, vectors: torch.Tensor) -> torch.Tensor:
+def _vectors(view: ModelView, vectors: torch.Tensor) -> torch.Tensor:
     v = torch.as_tensor(vectors).detach()
     if v.dim() == 1:
         v = v[None]
@@ -119,12 +123,12 @@ def _vectors(view, vectors: torch.Tensor) -> torch.Tensor:
     return v.to(device=view.device, dtype=view.compute_dtype)
 
 
-def _unembed(view) -> torch.Tensor:
+def _unembed(view: ModelView) -> torch.Tensor:
     return view.unembed.weight.detach()
 
 
 @torch.no_grad()
-def topk_lens(view, X: torch.Tensor, k: int, bottom: bool = True,
+def topk_lens(view: ModelView, X: torch.Tensor, k: int, bottom: bool = True,
               ids: torch.Tensor | None = None, vocab_block: int = 16384,
               chunk: int = 2048) -> Projection:
     """Top (and bottom) ``k`` logits of lens vectors ``X`` (n, d) over the vocabulary or
@@ -163,7 +167,7 @@ def topk_lens(view, X: torch.Tensor, k: int, bottom: bool = True,
     return Projection(*out)
 
 
-def project(view, vectors: torch.Tensor, *, scale=None, k: int = 20,
+def project(view: ModelView, vectors: torch.Tensor, *, scale=None, k: int = 20,
             vocab_block: int = 16384) -> Projection:
     """Top and bottom ``k`` tokens of residual-space ``vectors`` (n, d) through the frozen
     final norm (``scale``: None = 1, a scalar, or one per vector) and the unembedding."""
@@ -173,13 +177,13 @@ def project(view, vectors: torch.Tensor, *, scale=None, k: int = 20,
 
 
 # --------------------------------------------------------------------------- transform
-def _check_layer_head(view, layer: int, head: int | None) -> None:
+def _check_layer_head(view: ModelView, layer: int, head: int | None) -> None:
     view.check_layers([layer])
     if head is not None:
         view.check_heads([(layer, head)])
 
 
-def ov_parts(view, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ov_parts(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_V, W_O)`` of a layer per query head: (n_heads, head_dim, d) each, W_V already
     expanded from the KV heads (GQA) and W_O as ``o_proj_by_head`` transposed."""
     dt = view.compute_dtype
@@ -191,7 +195,7 @@ def ov_parts(view, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def transform(view, vectors: torch.Tensor, layer: int, *, head: int | None = None,
+def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int | None = None,
               scale=None, post_scale=None) -> torch.Tensor:
     """Vectors (n, d) through layer ``layer``'s attention value/output circuit (module doc):
     input norm frozen at ``scale``, W_V, W_O (all heads summed, or ``head`` alone), then
@@ -236,12 +240,12 @@ class Scales:
                 "post_scale": None if self.attn_post is None else self.attn_post[layer]}
 
 
-def _norm_scale(view, mod, x: torch.Tensor) -> torch.Tensor:
+def _norm_scale(view: ModelView, mod, x: torch.Tensor) -> torch.Tensor:
     return view.norm_affine(mod, x)[1][..., 0]
 
 
 @torch.no_grad()
-def _scale_states(view, enc, batch_size: int = 32):
+def _scale_states(view: ModelView, enc, batch_size: int = 32):
     """Per case: resid_pre (L, T, d) at every position, o_proj output and final residual
     at the last token. Yields (encoded chunk, resid_pre (b, L, T, d), raw (b, L, d) or None,
     final (b, d))."""
@@ -260,7 +264,7 @@ def _scale_states(view, enc, batch_size: int = 32):
         yield chunk, pre, raw, cache[("resid_post", L - 1)][:, -1]
 
 
-def case_scales(view, case, position: int = -1) -> Scales:
+def case_scales(view: ModelView, case, position: int = -1) -> Scales:
     """The real scales of one case (a prompt string, ``Case`` or ``Encoded``): the input
     norms' at token ``position`` (negative: from the end), the post-attention and final
     norms' at the last token."""
@@ -284,7 +288,7 @@ def case_scales(view, case, position: int = -1) -> Scales:
     return Scales(attn_in, attn_post, fin, f"case {enc[0].case.prompt!r}, position {position}")
 
 
-def mean_scales(view, cases, batch_size: int = 32) -> Scales:
+def mean_scales(view: ModelView, cases, batch_size: int = 32) -> Scales:
     """Zero-shot scales: the input norms' averaged over the question tokens of every
     prompt, the post-attention and final norms' over the prompts' last tokens."""
     enc = as_encoded(view.tokenizer, cases)
@@ -311,7 +315,8 @@ def mean_scales(view, cases, batch_size: int = 32) -> Scales:
 
 
 # --------------------------------------------------------------------------- heads' OV
-def head_ov(view, layer: int, head: int, tokens: Sequence[int] | None = None, k: int = 10,
+def head_ov(view: ModelView, layer: int, head: int, tokens: Sequence[int] | None = None,
+            k: int = 10,
             n_directions: int = 3) -> dict:
     """A head's OV circuit read through the vocabulary.
 
@@ -340,7 +345,7 @@ def head_ov(view, layer: int, head: int, tokens: Sequence[int] | None = None, k:
 
 # --------------------------------------------------------------------------- neurons
 @torch.no_grad()
-def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
+def neuron_case_scores(view: ModelView, enc, units: Sequence[tuple[int, int]], target=None
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
     encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
@@ -369,7 +374,7 @@ def neuron_case_scores(view, enc, units: Sequence[tuple[int, int]], target=None
     return coef, imp, int(tg[0])
 
 
-def read_neurons(view, units: Sequence[tuple[int, int]], *, case=None, target=None,
+def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *, case=None, target=None,
                  transform_layers: Sequence[int] = (), head: tuple[int, int] | None = None,
                  sign: str | None = None, k: int = 10, position: int = -1,
                  scales: Scales | None = None) -> pd.DataFrame:
@@ -377,12 +382,11 @@ def read_neurons(view, units: Sequence[tuple[int, int]], *, case=None, target=No
 
     One row per neuron, view (``untransformed``, ``T@L`` summed over heads, or
     ``T@L.H`` for ``head``) and side. The vectors are what the residual receives
-    (:func:`cnalens.locator.neuron_vectors`). With a ``case`` (an encoded case), the
+    (:func:`cnalens.lens.neuron_vectors`). With a ``case`` (an encoded case), the
     coefficient and importance at its last token are given and the scales are the case's
     (:func:`case_scales` at ``position``); without, ``scales`` (e.g. :func:`mean_scales`)
     or unit scales. ``sign``: pos / neg / both; None = the coefficient's sign with a
     case, else pos. Token values are lens logits per unit coefficient."""
-    from cnalens.locator import neuron_vectors
 
     if sign is not None and sign not in SIGNS:
         raise CnaError(f"unknown sign '{sign}': use {', '.join(SIGNS)}")

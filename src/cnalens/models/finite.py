@@ -12,11 +12,15 @@ widths in score tables) lives in its outputs, never in what is checked here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cnalens.errors import CnaError
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 
 def _bad(t: torch.Tensor) -> str:
@@ -35,7 +39,7 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def _uniform_name(view, names: dict[int, str], mod_path: str) -> str | None:
+def _uniform_name(view: ModelView, names: dict[int, str], mod_path: str) -> str | None:
     """'layer 1 down_proj', 'embedding', ... for a module's full name, if the view knows.
 
     ``names``: full module name by ``id`` of each module of ``view.model``."""
@@ -58,7 +62,7 @@ def _uniform_name(view, names: dict[int, str], mod_path: str) -> str | None:
     return None
 
 
-def check_finite_weights(model: nn.Module, view=None) -> None:
+def check_finite_weights(model: nn.Module, view: ModelView=None) -> None:
     """CnaError naming the first parameter that holds NaN or inf (by module path, and by
     layer and uniform name when ``view``, a ``ModelView`` of ``model``, is given)."""
     bad = [(n, p) for n, p in model.named_parameters() if not bool(finite_flag(p))]
@@ -104,7 +108,7 @@ def _bad_rows(t: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(t.detach().reshape(t.shape[0] if t.dim() > 1 else 1, -1)).all(-1)
 
 
-def nonfinite_error(view, what: str, kind: str, rows: torch.Tensor | None = None,
+def nonfinite_error(view: ModelView, what: str, kind: str, rows: torch.Tensor | None = None,
                     ids: torch.Tensor | None = None,
                     rerun: Callable[[], object] | None = None) -> CnaError:
     """The one-line error for non-finite ``what`` (``kind``: 'NaN', 'inf', ...): in how many
@@ -132,7 +136,7 @@ def nonfinite_error(view, what: str, kind: str, rows: torch.Tensor | None = None
     return CnaError(f"{msg}: the model cannot be scored{hint}")
 
 
-def check_finite(view, t: torch.Tensor, what: str, ids: torch.Tensor | None = None,
+def check_finite(view: ModelView, t: torch.Tensor, what: str, ids: torch.Tensor | None = None,
                  rerun: Callable[[], object] | None = None) -> torch.Tensor:
     """``t`` if it holds no NaN or inf (one reduction), else ``nonfinite_error`` (rows:
     ``t``'s first dimension)."""

@@ -19,12 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cnalens.errors import CnaError
 from cnalens.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from cnalens.models.view import ModelView
 
 PRUNING_FILE = "cnalens_pruning.json"
 FORMAT = 1
@@ -57,7 +61,7 @@ def _shrink_in(mod: nn.Module, idx: torch.Tensor, conv1d: bool) -> None:
         mod.in_features = len(idx)
 
 
-def _check_keep(view, keep: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def _check_keep(view: ModelView, keep: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     out = {}
     for layer, idx in keep.items():
         layer = int(layer)
@@ -76,7 +80,7 @@ def _check_keep(view, keep: Mapping[int, torch.Tensor]) -> dict[int, torch.Tenso
     return out
 
 
-def prune_ffn(view, keep: Mapping[int, torch.Tensor]) -> dict:
+def prune_ffn(view: ModelView, keep: Mapping[int, torch.Tensor]) -> dict:
     """Keep only neurons ``keep[layer]`` (any order; stored sorted) of each listed layer.
 
     Shrinks the model behind ``view`` in place and updates the view's widths. Returns
@@ -136,7 +140,7 @@ def pruned_widths(path: str | Path) -> list[int]:
         raise CnaError(f"cannot read {file}: {e}") from None
 
 
-def save_pruned(view, out: str | Path, meta: dict | None = None) -> Path:
+def save_pruned(view: ModelView, out: str | Path, meta: dict | None = None) -> Path:
     """``save_pretrained`` (weights as safetensors, config, tokenizer) + ``cnalens_pruning.json``.
 
     Written into a temporary folder beside ``out`` and renamed, so ``out`` is complete or
