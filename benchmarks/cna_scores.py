@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--head", default=None, help="L.H zeroed in run B (default per model)")
     ap.add_argument("--layers", default=None, help="a-b (default: the head's layer and up)")
-    ap.add_argument("--rank", default="decrease", choices=list(S.RANKS))
+    ap.add_argument("--rank", default="decrease", choices=list(S.RANKINGS))
     ap.add_argument("--head-tokens", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -102,11 +102,11 @@ def main() -> None:
 
     CE.clear_range_cache()
     t = time.perf_counter()
-    got, st = CE.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+    got, st = CE.certified_cna(view, sa, sb, args.k, layers=layers, by=args.rank,
                               head_tokens=args.head_tokens)
     t_cold = time.perf_counter() - t
     t = time.perf_counter()
-    got_w, st_w = CE.certified_cna(view, sa, sb, args.k, layers=layers, rank=args.rank,
+    got_w, st_w = CE.certified_cna(view, sa, sb, args.k, layers=layers, by=args.rank,
                                   head_tokens=args.head_tokens)
     t_warm = time.perf_counter() - t
     print(f"certified cold: {t_cold:.1f} s (exact projection ranges of "

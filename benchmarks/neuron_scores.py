@@ -210,8 +210,8 @@ def main() -> None:
     sync(dev)
     t_cert = time.perf_counter() - t
     ref = sc.frame(top=args.k)
-    same = (list(zip(ref.layer, ref["index"], strict=True))
-            == list(zip(got.layer, got["index"], strict=True)))
+    same = (list(zip(ref.layer, ref["neuron"], strict=True))
+            == list(zip(got.layer, got["neuron"], strict=True)))
     d_cert = float(np.abs(ref.importance.values - got.importance.values).max())
     print(f"certified top-{args.k}: {t_cert:.1f} s (forward included), "
           f"{stats['n_exact'][0]} of {n_units} neurons scored exactly; "

@@ -79,9 +79,9 @@ def test_certified_cna_equals_exhaustive(family, heads, rank, one_thread):
     n_units = sum(v.ffn_width(x) for x in range(v.n_layers))
     for head_tokens, group in ((4, 1), (4, 8), (256, 3)):  # cases certified together
         for k in (1, 5, 20):
-            got, stats = CE.certified_cna(v, sa, sb, k, rank=rank, head_tokens=head_tokens,
+            got, stats = CE.certified_cna(v, sa, sb, k, by=rank, head_tokens=head_tokens,
                                          step=4, group=group)
-            ex = S.diff_frame(a, b, top=k, rank=rank)
+            ex = S.diff_frame(a, b, top=k, by=rank)
             assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
                 list(zip(got.case, got.layer, got.neuron, strict=True)), (k, head_tokens)
             assert list(got["rank"]) == list(ex["rank"])
@@ -91,7 +91,7 @@ def test_certified_cna_equals_exhaustive(family, heads, rank, one_thread):
             assert all(k <= n <= c <= n_units for n, c in
                        zip(stats["n_exact"], stats["n_candidates"], strict=True))
     # the whole vocabulary exact (256 > 61 tokens): bounds are tight, K=1 needs few neurons
-    _, stats = CE.certified_cna(v, sa, sb, 1, rank=rank, step=1)
+    _, stats = CE.certified_cna(v, sa, sb, 1, by=rank, step=1)
     assert stats["n_exact_total"] < n_units * len(sa)
 
 
@@ -168,7 +168,7 @@ def test_errors():
     with pytest.raises(CnaError, match="K >= 1"):
         CE.certified_cna(v, sa, sb, 0)
     with pytest.raises(CnaError, match="unknown rank"):
-        CE.certified_cna(v, sa, sb, 3, rank="up")
+        CE.certified_cna(v, sa, sb, 3, by="up")
     with pytest.raises(CnaError, match="run-B cases"):
         CE.certified_cna(v, sa, ST.concat_states([sb, sb]), 3)
 

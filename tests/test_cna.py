@@ -159,7 +159,7 @@ def test_frame_and_diff_frame_share_the_ranking_rule(by):
     ids = ["x", "y", "z"]
     a, b = fake_scores(imp_a, coef, ids), fake_scores(imp_b, -coef, ids)
     comp = compare(a, b)
-    ref = diff_frame(a, b, top=8, rank=by)
+    ref = diff_frame(a, b, top=8, by=by)
     got = comp.frame(8, by=by, labels=[{"op": o} for o in "+-*"])
     pd.testing.assert_frame_equal(got.drop(columns="op"), ref.drop(columns="diff"))
     assert list(got.op) == list(np.repeat(list("+-*"), 8))

@@ -26,10 +26,10 @@ def _pair(v, cases, ivb, **kw):
     return a, S.score_neurons(v, cases, *ivb, target=a.target, scale=a.scale, **rest)
 
 
-def _certified_diff(v, cases, k, ivb, *, rank="decrease", layers=None, step=64):
+def _certified_diff(v, cases, k, ivb, *, by="decrease", layers=None, step=64):
     """``certified.certified_cna`` of the model and the model under ``ivb``."""
     sa, sb = ST.case_states(v, cases), ST.case_states(v, cases, *ivb)
-    return CE.certified_cna(v, sa, sb, k, rank=rank, layers=layers, step=step)
+    return CE.certified_cna(v, sa, sb, k, by=by, layers=layers, step=step)
 
 
 def _input_diff(v, ca, cb, k, *, target="gold", layers=None, screen=256):
@@ -211,8 +211,8 @@ def test_position_scores_split_each_head(family):
 
 def _same_topk(ex, got, scores, tie=1e-9):
     """Equal unit lists, allowing swaps only between scores within ``tie`` (near ties)."""
-    a = list(zip(ex.case, ex.layer, ex["index"], strict=True))
-    b = list(zip(got.case, got.layer, got["index"], strict=True))
+    a = list(zip(ex.case, ex.layer, ex["neuron"], strict=True))
+    b = list(zip(got.case, got.layer, got["neuron"], strict=True))
     if a == b:
         return True
     diff = set(a) ^ set(b)
@@ -228,8 +228,8 @@ def test_certified_topk_equals_exhaustive(family):
     for k in (1, 5, 20, 200):
         got, stats = CE.certified_topk(v, enc, k, step=4)
         ex = sc.frame(top=k)
-        assert list(zip(ex.case, ex.layer, ex["index"], strict=True)) == \
-            list(zip(got.case, got.layer, got["index"], strict=True)), k
+        assert list(zip(ex.case, ex.layer, ex["neuron"], strict=True)) == \
+            list(zip(got.case, got.layer, got["neuron"], strict=True)), k
         np.testing.assert_allclose(got.importance, ex.importance, atol=1e-9)
         np.testing.assert_allclose(got.coef, ex.coef)
         assert stats["method"] == "certified" and len(stats["n_exact"]) == len(enc)
@@ -247,8 +247,8 @@ def test_certified_diff_equals_exhaustive(family, rank):
     a, b = _pair(v, enc, ivb, progress=False)
     assert torch.equal(a.target, b.target) and torch.equal(a.scale, b.scale)
     for k in (1, 7, 50):
-        got, stats = _certified_diff(v, enc, k, ivb, rank=rank, step=4)
-        ex = S.diff_frame(a, b, top=k, rank=rank)
+        got, stats = _certified_diff(v, enc, k, ivb, by=rank, step=4)
+        ex = S.diff_frame(a, b, top=k, by=rank)
         assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
             list(zip(got.case, got.layer, got.neuron, strict=True)), (k, rank)
         for col in ("imp_a", "imp_b", "diff", "coef_a", "coef_b"):
@@ -346,7 +346,7 @@ def test_softcap_falls_back_to_exhaustive():
     got, stats = CE.certified_topk(v, enc, 5)
     assert stats["method"] == "exhaustive"
     ex = S.score_neurons(v, enc, progress=False).frame(top=5)
-    assert list(got["index"]) == list(ex["index"])
+    assert list(got["neuron"]) == list(ex["neuron"])
     # a difference on a soft-capped model: exhaustive too, the same top-K as brute force
     ivb = (ZeroHeads([(0, 0)]),)
     got, stats = _certified_diff(v, enc, 5, ivb)
@@ -365,7 +365,7 @@ def test_gold_and_explicit_targets_and_frame():
     assert torch.equal(g.imp.nan_to_num(), e.imp.nan_to_num())
     assert torch.isnan(g.imp[:, :2]).all() and g.meta["layers"] == [2]
     df = g.frame()
-    assert list(df.columns) == ["case", "layer", "kind", "index", "coef", "importance"]
+    assert list(df.columns) == ["case", "layer", "kind", "neuron", "coef", "importance"]
     assert len(df) == 3 * v.ffn_width(2) and (df.layer == 2).all()
     top = g.frame(top=3)
     assert (top.groupby("case").size() == 3).all()
@@ -392,7 +392,7 @@ def test_errors():
     with pytest.raises(CnaError, match="K >= 1"):
         CE.certified_topk(v, enc, 0)
     with pytest.raises(CnaError, match="unknown rank"):
-        _certified_diff(v, enc, 3, (), rank="up")
+        _certified_diff(v, enc, 3, (), by="up")
     with pytest.raises(CnaError, match="one case"):
         S.position_scores(v, enc)
 
@@ -419,8 +419,8 @@ def test_narrow_layer_gives_nan():
     assert len(sc.frame()) == 3 * 110
     got, _ = CE.certified_topk(v, _enc(), 100)
     ex = sc.frame(top=100)
-    assert list(zip(got.layer, got["index"], strict=True)) == \
-        list(zip(ex.layer, ex["index"], strict=True))
+    assert list(zip(got.layer, got["neuron"], strict=True)) == \
+        list(zip(ex.layer, ex["neuron"], strict=True))
 
 
 # ----------------------------------------------------------------------------- real models
@@ -478,9 +478,7 @@ def test_real_gemma_certified_diff(gemma):
     scores = {("3+5", 17, ix): d[17, ix] for ix in range(v.ffn_width(17))}
     for k in (1, 10):
         got, stats = _certified_diff(v, [case], k, ivb, layers=[17])
-        got = got.rename(columns={"neuron": "index"})
-        assert _same_topk(ex[ex["rank"] <= k].rename(columns={"neuron": "index"}), got, scores,
-                          tie=1e-4), k
+        assert _same_topk(ex[ex["rank"] <= k], got, scores, tie=1e-4), k
         assert stats["n_exact"][0] < stats["n_units"]
 
 
@@ -498,9 +496,9 @@ def test_real_input_topk_diff_screen_finds_the_exhaustive_top(smollm2):
     ea = ST.case_states(v, ca)
     a = S.score_neurons(v, ca, target="gold", layers=[20, 29], progress=False)
     b = S.score_neurons(v, cb, target=ea.gold, layers=[20, 29], progress=False)
-    ref = S.diff_frame(a, b, top=10).rename(columns={"neuron": "index"})
+    ref = S.diff_frame(a, b, top=10)
     d = (a.imp - b.imp).numpy()
     scores = {(c, la, ix): d[i, la, ix] for i, c in enumerate(a.case_ids)
               for la in (20, 29) for ix in range(v.ffn_width(la))}
-    assert _same_topk(ref, got.rename(columns={"neuron": "index"}), scores, tie=1e-4)
+    assert _same_topk(ref, got, scores, tie=1e-4)
     np.testing.assert_allclose(got["diff"], ref["diff"], atol=1e-4)

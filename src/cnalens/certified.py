@@ -31,7 +31,7 @@ import torch
 from cnalens.errors import CnaError
 from cnalens.lens import Base, FFNVectors, Lens, LogSumExp
 from cnalens.progress import track
-from cnalens.scores import RANKS, rank_key, ranked_rows, score_neurons
+from cnalens.scores import RANKINGS, rank_key, ranked_rows, score_neurons
 from cnalens.states import (
     CaseStates,
     Target,
@@ -123,7 +123,7 @@ def certified_topk(view: ModelView, cases, k: int, *interventions, target: Targe
             n_exact.append(n_done)
             layer_ids, index = np.divmod(flat_ids.numpy(), view.d_ffn)
             rows.append(pd.DataFrame({
-                "case": st.case_ids[i], "layer": layer_ids, "kind": "ffn", "index": index,
+                "case": st.case_ids[i], "layer": layer_ids, "kind": "ffn", "neuron": index,
                 "coef": as_numpy(st.coef[i][layer_ids, index]),
                 "importance": as_numpy(scores), "rank": np.arange(1, len(index) + 1)}))
     stats = {"method": "certified", "n_units": int(sum(view.ffn_width(x) for x in layer_list)),
@@ -291,13 +291,13 @@ def _head_set(logp: torch.Tensor, head_tokens: int) -> torch.Tensor:
     return torch.topk(logp.max(0).values, min(head_tokens, logp.shape[-1])).indices
 
 
-def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, rank: str
+def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, by: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on ``rank_key(imp_a - imp_b)`` from per-run bounds (rows a, b)."""
     dlo, dhi = lo[0] - hi[1], hi[0] - lo[1]
-    if rank == "decrease":
+    if by == "decrease":
         return dlo, dhi
-    if rank == "increase":
+    if by == "increase":
         return -dhi, -dlo
     return torch.maximum(dlo, -dhi).clamp_min(0), torch.maximum(dhi, -dlo)
 
@@ -405,7 +405,7 @@ def _score_requests(lz: Lens, X: torch.Tensor,
     return out
 
 
-def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: float,
+def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: float,
                    step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, int]], int]:
     """Certified top-``k`` of several cases together: per case, the candidates are the
     neurons whose key's upper bound reaches the K-th largest lower bound; each round every
@@ -425,7 +425,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: 
     def candidates(dcs):
         orders = []
         for c, dc in enumerate(dcs):
-            lo, hi = (torch.cat(x) for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], rank)
+            lo, hi = (torch.cat(x) for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], by)
                                                     for x in bd.layers], strict=True))
             khi[c] = hi
             keep = (hi >= torch.topk(lo, k).values[-1] - slack).nonzero()[:, 0]
@@ -480,7 +480,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: 
         for c in active:
             done = scored[c].nonzero()[:, 0]
             if len(done) >= k:
-                key = rank_key(scores[c, 0, done] - scores[c, 1, done], rank).double()
+                key = rank_key(scores[c, 0, done] - scores[c, 1, done], by).double()
                 kth = torch.topk(key, k).values[-1]
                 if not len(orders[c]) or kth >= khi[c, orders[c][0]] + slack:
                     continue
@@ -490,7 +490,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], rank: str, k: int, slack: 
     for c in range(g):
         done = scored[c].nonzero()[:, 0]
         s = scores[c][:, done]
-        best = _topk_order(rank_key(s[0] - s[1], rank), flat[done], k)
+        best = _topk_order(rank_key(s[0] - s[1], by), flat[done], k)
         out.append((flat[done][best], s[:, best], n_cand[c], len(done)))
     return out, n_proj
 
@@ -528,7 +528,7 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
 
 def _diff_rows(sa: CaseStates, sb: CaseStates, i: int, flat: torch.Tensor,
                imp_a: torch.Tensor, imp_b: torch.Tensor, d_ffn: int) -> pd.DataFrame:
-    """Case ``i``'s ranked rows: case, rank, layer, neuron, imp_a, imp_b, coef_a, coef_b,
+    """Case ``i``'s ranked rows: case, by, layer, neuron, imp_a, imp_b, coef_a, coef_b,
     diff (``flat`` = layer * d_ffn + neuron, best first)."""
     layer, neuron = np.divmod(flat.numpy(), d_ffn)
     return pd.DataFrame({
@@ -547,7 +547,7 @@ def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
 
 
 def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
-                  target: Target = "pred", layers=None, rank: str = "decrease",
+                  target: Target = "pred", layers=None, by: str = "decrease",
                   own_scales: bool = False,
                   head_tokens: int = 256, slack: float | None = None, step: int = 64,
                   group: int = 8, progress: bool = False) -> tuple[pd.DataFrame, dict]:
@@ -555,18 +555,18 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
     certified: run B (``states_b``) is scored with run A's target and frozen scale.
 
     Per case, two-sided bounds on each neuron's importance in both runs (``cna_bounds``)
-    give an interval for its key (``rank``: "decrease", "increase" or "abs"); only neurons
+    give an interval for its key (``by``: "decrease", "increase" or "abs"); only neurons
     whose interval reaches the K-th largest lower bound are candidates, scored exactly in
     both runs in descending order of their upper bound until the K-th exact key clears the
     next upper bound by ``slack`` (default 2e-4 in float32, 2e-9 in float64); candidates
     get exact projection ranges first (kept for later calls). Same rows and
-    tie rule as ``diff_frame(..., top=k)``: case, rank, layer, neuron, imp_a, imp_b, coef_a,
+    tie rule as ``diff_frame(..., top=k)``: case, by, layer, neuron, imp_a, imp_b, coef_a,
     coef_b, diff. ``group`` cases are certified together: a neuron several of them need
     next is projected onto the vocabulary once. Soft-capped models fall back to exhaustive
     scoring (``stats["method"]``).
     """
-    if rank not in RANKS:
-        raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
+    if by not in RANKINGS:
+        raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
     if k < 1:
         raise CnaError(f"top-K needs K >= 1, got {k}")
     if len(states_a) != len(states_b):
@@ -589,8 +589,8 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
         n = len(states_a)
         ia, ib = sc.imp[:n], sc.imp[n:]
         df, _ = ranked_rows(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], states_a.case_ids, k,
-                            rank, layer_list)
-        stats = {"method": "exhaustive", "why": "final-logit soft-capping", "rank": rank,
+                            by, layer_list)
+        stats = {"method": "exhaustive", "why": "final-logit soft-capping", "ranking": by,
                  "n_units": n_units, "n_exact": [n_units] * n,
                  "n_exact_total": n_units * n, "seconds": time.perf_counter() - t0}
         df.attrs["meta"] = {**meta, "stats": stats}
@@ -602,7 +602,7 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
         bd = _DiffBounds(view, lz, states_a, states_b, tg, c, layer_list, head_tokens)
         found = []
         for g0 in track(range(0, n, group), "certified CNA", show=progress):
-            res, proj = _certify_group(bd, list(range(g0, min(n, g0 + group))), rank, k, sl,
+            res, proj = _certify_group(bd, list(range(g0, min(n, g0 + group))), by, k, sl,
                                        step)
             found += res
             n_proj += proj
@@ -610,7 +610,7 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
             n_cand.append(nc)
             n_exact.append(nd)
             rows.append(_diff_rows(states_a, states_b, i, fl, s[0], s[1], view.d_ffn))
-    stats = {"method": "certified", "rank": rank, "n_units": n_units,
+    stats = {"method": "certified", "ranking": by, "n_units": n_units,
              "n_candidates": n_cand, "n_exact": n_exact, "n_exact_total": int(sum(n_exact)),
              "n_projected": n_proj,
              "slack": sl, "head_tokens": head_tokens, "seconds_range": bd.seconds_range,

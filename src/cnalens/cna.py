@@ -36,13 +36,12 @@ from cnalens.data.cases import Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
-from cnalens.scores import rank_key, rank_order, ranked_rows, score_neurons
+from cnalens.scores import RANKINGS, rank_key, rank_order, ranked_rows, score_neurons
 from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
 
-RANKINGS = ("decrease", "increase", "abs")
 DEFAULT_K = 20  # what Comparison.frame shows when no K was asked for
 
 
@@ -544,7 +543,7 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
     keep = {"view": view, "cases": _with_answer(enc, tg), "by": by, "layers": layer_list,
             "deep_layers": deep}
     if certified:
-        frame, stats = certified_cna(view, a, b, k, target=tg, layers=layer_list, rank=by,
+        frame, stats = certified_cna(view, a, b, k, target=tg, layers=layer_list, by=by,
                                      progress=progress)
         return _from_top(frame, a, b, meta, stats, keep, k)
     if kind == "adapter_off":
@@ -602,7 +601,7 @@ def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
                                     screen=screen, progress=progress)
         return _from_top(frame, sa, sb, meta, stats, keep, k)
     if certified:
-        frame, stats = certified_cna(view, sa, sb, k, target=tg, layers=layer_list, rank=by,
+        frame, stats = certified_cna(view, sa, sb, k, target=tg, layers=layer_list, by=by,
                                      own_scales=True, progress=progress)
         return _from_top(frame, sa, sb, meta, stats, keep, k)
     n = len(sa)

@@ -50,7 +50,7 @@ from cnalens.states import (
 if TYPE_CHECKING:
     from cnalens.models import ModelView
 
-RANKS = ("decrease", "increase", "abs")
+RANKINGS = ("decrease", "increase", "abs")  # CNA orders: imp_a - imp_b, its negative, |.|
 
 
 def _attn_post(view: ModelView, lens: Lens, states: CaseStates, layer: int):
@@ -75,10 +75,10 @@ class NeuronScores:
     meta: dict
 
     def frame(self, top: int | None = None) -> pd.DataFrame:
-        """Tidy rows: case, layer, kind="ffn", index, coef, importance (+ rank with ``top``).
+        """Tidy rows: case, layer, kind="ffn", neuron, coef, importance (+ rank with ``top``).
 
         ``top`` keeps each case's best neurons (importance descending, ties by layer then
-        index)."""
+        neuron)."""
         n, L, D = self.imp.shape
         imp = self.imp.numpy().reshape(-1)
         ok = np.isfinite(imp)
@@ -86,7 +86,7 @@ class NeuronScores:
         case, rest = np.divmod(idx, L * D)
         layer, index = np.divmod(rest, D)
         df = pd.DataFrame({"case": np.asarray(self.case_ids, dtype=object)[case],
-                           "layer": layer, "kind": "ffn", "index": index,
+                           "layer": layer, "kind": "ffn", "neuron": index,
                            "coef": self.coef.numpy().reshape(-1)[idx], "importance": imp[idx]})
         if top is None:
             return df
@@ -250,12 +250,12 @@ def position_scores(view: ModelView, case, *interventions, lens: str = "frozen",
     return df
 
 
-def rank_key(diff: torch.Tensor, rank: str = "decrease") -> torch.Tensor:
+def rank_key(diff: torch.Tensor, by: str = "decrease") -> torch.Tensor:
     """The CNA ranking key of ``diff = imp_a - imp_b`` (higher ranks first): ``diff``
     ("decrease"), ``-diff`` ("increase") or ``|diff|`` ("abs"); NaN stays NaN."""
-    if rank not in RANKS:
-        raise CnaError(f"unknown rank '{rank}': use {', '.join(RANKS)}")
-    return diff if rank == "decrease" else -diff if rank == "increase" else diff.abs()
+    if by not in RANKINGS:
+        raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
+    return diff if by == "decrease" else -diff if by == "increase" else diff.abs()
 
 
 def rank_order(key: torch.Tensor) -> torch.Tensor:
@@ -267,14 +267,14 @@ def rank_order(key: torch.Tensor) -> torch.Tensor:
 
 def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
                 coef_a: torch.Tensor, coef_b: torch.Tensor, case_ids: Sequence[str],
-                top: int | None = None, rank: str = "decrease",
+                top: int | None = None, by: str = "decrease",
                 layers: Sequence[int] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Two runs' scores (each (n_cases, n_layers, d_ffn)) as ranked rows per case: case,
     rank, layer, neuron, imp_a, imp_b, coef_a, coef_b, diff; ``rank_order`` of
-    ``rank_key(diff, rank)``, only finite keys, only ``layers`` (default all), ``top`` best
+    ``rank_key(diff, by)``, only finite keys, only ``layers`` (default all), ``top`` best
     per case. Also returns each row's case position."""
     n, L, D = diff.shape
-    key = rank_key(diff, rank).flatten(1)
+    key = rank_key(diff, by).flatten(1)
     if layers is not None:
         keep = torch.zeros(L, dtype=torch.bool)
         keep[list(layers)] = True
@@ -296,13 +296,13 @@ def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
 
 
 def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
-               rank: str = "decrease") -> pd.DataFrame:
+               by: str = "decrease") -> pd.DataFrame:
     """Per case: every neuron's imp_a, imp_b, coef_a, coef_b and diff (imp_a - imp_b), ranked
     by ``ranked_rows`` (ties by layer, neuron); ``top`` keeps each case's best."""
     if a.imp.shape != b.imp.shape or a.case_ids != b.case_ids:
         raise CnaError("runs A and B differ in shape or cases: cannot compare them")
-    return ranked_rows(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef, a.case_ids, top, rank)[0]
+    return ranked_rows(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef, a.case_ids, top, by)[0]
 
 
-__all__ = ["RANKS", "NeuronScores", "diff_frame", "position_scores", "rank_key", "rank_order",
+__all__ = ["RANKINGS", "NeuronScores", "diff_frame", "position_scores", "rank_key", "rank_order",
            "ranked_rows", "score_heads", "score_neurons"]

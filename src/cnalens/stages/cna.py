@@ -123,7 +123,7 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
         imp_a = torch.full(comp.coef_a.shape, float("nan"), dtype=torch.float64)
         pos = {c: i for i, c in enumerate(comp.case_ids)}
         imp_a[torch.tensor(top_a["case"].map(pos).to_numpy()),
-              torch.tensor(top_a.layer.to_numpy()), torch.tensor(top_a["index"].to_numpy())] = \
+              torch.tensor(top_a.layer.to_numpy()), torch.tensor(top_a["neuron"].to_numpy())] = \
             torch.tensor(top_a.importance.to_numpy(), dtype=torch.float64)
         faith = lens_faithfulness(view, enc, imp_a, top=10, batch_size=batch_size)
         own = [c for c in label_cols if c not in group]  # each case's other labels
