@@ -156,8 +156,11 @@ def test_input_topk_equals_exhaustive(family, one_thread):
     a = score_neurons(view, ea, target=tg, progress=False)  # each run: its own scale
     b = score_neurons(view, eb, target=tg, progress=False)
     ref = diff_frame(a, b, top=8)
-    for screen in (0, 60) if not view.softcap else (0,):  # the screen ignores soft-capping
+    exact = "exhaustive" if view.softcap else "certified"  # soft-capped: every neuron
+    runs = [(None, exact), (0, exact)] + ([(60, "screened")] if not view.softcap else [])
+    for screen, scoring in runs:  # the screen ignores soft-capping
         got = D.input_topk(view, ea, eb, 8, screen=screen)
+        assert got.attrs["meta"]["scoring"] == scoring
         assert list(zip(got.layer, got.neuron, strict=True)) == \
             list(zip(ref.layer, ref.neuron, strict=True))
         assert np.allclose(got["diff"], ref["diff"], atol=1e-9)
@@ -220,6 +223,19 @@ def test_run_debias_pairs_file(tmp_path, one_thread):
     tot = [m for m in s["metric"] if m["split"] == "select" and m["by"] == "total"][0]
     assert tot["cna"] == pytest.approx(np.abs(want[:3]).mean())
     assert s["costs"]["before"]["n"] == 4 and len(s["costs"]["random"]) == 2
+    # the default top-K is the certified exact one, and debias.json says so
+    assert s["scoring"]["method"] == "certified" and s["scoring"]["exact"]
+    assert s["settings"]["screen"] is None and s["scoring"]["screen"] is None
+    saved = json.loads((out / "debias.json").read_text())
+    assert saved["scoring"] == s["scoring"]
+    # --screen N: the approximate option, recorded as such
+    s2 = D.run_debias(view, tmp_path / "o2", n_neurons=3, top_k=(2, 4, 8), seeds=0,
+                      pairs_file=path, cost_n=1, screen=60, progress=False, texts=["abc def"],
+                      save_model=False)
+    assert s2["scoring"]["method"] == "screened" and not s2["scoring"]["exact"]
+    assert s2["scoring"]["screen"] == s2["settings"]["screen"] == 60
+    with pytest.raises(CnaError, match="--screen must be >= 0"):
+        D.run_debias(view, tmp_path / "o3", pairs_file=path, screen=-1, progress=False)
     from cnalens.report.sections.debias import SECTION
 
     html = SECTION.render(out, {})
@@ -268,6 +284,7 @@ def _cli(capsys, *argv):
     (["--pairs", "BAD"], "not JSON"),
     (["--pairs", "x.jsonl", "--professions", "nurse"], "not both"),
     (["--model", "smollm2-135m", "--n-neurons", "99999999"], "larger than the model's"),
+    (["--screen", "-5"], "--screen must be >= 0"),
     (["--model", "smollm2-135m", "--professions", "nurse,xylophonist"], "not one token"),
 ])
 def test_cli_errors(capsys, tmp_path, argv, msg):
@@ -342,6 +359,7 @@ def test_debias_stage_writes_its_outputs(tmp_path, monkeypatch, one_thread):
                                                       "debias_neurons.csv", "model"]
     s = json.loads((out / "debias.json").read_text())
     assert s["settings"]["profile"] == "smoke" and s["settings"]["seed"] == 4
+    assert s["scoring"]["method"] == "certified"  # the stage's default: exact
     got_words = [p["word"] for p in s["professions"]]
     assert set(got_words) <= set(words) and len(got_words) == len(set(got_words)) >= 4
     n_sel, n_held = 3 * len(got_words), 4 * len(got_words)

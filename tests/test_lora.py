@@ -5,10 +5,13 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from cnalens.apps.lora import (
+    Adapter,
     LoraSettings,
     answer_loss,
     load_adapter,
@@ -81,22 +84,26 @@ def test_trains_reproducibly_and_disables_exactly(family, data, one_thread):
     before = _logits(view, test)
     with torch.no_grad():
         loss0 = answer_loss(view, train)[0]
-    pm, hist = train_lora(view, train, SETTINGS, progress=False)
+    names = target_names(view, [1], ["attn"])
+    ad, hist = train_lora(view, train, SETTINGS, progress=False)
+    assert isinstance(ad, Adapter) and ad.path is None
+    assert ad.targets == names == ad.meta["targets"]
+    assert not hasattr(view, "peft_model") and not hasattr(ad.peft_model, "cnalens_meta")
     assert len(hist) == 2 * 6 and hist["loss"].notna().all()
     with torch.no_grad():
         assert answer_loss(view, train)[0] < 0.97 * loss0  # the training loss falls
     lora = _logits(view, test)
     assert not torch.allclose(lora, before)
-    with pm.disable_adapter():
+    with ad.disabled():
         assert torch.equal(_logits(view, test), before)  # the original, exactly
-    weights = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k}
-    unload_lora(pm)
+    weights = {k: v.clone() for k, v in ad.peft_model.state_dict().items() if "lora_" in k}
+    assert unload_lora(ad) is view.model
     assert torch.equal(_logits(view, test), before)
-    pm2, _ = train_lora(view, train, SETTINGS, progress=False)  # same seed, same adapter
-    for k, v in pm2.state_dict().items():
+    ad2, _ = train_lora(view, train, SETTINGS, progress=False)  # same seed, same adapter
+    for k, v in ad2.peft_model.state_dict().items():
         if "lora_" in k:
             assert torch.equal(v, weights[k]), k
-    unload_lora(pm2)
+    unload_lora(ad2)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt2"])  # gemma2: soft-capped logits
@@ -123,21 +130,30 @@ def test_answer_loss_equals_full_logits_loss(family, data):
 def test_save_load_round_trip_and_mismatches(data, tmp_path, one_thread):
     train, test = data
     view = _view("llama")
-    pm, _ = train_lora(view, train, SETTINGS, progress=False)
+    ad, _ = train_lora(view, train, SETTINGS, progress=False)
     lora = _logits(view, test)
-    save_adapter(pm, tmp_path / "adapter")
-    save_adapter(pm, tmp_path / "adapter")  # an adapter folder is replaced
+    save_adapter(ad, tmp_path / "adapter")
+    save_adapter(ad, tmp_path / "adapter")  # an adapter folder is replaced
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "keep.csv").write_text("x")
     with pytest.raises(CnaError, match="not overwriting"):
-        save_adapter(pm, tmp_path / "results")
+        save_adapter(ad, tmp_path / "results")
+    with pytest.raises(CnaError, match="takes the Adapter that train_lora"):
+        save_adapter(ad.peft_model, tmp_path / "other")  # a bare peft model: no metadata
+    assert not (tmp_path / "other").exists()
     meta = json.loads((tmp_path / "adapter" / "cnalens.json").read_text())
     assert meta["settings"]["layers"] == [1] and meta["base"]["spec"] == "llama"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    unload_lora(pm)
+    unload_lora(ad)
     fresh = _view("llama")
-    assert load_adapter(fresh, tmp_path) is fresh  # DIR or DIR/adapter
+    back = load_adapter(fresh, tmp_path)  # DIR or DIR/adapter
+    assert isinstance(back, Adapter) and back.path == tmp_path / "adapter"
+    assert back.meta == meta and back.targets == ad.targets
+    assert back.peft_model.get_base_model() is fresh.model
+    assert not hasattr(fresh, "peft_model") and "lora_adapter" not in fresh.info
     assert torch.equal(_logits(fresh, test), lora)
+    with back.disabled():
+        assert not torch.equal(_logits(fresh, test), lora)
     with pytest.raises(CnaError, match="already carries a LoRA"):
         load_adapter(fresh, tmp_path)
     for other, why in (("gpt2", "family"), ("gemma", "family")):
@@ -153,8 +169,8 @@ def test_save_load_round_trip_and_mismatches(data, tmp_path, one_thread):
 def test_load_reports_peft_shape_errors_in_one_line(data, tmp_path):
     train, _ = data
     view = _view("llama")
-    pm, _ = train_lora(view, train, SETTINGS.replace(epochs=1), progress=False)
-    save_adapter(pm, tmp_path / "a")
+    ad, _ = train_lora(view, train, SETTINGS.replace(epochs=1), progress=False)
+    save_adapter(ad, tmp_path / "a")
     meta_path = tmp_path / "a" / "cnalens.json"
     meta = json.loads(meta_path.read_text())
     other = _view("qwen3")  # same family table and sizes except head_dim: q/k/v shapes
@@ -171,11 +187,12 @@ def test_comparison_matches_brute_force(data, one_thread):
 
     train, test = data
     view = _view("gemma3")
-    pm, _ = train_lora(view, train, SETTINGS, progress=False)
+    ad, _ = train_lora(view, train, SETTINGS, progress=False)
     enc = test[:5]
-    comp = lora_comparison(view, pm, enc, 1, progress=False)
+    comp = lora_comparison(view, ad, enc, 1, progress=False)
+    assert comp.meta["scoring"] == "exhaustive"
     a = score_neurons(view, enc, layers=[1, 2], progress=False)
-    with pm.disable_adapter():
+    with ad.disabled():
         b = score_neurons(view, enc, layers=[1, 2], target=a.target, scale=a.scale,
                           progress=False)
         with view.capture(["coef"], position=-1) as cb:
@@ -210,7 +227,7 @@ def test_comparison_matches_brute_force(data, one_thread):
                 assert row["pct_b"] == pytest.approx(pct / cnt)
     allrow = table.loc[("deep", 0)]
     assert allrow["coef_a"] == pytest.approx(float(comp.coef_a[:, 2].abs().sum()))
-    unload_lora(pm)
+    unload_lora(ad)
 
 
 def test_stage_and_report_on_tiny(tmp_path, one_thread):
@@ -247,8 +264,6 @@ def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
 
 
 def test_sweep_without_cna_and_saved_adapter_reevaluated(tmp_path, one_thread):
-    import pandas as pd
-
     from cnalens.apps.lora import run_lora
 
     view = _view("llama")
@@ -264,6 +279,8 @@ def test_sweep_without_cna_and_saved_adapter_reevaluated(tmp_path, one_thread):
     acc2 = pd.read_csv(tmp_path / "re" / "lora.csv", dtype={"op": str})
     pd.testing.assert_frame_equal(acc[acc["layer"] != 2].reset_index(drop=True), acc2)
     assert (tmp_path / "re" / "lora_cna.csv").is_file()
+    assert again["cna"]["scoring"] == "certified"  # attention-only LoRA: top-K certified
+    assert not any("lora" in n for n, _ in view.model.named_modules())  # unloaded
 
 
 def test_full_profile_is_the_papers_scale():
@@ -355,7 +372,7 @@ def test_view_reads_adapted_weights(family):
             torch.testing.assert_close(have[k], base[k], msg=str(k))
     pm.unmerge_adapter()
     _assert_weights(_weights(view), merged)
-    unload_lora(pm)
+    pm.unload()
     _assert_weights(_weights(view), base)
 
 
@@ -366,7 +383,7 @@ def test_residual_decomposition_with_adapter(family):
     view = _view(family)
     pm = _random_lora(view)
     decomposition(view)  # z and coef are the LoRA layers' inputs, weights the adapted ones
-    unload_lora(pm)
+    pm.unload()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -388,7 +405,7 @@ def test_lora_cna_scores_the_adapted_model(family, data, one_thread):
         off = score_neurons(view, enc, layers=[1, 2], target=merged.target,
                             scale=merged.scale, progress=False)
     torch.testing.assert_close(off.imp[:, 1:], orig.imp[:, 1:])
-    unload_lora(pm)
+    pm.unload()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -416,3 +433,30 @@ def test_pruning_refuses_a_lora_ffn_and_works_once_merged(family):
     assert view.ffn_widths[1:] == [4, 5]
     with torch.no_grad():
         torch.testing.assert_close(view.last_logits(b, 6), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family, targets, scoring", [
+    ("llama", ("attn",), "certified"),  # the down projections untouched: shared vectors
+    ("gpt2", ("attn",), "certified"),
+    ("llama", ("down_proj", "attn"), "exhaustive"),  # layer 1's value vectors differ
+])
+def test_lora_comparison_top_k_equals_exhaustive(family, targets, scoring, data, one_thread):
+    """With ``k`` (what run_lora asks for: its largest K), the comparison's top-K, frame
+    and coefficient-change table are the exhaustive comparison's."""
+    enc = data[1][:6]
+    view = _view(family)
+    pm = _random_lora(view, targets=targets)
+    full = lora_comparison(view, pm, enc, 1, progress=False)
+    top = lora_comparison(view, pm, enc, 1, k=12, progress=False)
+    assert full.meta["scoring"] == "exhaustive" and top.meta["scoring"] == scoring
+    assert torch.equal(top.topk(12), full.topk(12))
+    torch.testing.assert_close(top.coef_a, full.coef_a)
+    torch.testing.assert_close(top.coef_b, full.coef_b)
+    fa, fb = (c.frame(12, "decrease", [1, 2]) for c in (top, full))
+    assert fa[["case", "rank", "layer", "neuron"]].equals(fb[["case", "rank", "layer", "neuron"]])
+    for col in ("imp_a", "imp_b", "coef_a", "coef_b"):
+        np.testing.assert_allclose(fa[col], fb[col], rtol=1e-9, atol=1e-9)
+    bl = bands(view.n_layers, 1, 2)
+    pd.testing.assert_frame_equal(summarize(top, (3, 12), bl, seeds=2),
+                                  summarize(full, (3, 12), bl, seeds=2))
+    pm.unload()

@@ -181,10 +181,33 @@ def _adapter(tmp_path, name="gemma3"):
     view = ModelView(tiny_model(name), TinyTokenizer(), {"spec": name})
     s = LoraSettings.quick(layers=(0,), n_train=16, n_test=8, batch_size=8, lr=1e-2)
     train, _ = lora_cases(s)
-    peft_model, _ = train_lora(view, train, s, progress=False)
-    path = save_adapter(peft_model, tmp_path / "lora" / "adapter")
-    unload_lora(peft_model)
+    adapter, _ = train_lora(view, train, s, progress=False)
+    path = save_adapter(adapter, tmp_path / "lora" / "adapter")
+    unload_lora(adapter)
     return path
+
+
+def test_lora_ranking_equals_two_exhaustive_runs(tmp_path, one_thread):
+    """The selection's ranking (lora_cna.lora_comparison) is the one of scoring the LoRA
+    model and, adapter disabled, the original with A's target and scale, by brute force."""
+    from cnalens.apps.lora import load_adapter, unload_lora
+    from cnalens.cna import compare
+    from cnalens.data.cases import encode_all
+    from cnalens.scores import score_neurons
+
+    path = _adapter(tmp_path)
+    view = ModelView(tiny_model("gemma3"), TinyTokenizer(), {"spec": "gemma3"})
+    adapter = load_adapter(view, path)
+    enc = encode_all(view.tokenizer, P.selection_cases(n=3))
+    got = P.lora_ranking(view, adapter, enc, 1, batch_size=5)
+    a = score_neurons(view, enc, layers=[1, 2], progress=False)
+    with adapter.disabled():
+        b = score_neurons(view, enc, target=a.target, scale=a.scale, layers=[1, 2],
+                          progress=False)
+    want = P.rank_deep(compare(a, b), [1, 2], view.ffn_widths)
+    assert got.layers == want.layers == (1, 2) and got.n_cases == len(enc) == 12
+    assert torch.equal(got.units, want.units) and torch.equal(got.best, want.best)
+    unload_lora(adapter)
 
 
 def test_run_prune_end_to_end(tmp_path, one_thread):
@@ -196,8 +219,10 @@ def test_run_prune_end_to_end(tmp_path, one_thread):
         return ModelView(tiny_model("gemma3"), TinyTokenizer(), {"spec": "gemma3"})
 
     out = tmp_path / "out"
-    table = P.run_prune(fresh(), fresh, adapter, out, fraction=0.6, deep_from=1, seeds=(1, 2),
+    view = fresh()
+    table = P.run_prune(view, fresh, adapter, out, fraction=0.6, deep_from=1, seeds=(1, 2),
                         n_select=2, batch_size=8, speed_repeats=1, progress=False)
+    assert not any("lora" in n for n, _ in view.model.named_modules())  # adapter removed
     assert list(table["variant"]) == ["original", "lora", "cna_pruned", "cna_pruned_lora",
                                       "random_pruned", "random_pruned_lora", "random_pruned",
                                       "random_pruned_lora"]

@@ -18,9 +18,11 @@ rules, its own lean decides the group).
 Neurons. CNA per selection pair as an input comparison (design.md): run A is the prompt the
 profession leans to, run B the other; each run keeps its own final-norm scale, the target
 (the profession) is shared; neurons are ranked by ``imp_a - imp_b`` (the neurons that carry
-the gap in its direction), top-K per pair (exact scores of the neurons a first-order screen
-keeps, see ``input_topk``). Rule: the ``n_neurons`` neurons in most pairs' top-K (count),
-ties by the summed difference over those pairs, then by (layer, neuron). With several K
+the gap in its direction), top-K per pair: certified exact by default (``input_topk``,
+``cna.compare_inputs``); ``screen=N`` is the approximate option (exact scores of the N
+neurons a first-order screen keeps), recorded in ``debias.json`` (``scoring``). Rule:
+the ``n_neurons`` neurons in most pairs' top-K (count), ties by the summed difference over
+those pairs, then by (layer, neuron). With several K
 (``top_k=(5, 10, 20, 50)``) each K gives a set, and the set with the smallest metric on the
 SELECTION pairs is edited (ties: the smaller K); the held-out templates never take part.
 
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -53,6 +56,9 @@ from cnalens.data.cases import Case, Encoded, encode
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroNeurons
 from cnalens.progress import track
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 GENDER = ("female", "male")
 SELECT_TEMPLATES: tuple[tuple[str, str, str], ...] = (
@@ -165,8 +171,8 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> tuple[list[Encoded], list[
 
 # --------------------------------------------------------------------------- log-probs
 @torch.inference_mode()
-def target_logp(view, enc: Sequence[Encoded], *interventions, batch_size: int = 32
-                ) -> torch.Tensor:
+def target_logp(view: ModelView, enc: Sequence[Encoded], *interventions,
+                batch_size: int = 32) -> torch.Tensor:
     """log p(target | prompt) of single-token cases: (n,) float64."""
     out = torch.empty(len(enc), dtype=torch.float64)
     with view.intervene(*interventions):
@@ -180,7 +186,7 @@ def target_logp(view, enc: Sequence[Encoded], *interventions, batch_size: int = 
     return out
 
 
-def gaps(view, ea, eb, *interventions, batch_size: int = 32) -> torch.Tensor:
+def gaps(view: ModelView, ea, eb, *interventions, batch_size: int = 32) -> torch.Tensor:
     """Per pair: log p(target | prompt_a) - log p(target | prompt_b)."""
     return (target_logp(view, ea, *interventions, batch_size=batch_size)
             - target_logp(view, eb, *interventions, batch_size=batch_size))
@@ -196,7 +202,7 @@ def _single(tokenizer, word: str) -> bool:
 
 
 @torch.inference_mode()
-def candidate_words(view, top: int = 100) -> list[str]:
+def candidate_words(view: ModelView, top: int = 100) -> list[str]:
     """Profession words among the model's top-``top`` next tokens after each selection
     prompt (both genders), in first-seen order."""
     vocab, _ = profession_lists()
@@ -212,7 +218,7 @@ def candidate_words(view, top: int = 100) -> list[str]:
     return [w for w in seen if _single(view.tokenizer, w)]
 
 
-def choose_professions(view, n_per_group: int = 16, top: int = 100,
+def choose_professions(view: ModelView, n_per_group: int = 16, top: int = 100,
                        batch_size: int = 32) -> pd.DataFrame:
     """Columns word, group (female/male), gap (mean over selection templates), logp_own
     (mean log p under its group's prompts), source (predictions or fallback)."""
@@ -234,7 +240,7 @@ def choose_professions(view, n_per_group: int = 16, top: int = 100,
     return out
 
 
-def _lean(view, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
+def _lean(view: ModelView, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
     if not words:
         return pd.DataFrame(columns=["word", "group", "gap", "logp_own"])
     pairs = gender_pairs(words, "select")
@@ -247,7 +253,8 @@ def _lean(view, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
                          "gap": gap.numpy(), "logp_own": torch.where(fem, la, lb).numpy()})
 
 
-def professions_from(view, words: Sequence[str], batch_size: int = 32) -> pd.DataFrame:
+def professions_from(view: ModelView, words: Sequence[str],
+                     batch_size: int = 32) -> pd.DataFrame:
     """A user's profession list, leaned and grouped; every word must be one token."""
     words = [w.strip() for w in words if w.strip()]
     if not words:
@@ -266,8 +273,9 @@ def _input_runs(ea, eb, lean_a: torch.Tensor):
     return run_a, run_b
 
 
-def input_topk(view, run_a: Sequence[Encoded], run_b: Sequence[Encoded], k: int,
-               layers: Sequence[int] | None = None, screen: int | None = None,
+def input_topk(view: ModelView, run_a: Sequence[Encoded], run_b: Sequence[Encoded],
+               k: int, layers: Sequence[int] | None = None,
+               screen: int | None = None,
                batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
     """Top-``k`` neurons per pair by ``imp_a - imp_b`` of an input comparison
     (``cna.compare_inputs``: each run its own frozen scale, the target shared, the pair's
@@ -300,7 +308,7 @@ def select_neurons(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     return g.head(n).reset_index(drop=True)
 
 
-def random_neurons(view, like: Sequence[Neuron], seed: int) -> list[Neuron]:
+def random_neurons(view: ModelView, like: Sequence[Neuron], seed: int) -> list[Neuron]:
     """As many random neurons per layer as ``like`` has (seeded, no repeats)."""
     gen = torch.Generator().manual_seed(int(seed))
     counts = pd.Series([a for a, _ in like]).value_counts().sort_index()
@@ -311,7 +319,7 @@ def random_neurons(view, like: Sequence[Neuron], seed: int) -> list[Neuron]:
     return out
 
 
-def check_n(view, n: int, layers: Sequence[int] | None) -> None:
+def check_n(view: ModelView, n: int, layers: Sequence[int] | None) -> None:
     layer_list = range(view.n_layers) if layers is None else layers
     total = sum(view.ffn_width(layer) for layer in layer_list)
     if n < 1:
@@ -322,22 +330,32 @@ def check_n(view, n: int, layers: Sequence[int] | None) -> None:
 
 
 # --------------------------------------------------------------------------- the edit
-def _columns(view, layer: int) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, neuron axis) of the down projection: the value vectors."""
-    return [(view.module(layer, "down_proj").weight, 0 if view.family.conv1d else 1)]
+def _stores_in_out(mod: torch.nn.Module) -> bool:
+    """Whether a projection stores its weight as (in, out) (transformers' ``Conv1D``, as
+    in GPT-2) rather than (out, in) (``nn.Linear``): the module's own layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, Conv1D)
 
 
-def _input_rows(view, layer: int) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, neuron axis) of the FFN's input projections (gate, up) and their biases."""
+def _columns(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, neuron axis) of the down projection: the value vectors (its inputs)."""
+    mod = view.module(layer, "down_proj")
+    return [(mod.weight, 0 if _stores_in_out(mod) else 1)]
+
+
+def _input_rows(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, neuron axis) of the FFN's input projections (gate, up: one output per
+    neuron) and their biases."""
     out = []
     for mod in view.ffn_in(layer):
-        out.append((mod.weight, 1 if view.family.conv1d else 0))
+        out.append((mod.weight, 1 if _stores_in_out(mod) else 0))
         if getattr(mod, "bias", None) is not None:
             out.append((mod.bias, 0))
     return out
 
 
-def zero_edit(view, neurons: Sequence[Neuron], inputs: bool = False) -> list:
+def zero_edit(view: ModelView, neurons: Sequence[Neuron], inputs: bool = False) -> list:
     """Zero the neurons' value vectors (and with ``inputs`` their gate/up rows) in the
     weights, in place; returns what ``restore_edit`` needs."""
     view.check_neurons(neurons)
@@ -363,7 +381,8 @@ def restore_edit(saved: list) -> None:
 
 
 @contextmanager
-def zero_edited(view, neurons: Sequence[Neuron], inputs: bool = False) -> Iterator[None]:
+def zero_edited(view: ModelView, neurons: Sequence[Neuron],
+                inputs: bool = False) -> Iterator[None]:
     """The edit in place for the block, the original weights back afterwards."""
     saved = zero_edit(view, neurons, inputs)
     try:
@@ -372,7 +391,7 @@ def zero_edited(view, neurons: Sequence[Neuron], inputs: bool = False) -> Iterat
         restore_edit(saved)
 
 
-def save_edited(view, folder: Path) -> Path:
+def save_edited(view: ModelView, folder: Path) -> Path:
     """``save_pretrained`` of the (edited) model and its tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     view.model.save_pretrained(folder)
@@ -383,7 +402,8 @@ def save_edited(view, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- costs
 @torch.inference_mode()
-def perplexity(view, texts: Sequence[str], *interventions, batch_size: int = 16) -> dict:
+def perplexity(view: ModelView, texts: Sequence[str], *interventions,
+               batch_size: int = 16) -> dict:
     """exp(mean next-token NLL) over every token of ``texts`` (each text on its own)."""
     ids = [list(view.tokenizer(t).input_ids) for t in texts]
     nll, count = 0.0, 0
@@ -399,7 +419,7 @@ def perplexity(view, texts: Sequence[str], *interventions, batch_size: int = 16)
     return {"ppl": math.exp(nll / max(count, 1)), "tokens": count}
 
 
-def arithmetic_cost(view, enc, *interventions, batch_size: int = 32) -> dict:
+def arithmetic_cost(view: ModelView, enc, *interventions, batch_size: int = 32) -> dict:
     from cnalens.evaluate import evaluate
 
     res = evaluate(view, enc, *interventions, batch_size=batch_size, progress=False)
@@ -450,16 +470,20 @@ def _summary(df: pd.DataFrame, after: dict[str, pd.Series]) -> list[dict]:
     return base.to_dict("records")
 
 
-def run_debias(view, out: Path, *, n_neurons: int = 18,
+def run_debias(view: ModelView, out: Path, *, n_neurons: int = 18,
                top_k: Sequence[int] | int = (5, 10, 20, 50),
                seeds: int = 3,
                pairs_file: str | Path | None = None, professions: Sequence[str] | None = None,
                per_group: int = 16, candidates: int = 100, layers: Sequence[int] | None = None,
-               screen: int = 256, inputs: bool = False, cost_n: int = 25, seed: int = 0,
+               screen: int | None = None, inputs: bool = False, cost_n: int = 25, seed: int = 0,
                batch_size: int = 32, progress: bool = True, save_model: bool = True,
                texts: Sequence[str] | None = None, settings: dict | None = None) -> dict:
     """The whole debias stage: pairs, CNA neurons, controls, costs, the edit; writes
-    DIR/debias.csv, DIR/debias.json, DIR/debias_neurons.csv and DIR/model/."""
+    DIR/debias.csv, DIR/debias.json, DIR/debias_neurons.csv and DIR/model/.
+
+    ``screen``: None or 0 (default) ranks each pair's top-K certified exact; N scores only
+    the N neurons per pair a first-order screen keeps (approximate); ``debias.json``
+    records which (``scoring``)."""
     from cnalens.data.arithmetic import OPS, arithmetic_cases
     from cnalens.data.cases import encode_all
     from cnalens.io import write_csv, write_json
@@ -472,6 +496,9 @@ def run_debias(view, out: Path, *, n_neurons: int = 18,
             raise CnaError("--layers names no layer")
         view.check_layers(layers)
     check_n(view, n_neurons, layers)
+    if screen is not None and screen < 0:
+        raise CnaError(f"--screen must be >= 0 (0: certified exact), got {screen}")
+    screen = screen or None
     ks = sorted({int(k) for k in ([top_k] if isinstance(top_k, int) else top_k)})
     if not ks or ks[0] < 1:
         raise CnaError(f"--top-k must be >= 1, got {top_k}")
@@ -552,6 +579,7 @@ def run_debias(view, out: Path, *, n_neurons: int = 18,
                   "change": -0.357},
         "metric": _summary(df, after),
         "top_k": best["k"],
+        "scoring": _scoring(frame.attrs.get("meta", {}), screen),
         "k_search": [{"k": r["k"], "select_metric": r["select_metric"],
                       "neurons": [f"{a}.{b}" for a, b in r["neurons"]]} for r in search],
         "neurons": [{"name": f"{a}.{b}", "layer": a, "neuron": b, "count": int(c),
@@ -585,6 +613,23 @@ def run_debias(view, out: Path, *, n_neurons: int = 18,
     write_csv(out / "debias.csv", table)
     write_json(out / "debias.json", summary)
     return summary
+
+
+def _scoring(meta: dict, screen: int | None) -> dict:
+    """How the per-pair top-K was scored (``compare_inputs``' metadata), for debias.json."""
+    stats = meta.get("stats") or {}
+    method = meta.get("scoring") or ("screened" if screen else "certified")
+    what = {"certified": "certified exact top-K (bounds, exact scores of the candidates)",
+            "screened": f"approximate: exact scores of the {screen} neurons per pair a "
+                        "first-order screen keeps",
+            "exhaustive": "exact: every neuron scored"}
+    out = {"method": method, "screen": screen, "exact": method != "screened",
+           "what": what.get(method, method)}
+    for key in ("method", "why", "n_units", "n_exact_total", "seconds"):
+        if key in stats:
+            value = stats[key]
+            out["stats_" + key] = round(value, 2) if isinstance(value, float) else value
+    return out
 
 
 def debias_stage(ctx) -> None:

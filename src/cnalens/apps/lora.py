@@ -4,17 +4,19 @@ API (also used by ``cnalens.apps.prune``)::
 
     settings = LoraSettings.quick(layers=(7,))          # or .full(...), or LoraSettings(...)
     train, test = lora_cases(settings)                    # disjoint 2-digit splits, 4 ops
-    peft_model, history = train_lora(view, train, settings)
-    per_case = evaluate_runs(view, peft_model, test)      # original vs LoRA, one pass each
-    save_adapter(peft_model, "DIR/adapter")               # peft format + cnalens.json
-    unload_lora(peft_model)                               # view.model is the original again
-    load_adapter(view, "DIR/adapter")                     # the LoRA model again
+    adapter, history = train_lora(view, train, settings)  # an Adapter
+    per_case = evaluate_runs(view, adapter, test)         # original vs LoRA, one pass each
+    save_adapter(adapter, "DIR/adapter")                  # peft format + cnalens.json
+    unload_lora(adapter)                                  # view.model is the original again
+    adapter = load_adapter(view, "DIR/adapter")           # the LoRA model again
 
 **In place.** ``train_lora`` and ``load_adapter`` inject peft LoRA layers into
 ``view.model``'s own modules (no copy), so the view, ``evaluate``, ``case_states`` and the
-scores all see the LoRA model. ``with peft_model.disable_adapter():`` runs the original
-(exactly: the LoRA branch is skipped); ``unload_lora(peft_model)`` removes the LoRA layers
-and restores the original modules for good. A view carries at most one adapter.
+scores all see the LoRA model. Both return an :class:`Adapter`: the peft model
+(``adapter.peft_model``) and what ``save_adapter`` records (``adapter.meta``); nothing is
+attached to the view. ``with adapter.disabled():`` runs the original (exactly: the LoRA
+branch is skipped); ``unload_lora(adapter)`` removes the LoRA layers and restores the
+original modules for good. A view carries at most one adapter.
 
 **Targets.** ``target_modules`` are uniform names resolved through the view (so they work
 for every family): ``attn`` (every projection of the attention module: q, k, v, o; GPT-2's
@@ -39,8 +41,10 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -52,6 +56,9 @@ from cnalens.errors import CnaError
 from cnalens.io import write_json
 from cnalens.models.view import compute_dtype
 from cnalens.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 ROLES = ("attn", "qkv", "o_proj", "down_proj")
 META_FILE = "cnalens.json"
@@ -117,6 +124,38 @@ def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+# --------------------------------------------------------------------------- the adapter
+@dataclass
+class Adapter:
+    """A LoRA adapter attached (in place) to a view's model, as ``train_lora`` and
+    ``load_adapter`` return it.
+
+    ``peft_model``: peft's wrapper of ``view.model`` (its modules are the view's, with LoRA
+    layers injected); ``meta``: what ``save_adapter`` writes to ``cnalens.json`` (settings,
+    targets, base identity, training time and history); ``path``: the folder it was loaded
+    from (None for a freshly trained one)."""
+
+    peft_model: Any
+    meta: dict
+    path: Path | None = field(default=None)
+
+    @property
+    def targets(self) -> list[str]:
+        """Full module names (relative to ``view.model``) carrying the LoRA."""
+        return list(self.meta.get("targets", []))
+
+    def disabled(self) -> AbstractContextManager:
+        """``with adapter.disabled():`` runs the original model (the LoRA branch skipped)."""
+        return self.peft_model.disable_adapter()
+
+
+def _adapter(adapter: Adapter, what: str) -> Adapter:
+    if not isinstance(adapter, Adapter):
+        raise CnaError(f"{what} takes the Adapter that train_lora or load_adapter returns, "
+                       f"not {type(adapter).__name__}")
+    return adapter
+
+
 # --------------------------------------------------------------------------- data
 def _per_op(total: int, n_ops: int) -> int:
     return max(1, math.ceil(total / n_ops)) if total > 0 else 0
@@ -153,7 +192,8 @@ def _has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def target_names(view, layers: Sequence[int], target_modules: Sequence[str]) -> list[str]:
+def target_names(view: ModelView, layers: Sequence[int],
+                 target_modules: Sequence[str]) -> list[str]:
     """Full module names (relative to ``view.model``) of the LoRA targets."""
     if not layers:
         raise CnaError("no LoRA layer given")
@@ -189,7 +229,7 @@ def _example(block: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- identity
-def base_identity(view, targets: Sequence[str] = ()) -> dict:
+def base_identity(view: ModelView, targets: Sequence[str] = ()) -> dict:
     """What an adapter must match: architecture sizes, source, and a fingerprint of the
     targeted base weights (sum and sum of squares, dtype-robust)."""
     s = view.summary()
@@ -235,7 +275,7 @@ def _answer_targets(items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
     return t, k
 
 
-def answer_loss(view, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+def answer_loss(view: ModelView, items: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the answer tokens of a batch, and the token count.
 
     The unembedding runs only at the answer positions (the last ``k`` of each left-padded
@@ -258,15 +298,16 @@ def _progress_bar(show: bool):
     return progress_bar(show, TextColumn("loss {task.fields[loss]}"))
 
 
-def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: LoraSettings,
-               progress: bool = True):
+def train_lora(view: ModelView, train_cases: Sequence[Case] | Sequence[Encoded],
+               settings: LoraSettings, progress: bool = True) -> tuple[Adapter, pd.DataFrame]:
     """Train a LoRA on ``settings.layers`` of ``view.model`` (in place: see the module doc).
 
     Seeded (LoRA init, batch order, dropout): the same settings on the same machine give
     the same adapter. AdamW, linear warm-up over the first 5% of steps then linear decay.
-    Returns ``(peft_model, history)``, history one row per step: step, epoch, loss (mean
-    over the batch's answer tokens), tokens, lr, seconds (wall) and cpu_seconds (process
-    CPU time: on one thread, what the wall time would be on an idle machine).
+    Returns ``(adapter, history)``: the :class:`Adapter`, and one row per step: step,
+    epoch, loss (mean over the batch's answer tokens), tokens, lr, seconds (wall) and
+    cpu_seconds (process CPU time: on one thread, what the wall time would be on an idle
+    machine).
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -330,7 +371,7 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
         for p in params:
             p.requires_grad_(False)
     history = pd.DataFrame(rows)
-    peft_model.cnalens_meta = {
+    meta = {
         "settings": settings.to_dict(), "targets": targets, "base": identity,
         "n_train": len(enc), "train_seconds": round(time.perf_counter() - t0, 2),
         "train_cpu_seconds": round(time.process_time() - c0, 2),
@@ -338,33 +379,32 @@ def train_lora(view, train_cases: Sequence[Case] | Sequence[Encoded], settings: 
         "loss_last": rows[-1]["loss"] if rows else None,
         "history": history[["step", "loss", "lr", "seconds"]].round(5).to_dict("list")
         if rows else None}
-    return peft_model, history
+    return Adapter(peft_model, meta), history
 
 
-def unload_lora(peft_model) -> nn.Module:
-    """Remove the LoRA layers from the base model (restoring its original modules)."""
-    return peft_model.unload()
+def unload_lora(adapter: Adapter) -> nn.Module:
+    """Remove the LoRA layers from the base model (restoring its original modules); returns
+    the base model (``view.model``)."""
+    return _adapter(adapter, "unload_lora").peft_model.unload()
 
 
 # --------------------------------------------------------------------------- save / load
-def save_adapter(peft_model, dir: str | Path) -> Path:
+def save_adapter(adapter: Adapter, dir: str | Path) -> Path:
     """Save in peft's format (adapter_config.json, adapter_model.safetensors) plus
     ``cnalens.json`` (settings, targets, base model identity), atomically: an existing
     adapter folder is replaced, any other non-empty folder is refused."""
     import shutil
     import tempfile
 
+    adapter = _adapter(adapter, "save_adapter")
     dir = Path(dir)
-    meta = getattr(peft_model, "cnalens_meta", None)
-    if meta is None:
-        raise CnaError("not a cnalens LoRA model (train it with train_lora or load_adapter)")
     if dir.exists() and any(dir.iterdir()) and not (dir / "adapter_config.json").is_file():
         raise CnaError(f"{dir} exists and holds no adapter: not overwriting it")
     dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dir.name}.", dir=dir.parent))
     try:
-        peft_model.save_pretrained(str(tmp))
-        write_json(tmp / META_FILE, meta)
+        adapter.peft_model.save_pretrained(str(tmp))
+        write_json(tmp / META_FILE, adapter.meta)
         if dir.exists():
             shutil.rmtree(dir)
         tmp.rename(dir)
@@ -396,12 +436,12 @@ def read_adapter_meta(dir: str | Path) -> dict:
         raise CnaError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_adapter(view, dir: str | Path):
-    """Attach a saved adapter to ``view.model`` (in place) and return the view.
+def load_adapter(view: ModelView, dir: str | Path) -> Adapter:
+    """Attach a saved adapter (``DIR`` or ``DIR/adapter``) to ``view.model``, in place, and
+    return it as an :class:`Adapter` (``adapter.disabled()``, ``unload_lora(adapter)``).
 
     CnaError when the folder holds no adapter or the adapter does not fit this base model
-    (other family or sizes, other FFN widths, other weights in the targeted modules).
-    The peft model is ``view.peft_model`` (``disable_adapter()``, ``unload_lora``)."""
+    (other family or sizes, other FFN widths, other weights in the targeted modules)."""
     from peft import PeftModel
 
     d = _adapter_dir(dir)
@@ -421,21 +461,18 @@ def load_adapter(view, dir: str | Path):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CnaError(f"adapter {d} does not fit this model: {first}") from None
     peft_model.eval()
-    peft_model.cnalens_meta = meta
-    view.peft_model = peft_model
-    view.info["lora_adapter"] = str(d)
-    return view
+    return Adapter(peft_model, meta, d)
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate_runs(view, peft_model, cases, batch_size: int = 64,
+def evaluate_runs(view: ModelView, adapter: Adapter, cases, batch_size: int = 64,
                   progress: bool = True) -> pd.DataFrame:
     """Per-case results of the original (adapter disabled) and the LoRA model, with a
     ``run`` column (``original``, ``lora``)."""
     from cnalens.evaluate import evaluate
 
     enc = as_encoded(view.tokenizer, cases)
-    with peft_model.disable_adapter():
+    with _adapter(adapter, "evaluate_runs").disabled():
         orig = evaluate(view, enc, batch_size=batch_size, progress=progress,
                         description="evaluating original")
     lora = evaluate(view, enc, batch_size=batch_size, progress=progress,
@@ -458,19 +495,19 @@ def accuracy_by_run(per_case: pd.DataFrame) -> pd.DataFrame:
     return out[["run", *[c for c in out.columns if c != "run"]]]
 
 
-__all__ = ["LoraSettings", "lora_cases", "train_lora", "save_adapter", "load_adapter",
-           "unload_lora", "evaluate_runs", "accuracy_by_run", "target_names", "answer_loss",
-           "read_adapter_meta", "base_identity"]
+__all__ = ["Adapter", "LoraSettings", "lora_cases", "train_lora", "save_adapter",
+           "load_adapter", "unload_lora", "evaluate_runs", "accuracy_by_run", "target_names",
+           "answer_loss", "read_adapter_meta", "base_identity"]
 
 
 # --------------------------------------------------------------------------- the study
-def default_layer(view) -> int:
+def default_layer(view: ModelView) -> int:
     """The LoRA layer used when none is given: a quarter of the depth (the paper's best
     LoRA layers were 1-9 of Llama-7B's 32, the shallow ones below its arithmetic heads)."""
     return max(1, view.n_layers // 4) if view.n_layers > 1 else 0
 
 
-def sweep_layers(view, spec: str | None, profile: str = "quick") -> list[int]:
+def sweep_layers(view: ModelView, spec: str | None, profile: str = "quick") -> list[int]:
     """``auto``: a spread of four layers (every layer under the full profile); ``all``;
     or a comma-separated list."""
     from cnalens.names import parse_ints
@@ -500,7 +537,7 @@ def _sample_per_op(enc: Sequence[Encoded], n: int, seed: int) -> list[Encoded]:
     return out
 
 
-def run_lora(view, out: Path, settings: LoraSettings, layer: int,
+def run_lora(view: ModelView, out: Path, settings: LoraSettings, layer: int,
              sweep: Sequence[int] = (), ks: Sequence[int] = (10, 20, 50),
              deep_from: int | None = None, seeds: int = 3, n_cna: int = 2,
              batch_size: int = 64, progress: bool = True,
@@ -540,34 +577,35 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
     per_layer, main = {}, {}
     for L in layers:
         if adapter is not None and L == layer:
-            peft_model = load_adapter(view, adapter).peft_model
-            history = pd.DataFrame(peft_model.cnalens_meta.get("history") or
+            lora = load_adapter(view, adapter)
+            history = pd.DataFrame(lora.meta.get("history") or
                                    {"step": [], "loss": [], "lr": [], "seconds": []})
         else:
-            peft_model, history = train_lora(view, enc_tr, settings.replace(layers=(L,)),
-                                             progress=progress)
+            lora, history = train_lora(view, enc_tr, settings.replace(layers=(L,)),
+                                       progress=progress)
         try:
             t1 = time.perf_counter()
             res = evaluate(view, enc_te, batch_size=batch_size, progress=progress,
                            description=f"evaluating LoRA {L}").assign(run="lora")
             tables.append(accuracy_by_run(res).assign(layer=L))
-            per_layer[L] = {"train_seconds": peft_model.cnalens_meta.get("train_seconds"),
-                            "train_cpu_seconds": peft_model.cnalens_meta.get(
-                                "train_cpu_seconds"),
+            per_layer[L] = {"train_seconds": lora.meta.get("train_seconds"),
+                            "train_cpu_seconds": lora.meta.get("train_cpu_seconds"),
                             "eval_seconds": round(time.perf_counter() - t1, 2),
                             "loss": [round(x, 4) for x in history["loss"]],
                             "acc": float(res["correct"].mean())}
             if L == layer:
-                save_adapter(peft_model, out / "adapter")
+                save_adapter(lora, out / "adapter")
                 t2 = time.perf_counter()
                 band_layers = bands(view.n_layers, L, deep_from)
                 main = {"table": None, "neurons": None, "n_cna": 0,
                         "cases": pd.concat([orig, res], ignore_index=True),
                         "history": history, "bands": band_layers,
-                        "meta": peft_model.cnalens_meta}
+                        "meta": lora.meta, "scoring": None}
                 if n_cna > 0:
                     enc_cna = _sample_per_op(enc_te, n_cna, settings.seed)
-                    comp = lora_comparison(view, peft_model, enc_cna, L,
+                    # only each case's top-max(ks) is ranked: certified exact top-K where
+                    # the LoRA leaves the down projections alone, exhaustive elsewhere
+                    comp = lora_comparison(view, lora, enc_cna, L, k=max(ks),
                                            batch_size=min(batch_size, 32), progress=progress)
                     main.update(
                         table=summarize(comp, ks, band_layers, seeds, settings.seed),
@@ -575,10 +613,10 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
                                            [{"op": e.case.labels.get("op"),
                                              "prompt": e.case.question,
                                              "target": e.case.target} for e in enc_cna]),
-                        n_cna=len(enc_cna))
+                        n_cna=len(enc_cna), scoring=comp.meta["scoring"])
                 main["cna_seconds"] = round(time.perf_counter() - t2, 2)
         finally:
-            unload_lora(peft_model)
+            unload_lora(lora)
     acc = pd.concat(tables, ignore_index=True)
     acc = acc[["run", "layer", *[c for c in acc.columns if c not in ("run", "layer")]]]
     summary = _summary(main["table"]) if main["table"] is not None else None
@@ -593,6 +631,7 @@ def run_lora(view, out: Path, settings: LoraSettings, layer: int,
                 "runs": {"a": "LoRA model", "b": "original (adapter disabled)"},
                 "target": "run A's prediction", "lens": "frozen, run A's final-norm scale",
                 "ranking": "imp_a - imp_b, layers from the LoRA layer up",
+                "scoring": main["scoring"],
                 "change": "sum|coef_a| / sum|coef_b| - 1 over each case's top-K neurons "
                           "in the band", "summary": summary,
                 "seconds": main["cna_seconds"]},

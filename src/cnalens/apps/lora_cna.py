@@ -3,9 +3,11 @@ coefficients of neurons the original already uses, or make new ones?
 
 Runs (design.md): A = the LoRA model, B = the same model with the adapter disabled; both
 are scored with A's target (its top-1 prediction) and A's frozen final-norm scale, at the
-last prompt position, by ``score_neurons`` (exhaustive, the frozen lens). Neurons are
-ranked per case by ``imp_a - imp_b`` (CNA's "decrease": what LoRA made more important),
-over the layers from the lowest LoRA layer up (below it the two runs are identical).
+last prompt position, through ``cna.compare_runs`` (the frozen lens; every neuron, or with
+``k`` the certified exact top-K where the LoRA leaves the FFN down projections alone).
+Neurons are ranked per case by ``imp_a - imp_b`` (CNA's "decrease": what LoRA made more
+important), over the layers from the lowest LoRA layer up (below it the two runs are
+identical). ``cnalens.apps.prune`` selects its neurons with the same comparison.
 
 For each K and each band of layers (``shallow`` below ``deep_from``, ``deep`` from it up,
 ``all``; or depth quartiles), over the top-K neurons of every case that fall in the band:
@@ -24,6 +26,7 @@ and one ``k = 0`` row per band: the change of the coefficient sum of all its neu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -31,6 +34,9 @@ import torch
 from cnalens.cna import Comparison, random_like, topk_mask
 from cnalens.data.cases import Encoded
 from cnalens.errors import CnaError
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 
 def bands(n_layers: int, first: int, deep_from: int | None) -> dict[str, list[int]]:
@@ -111,20 +117,31 @@ def summarize(comp: Comparison, ks: Sequence[int], band_layers: dict[str, list[i
     return pd.DataFrame(rows)
 
 
-def lora_comparison(view, peft_model, encoded: Sequence[Encoded], first_layer: int,
-                    batch_size: int = 32, progress: bool = True) -> Comparison:
-    """Score every FFN neuron from ``first_layer`` up in the LoRA run (A) and the original
-    (B, adapter disabled), both with A's target and frozen scale: ``cna.compare_runs``
-    with ``other_model=peft_model`` (one pass where the runs' value vectors agree; in
-    layers whose down projection carries the LoRA, each run with its own)."""
+def lora_comparison(view: ModelView, adapter: Any, encoded: Sequence[Encoded],
+                    first_layer: int, k: int | None = None, batch_size: int = 32,
+                    progress: bool = True) -> Comparison:
+    """CNA of the LoRA model (run A) against the original (run B, adapter disabled) on the
+    FFN neurons from ``first_layer`` up, both with A's target and frozen scale:
+    ``cna.compare_runs(view, encoded, other_model=peft_model)`` (one pass where the runs'
+    value vectors agree; in layers whose down projection carries the LoRA, each run with
+    its own).
+
+    ``adapter``: the ``apps.lora.Adapter`` attached to ``view`` (or its peft model).
+    ``k``: only each case's top-``k`` is needed: certified exact where the LoRA leaves the
+    down projections alone (``meta["scoring"]`` says which), the same top-``k`` as
+    exhaustive scoring (in float32 up to the order of near ties, ~1e-6 apart); the other
+    neurons' importances are then NaN (coefficients stay complete)."""
+    from cnalens.apps.lora import Adapter
     from cnalens.cna import compare_runs
 
     if not encoded:
         raise CnaError("no cases for the LoRA comparison")
-    comp = compare_runs(view, list(encoded), other_model=peft_model,
+    peft_model = adapter.peft_model if isinstance(adapter, Adapter) else adapter
+    comp = compare_runs(view, list(encoded), other_model=peft_model, k=k,
                         layers=range(first_layer, view.n_layers), batch_size=batch_size,
                         progress=progress)
     comp.meta = {"a": "LoRA model", "b": "original (adapter disabled)",
                  "target": "run A's prediction", "lens": "frozen (run A's scale)",
-                 "layers": [first_layer, view.n_layers - 1]}
+                 "layers": [first_layer, view.n_layers - 1],
+                 "scoring": comp.meta.get("scoring", "exhaustive")}
     return comp

@@ -2,7 +2,9 @@
 
 1. **Selection.** CNA between the LoRA model (run A) and the original (run B, the adapter
    disabled) over the 1-digit cases of the four operations (design.md: both runs scored
-   with A's target and frozen final-norm scale). Each case ranks the deep layers' neurons
+   with A's target and frozen final-norm scale; ``apps.lora_cna.lora_comparison``, every
+   deep neuron scored: the selection needs each neuron's best rank, not only a top-K).
+   Each case ranks the deep layers' neurons
    (layers >= ``deep_from``) by ``imp_a - imp_b``; the union of every case's top-N is kept,
    every other neuron of those layers is pruned. A neuron is in the union for N exactly
    when its best rank over the cases is below N, so the union's size for every N is one
@@ -21,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +41,10 @@ from cnalens.models.pruned import (  # noqa: F401 (re-exported)
 )
 from cnalens.progress import console
 
+if TYPE_CHECKING:
+    from cnalens.apps.lora import Adapter
+    from cnalens.models import ModelView
+
 Keep = dict[int, torch.Tensor]
 
 
@@ -46,24 +53,6 @@ def selection_cases(ops: Sequence[str] = OPS, n: int | None = None, seed: int = 
                     shots: int = 0) -> list[Case]:
     """The 1-digit ``eq`` cases of ``ops`` (all, or ``n`` seeded operand pairs per op)."""
     return arithmetic_cases(ops, (1,), ("eq",), n=n, seed=seed, shots=shots)
-
-
-def lora_comparison(view, cases, layers: Sequence[int], batch_size: int = 32,
-                    progress: bool = True):
-    """CNA of the LoRA model (A, ``view.peft_model``'s adapter on) against the original (B,
-    adapter disabled): B is scored with A's target and frozen scale. Returns a Comparison."""
-    from cnalens.cna import compare
-    from cnalens.scores import score_neurons
-
-    peft_model = getattr(view, "peft_model", None)
-    if peft_model is None:
-        raise CnaError("the model carries no LoRA adapter (load one with load_adapter)")
-    enc = as_encoded(view.tokenizer, cases)
-    a = score_neurons(view, enc, layers=layers, batch_size=batch_size, progress=progress)
-    with peft_model.disable_adapter():
-        b = score_neurons(view, enc, target=a.target, scale=a.scale, layers=layers,
-                          batch_size=batch_size, progress=progress)
-    return compare(a, b, {"a": "LoRA model", "b": "original (adapter disabled)"})
 
 
 @dataclass
@@ -122,6 +111,20 @@ def rank_deep(comp, layers: Sequence[int], widths: Sequence[int]) -> Ranking:
     return Ranking(units, rank.min(0).values, layers, key.shape[0])
 
 
+def lora_ranking(view: ModelView, adapter: Adapter, cases, deep_from: int,
+                 batch_size: int = 32, progress: bool = True) -> Ranking:
+    """The selection's ranking: CNA of the LoRA model (``adapter``, attached to ``view``)
+    against the original (``lora_cna.lora_comparison``) on ``cases``, every neuron of the
+    deep layers (``deep_from`` up) reduced to its best rank over the cases."""
+    from cnalens.apps.lora_cna import lora_comparison
+
+    view.check_layers([deep_from])
+    enc = as_encoded(view.tokenizer, cases)
+    comp = lora_comparison(view, adapter, enc, deep_from, batch_size=batch_size,
+                           progress=progress)
+    return rank_deep(comp, range(deep_from, view.n_layers), list(view.ffn_widths))
+
+
 def random_keep(counts: dict[int, int], widths: Sequence[int], seed: int) -> Keep:
     """Random neurons, the same number per layer as ``counts``."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -161,7 +164,7 @@ def forward_seconds(views: Sequence, enc, batch_size: int = 64, repeats: int = 5
     return [float(np.median(t)) for t in times]
 
 
-def ffn_params(view, layers: Sequence[int] | None = None) -> int:
+def ffn_params(view: ModelView, layers: Sequence[int] | None = None) -> int:
     """Parameters of the FFN matrices (input projections, down projection, their biases)."""
     layers = range(view.n_layers) if layers is None else layers
     return sum(p.numel() for layer in layers
@@ -240,7 +243,8 @@ def heads_layer(*folders: Path) -> int | None:
     return None
 
 
-def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = None,
+def run_prune(view: ModelView, fresh, lora_dir: Path, out: Path, *,
+              keep_top: int | None = None,
               fraction: float | None = None, deep_from: int, seeds: Sequence[int] = (1, 2),
               train: bool = True, n_select: int | None = None, batch_size: int = 32,
               speed_repeats: int = 5, progress: bool = True,
@@ -248,9 +252,9 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
     """The whole experiment; writes DIR/prune.csv (one row per variant and seed),
     prune_summary.csv, prune_neurons.csv, prune_cases.csv, prune.json and DIR/model/.
 
-    ``view``: the original model (the adapter in ``lora_dir`` is attached here, and removed
-    after the selection); ``fresh()``: a newly loaded original model (each variant prunes
-    its own, in place).
+    ``view``: the original model, without an adapter (the one in ``lora_dir`` is attached
+    for the evaluation and the selection, and removed again); ``fresh()``: a newly loaded
+    original model (each variant prunes its own, in place).
     """
     from cnalens.apps.lora import evaluate_runs, load_adapter, lora_cases, train_lora, unload_lora
     from cnalens.evaluate import evaluate
@@ -272,8 +276,6 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
                        f"FFN neurons, layers {deep_from}-{view.n_layers - 1})")
     settings, adapter_meta = _adapter_settings(lora_dir)
     train_cases, test_cases = lora_cases(settings)
-    if getattr(view, "peft_model", None) is None:
-        load_adapter(view, lora_dir)
     deep = list(range(deep_from, view.n_layers))
     widths = list(view.ffn_widths)
     tok = view.tokenizer
@@ -288,21 +290,23 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
     console.print(f"[bold]prune[/]: evaluating the original and the LoRA model on "
                   f"{len(test_enc)} test cases")
     t = time.perf_counter()
-    per = evaluate_runs(view, view.peft_model, test_enc, batch_size=batch_size,
-                        progress=progress)
-    rows = [_acc_row(per[per["run"] == "original"], "original", None, deep_pruned=0.0),
-            _acc_row(per[per["run"] == "lora"], "lora", None, deep_pruned=0.0)]
-    cases = [per.assign(variant=per["run"].map({"original": "original", "lora": "lora"}),
-                        seed=None)]
-    t = lap("evaluate", t)
-    console.print(f"[bold]prune[/]: CNA LoRA vs original on {len(sel)} 1-digit cases, "
-                  f"layers {deep[0]}-{deep[-1]}")
-    comp = lora_comparison(view, sel, deep, batch_size=batch_size, progress=progress)
-    ranking = rank_deep(comp, deep, widths)
+    adapter = load_adapter(view, lora_dir)
+    try:
+        per = evaluate_runs(view, adapter, test_enc, batch_size=batch_size,
+                            progress=progress)
+        rows = [_acc_row(per[per["run"] == "original"], "original", None, deep_pruned=0.0),
+                _acc_row(per[per["run"] == "lora"], "lora", None, deep_pruned=0.0)]
+        cases = [per.assign(variant=per["run"].map({"original": "original", "lora": "lora"}),
+                            seed=None)]
+        t = lap("evaluate", t)
+        console.print(f"[bold]prune[/]: CNA LoRA vs original on {len(sel)} 1-digit cases, "
+                      f"layers {deep[0]}-{deep[-1]}")
+        ranking = lora_ranking(view, adapter, sel, deep_from, batch_size=batch_size,
+                               progress=progress)
+    finally:
+        unload_lora(adapter)
     n_top = keep_top if keep_top is not None else ranking.choose_n(fraction)
     keep = ranking.keep(n_top)
-    unload_lora(view.peft_model)
-    del view.peft_model
     t = lap("select", t)
     per_layer = counts(keep)
     variants = [("cna", None, keep)] + [
@@ -329,6 +333,8 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
             "selection": {"cases": len(sel), "pairs_per_op": n_select,
                           "ops": list(settings.ops), "digits": [1], "shots": settings.shots,
                           "ranking": "imp_a - imp_b",
+                          "scoring": "exhaustive (every deep neuron: the selection needs "
+                                     "each neuron's best rank over the cases)",
                           "runs": {"a": "LoRA model", "b": "original (adapter disabled)"},
                           "target": "run A's prediction, A's frozen final-norm scale for both"},
             "deep_layers": [deep[0], deep[-1]], "deep_neurons": sum(widths[la] for la in deep),
@@ -362,7 +368,7 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
         cases.append(res.assign(variant=f"{kind}_pruned", seed=seed))
         if train:
             console.print(f"[bold]prune[/]: training a fresh LoRA on the {tag} pruned model")
-            peft_model, hist = train_lora(pv, train_enc, settings, progress=progress)
+            pruned_lora, hist = train_lora(pv, train_enc, settings, progress=progress)
             histories[f"{kind}:{seed}"] = {"loss_first": float(hist["loss"].iloc[0]),
                                            "loss_last": float(hist["loss"].iloc[-1]),
                                            "seconds": float(hist["seconds"].iloc[-1])}
@@ -370,7 +376,7 @@ def run_prune(view, fresh, lora_dir: Path, out: Path, *, keep_top: int | None = 
                            description=f"evaluating {tag} pruned + LoRA")
             rows.append(_acc_row(res, f"{kind}_pruned_lora", seed, deep_pruned=frac))
             cases.append(res.assign(variant=f"{kind}_pruned_lora", seed=seed))
-            del peft_model
+            del pruned_lora
         del pv
         lap(f"variant {tag}", t)
         _write(rows, cases, variants, False)

@@ -46,7 +46,8 @@ def debias(
     layers: Annotated[str | None, typer.Option(
         help="restrict the neurons to these layers, e.g. 7-17 (default: all)")] = None,
     screen: Annotated[int, typer.Option(
-        help="neurons per pair scored exactly after a first-order screen (0: all)")] = 256,
+        help="approximate: score exactly only the N neurons per pair a first-order screen "
+             "keeps (recorded in debias.json); 0 (default): the certified exact top-K")] = 0,
     inputs: Annotated[bool, typer.Option(
         help="also zero the neurons' gate/up rows (default: value vectors only)")] = False,
     cost_n: Annotated[int, typer.Option(
@@ -75,6 +76,8 @@ def debias(
         if not [w for w in professions.split(",") if w.strip()]:
             raise CnaError("--professions: empty profession list")
         prof = parse_list(professions, "professions")
+    if screen < 0:
+        raise CnaError(f"--screen must be >= 0 (0: certified exact), got {screen}")
     ll = parse_layers(layers) if layers else None
     ks = parse_ints(top_k, "top-k")
     if pairs is not None:
@@ -85,7 +88,8 @@ def debias(
     t0 = time.perf_counter()
     summary = run_debias(view, out, n_neurons=n_neurons, top_k=ks, seeds=seeds,
                          pairs_file=pairs, professions=prof, per_group=per_group,
-                         candidates=candidates, layers=ll, screen=screen, inputs=inputs,
+                         candidates=candidates, layers=ll, screen=screen or None,
+                         inputs=inputs,
                          cost_n=cost_n, seed=seed, batch_size=batch_size,
                          progress=not quiet, save_model=save_model)
     import pandas as pd

@@ -78,8 +78,9 @@ def lora(
         "DIR/heads.csv; without one, depth quartiles)")] = None,
     seeds: Annotated[int, typer.Option(help="random-neuron baselines")] = 3,
     n_cna: Annotated[int, typer.Option(
-        "--n-cna", help="CNA cases per op (0: no CNA, e.g. for a layer sweep); the "
-        "exhaustive scoring costs minutes per case on a 262k vocabulary")] = 2,
+        "--n-cna", help="CNA cases per op (0: no CNA, e.g. for a layer sweep); the top-K "
+        "is certified exact where the LoRA leaves the down projections alone, else every "
+        "neuron is scored (minutes per case on a 262k vocabulary)")] = 2,
     adapter: Annotated[Path | None, typer.Option(
         help="evaluate and compare a saved adapter (DIR or DIR/adapter) instead of "
              "training the main layer")] = None,
