@@ -1,9 +1,13 @@
 """The command line: one error line and a non-zero exit on bad input; real runs."""
 
+import json
+
 import pandas as pd
 import pytest
 
-from cnalens.cli import main
+from cnalens import cli
+from cnalens.cli import flag_message, main
+from cnalens.errors import CnaError
 
 
 def run(capsys, *argv):
@@ -53,6 +57,31 @@ def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, msg):
     assert all(x.startswith("cnalens: ") for x in lines)  # the rest: one-line notices
     assert not out.exists()  # nothing half-written
     assert not (tmp_path / "cache" / "models").exists()  # nothing converted
+
+
+@pytest.mark.parametrize("message, argv, shown", [
+    ("top must be at least 1", ["explain", "3+5="], "--top must be at least 1"),
+    ("give exactly one of keep_top and prune_fraction", ["prune"],
+     "give exactly one of --keep-top and --prune-fraction"),
+    ("ops: empty list", ["eval"], "--ops: empty list"),
+    ("heads: 'x' is not of the form L.H", ["heads"], "--heads: 'x' is not of the form L.H"),
+    ("seeds must be at least 1", ["run", "arithmetic"], "seeds must be at least 1"),  # no flag
+    ("layer 40 out of range", ["lora", "--sweep-layers", "2,40"], "layer 40 out of range"),
+    ("no heads_attribution.csv in x", ["heads"], "no heads_attribution.csv in x"),
+    ("top must be at least 1", ["no-such-command"], "top must be at least 1"),
+])
+def test_flag_message(message, argv, shown):
+    """Library errors name Python parameters; the CLI shows the command's flags."""
+    assert flag_message(message, argv) == shown
+
+
+def test_library_error_shows_the_flag(capsys, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise CnaError("batch_size must be at least 1, not 0")
+
+    monkeypatch.setattr(cli, "load_view", fail)
+    rc, _, err = run(capsys, "eval", "--model", "smollm2-135m", "--out", str(tmp_path / "o"))
+    assert (rc, err) == (2, "cnalens: error: --batch-size must be at least 1, not 0\n")
 
 
 @pytest.mark.real
@@ -116,11 +145,15 @@ def test_eval_and_run_real(capsys, tmp_path):
     assert len(heads) == 30 * 9 * 4
     assert ((heads["drop"] - (heads.acc_orig - heads.acc_ablated)).abs() < 1e-9).all()
     assert heads.groupby("op").acc_orig.nunique().eq(1).all()  # one baseline per op
-    if (res / "verification.csv").exists():  # only if some case is answered correctly
-        ver = pd.read_csv(res / "verification.csv")
-        assert set(ver.experiment) == {"zero_topk", "keep_topk", "coef_drop_head",
-                                       "coef_drop_lowest", "heldout_zero_topk"}
-        assert "Verification of the CNA neurons" in html
+    # smollm2 answers some of the smoke profile's 8 CNA additions (3 with seed 0): the CNA
+    # stage runs on those and verifies its neurons
+    plus = json.loads((res / "cna.json").read_text())["per_op"]["+"]
+    assert plus["n"] >= 1 and plus["n"] + plus["skipped_wrong"] == 8
+    ver = pd.read_csv(res / "verification.csv", dtype={"op": str})
+    assert set(ver.experiment) == {"zero_topk", "keep_topk", "coef_drop_head",
+                                   "coef_drop_lowest", "heldout_zero_topk"}
+    assert set(ver.op) == {"+"} and (ver.n > 0).all() and ver.value.notna().any()
+    assert "Verification of the CNA neurons" in html
     (res / "report.html").unlink()
     rc, _, err = run(capsys, "report", str(res))
     assert rc == 0 and (res / "report.html").exists()

@@ -13,9 +13,6 @@ from cnalens.errors import CnaError
 from cnalens.evaluate import evaluate
 from cnalens.heads import (
     COLUMNS,
-    _stats_full,
-    _stats_tiled,
-    _tree_chunks,
     head_means,
     head_table,
     parse_heads,
@@ -27,6 +24,7 @@ from cnalens.heads import (
     top_heads,
     write_heads,
 )
+from cnalens.heads.scan import _stats_full, _stats_tiled, _tree_chunks  # engine internals
 from cnalens.interventions import ZeroHeads
 from cnalens.models import ModelView
 from cnalens.stats import bootstrap_diff
@@ -250,7 +248,8 @@ def test_fast_equals_naive_gemma(gemma):
 def test_attribution_is_the_first_order_effect():
     from scipy.stats import spearmanr
 
-    from cnalens.heads import _attribution_batch, scan_heads_attribution
+    from cnalens.heads import scan_heads_attribution
+    from cnalens.heads.attribution import _attribution_batch
     from cnalens.interventions import ScaleHeads
 
     v = _view("gpt2")

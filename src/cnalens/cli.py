@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -63,11 +64,14 @@ def load_view(model: str, device: str, dtype: str, device_map: str | None,
                       progress=not quiet)
 
 
-def _command() -> str:
+def command_line() -> str:
+    """The command as typed (``cnalens ...``), as the stages record it."""
     return " ".join(["cnalens", *sys.argv[1:]])
 
 
-def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
+def print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
+    """A DataFrame as a table on stdout: ``pct`` columns as percentages, floats to three
+    decimals, ``digits`` 0 (the pooled row) as ``all``."""
     table = Table(title=title, show_lines=False)
     for col in df.columns:
         table.add_column(str(col), justify="right" if df[col].dtype.kind in "fiu" else "left")
@@ -86,6 +90,11 @@ def _print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
     console.print(table)
 
 
+# old private names, kept until commands/lora.py, prune.py and debias.py use the public ones
+_command = command_line
+_print_table = print_table
+
+
 def print_findings(out: Path) -> None:
     """The folder's findings (``cnalens.report.findings``), one line each."""
     from cnalens.report.findings import findings
@@ -102,7 +111,7 @@ def print_accuracy(table) -> None:
 
     cols = [*[c for c in table.columns if c not in SUMMARY_COLUMNS],
             "n", "acc", "acc_lo", "acc_hi", "acc_first", "logp"]
-    _print_table(table[cols], "accuracy (%; acc_lo/acc_hi: Wilson 95%)",
+    print_table(table[cols], "accuracy (%; acc_lo/acc_hi: Wilson 95%)",
                  pct=("acc", "acc_lo", "acc_hi", "acc_first"))
 
 
@@ -158,7 +167,7 @@ def eval_cmd(
     table = eval_stage(view, data, out, settings, batch_size, progress=not quiet,
                        group_by=keys)
     print_accuracy(table)
-    report = record_stage(out, view, _command(), "eval", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "eval", time.perf_counter() - t0)
     console.print(f"wrote {out}/eval.csv; report: {report}")
 
 
@@ -248,14 +257,14 @@ def heads(
         stage = "heads_attribution"
         summ = read_json(out / "heads_attribution.json")
         top_df = pd.DataFrame(summ["top"])
-        _print_table(top_df[top_df["rank"] <= top][[*panel_columns(top_df), "rank", "name",
+        print_table(top_df[top_df["rank"] <= top][[*panel_columns(top_df), "rank", "name",
                                                      "dlogp_est"]],
                      "top heads by estimated Δ log p (attribution)")
         if summ["vs_exact"]:
-            _print_table(pd.DataFrame(summ["vs_exact"]),
+            print_table(pd.DataFrame(summ["vs_exact"]),
                          f"attribution vs the exact scan in {out}/heads.csv (Spearman)")
     else:
-        _print_table(top_heads(df, top)[[*panel_columns(df), "rank", "name", "n", "acc_orig",
+        print_table(top_heads(df, top)[[*panel_columns(df), "rank", "name", "n", "acc_orig",
                                           "acc_ablated", "drop", "dlogp"]],
                      "top heads by accuracy drop (%)", pct=("acc_orig", "acc_ablated", "drop"))
     if robustness:
@@ -265,11 +274,11 @@ def heads(
         rob = head_robustness(view, parse_list(ops, "ops"), n=25, seed=seed,
                               progress=not quiet, layers=ll)
         write_csv(out / "heads_robustness.csv", rob)
-        _print_table(rob[["op", "a", "b", "spearman_drop", "spearman_dlogp", "top_a",
+        print_table(rob[["op", "a", "b", "spearman_drop", "spearman_dlogp", "top_a",
                           "top_b"]], "head ranking across prompt formats (Spearman)")
     if stage == "heads":
         print_findings(out)
-    report = record_stage(out, view, _command(), stage, time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), stage, time.perf_counter() - t0)
     console.print(f"wrote {out}/{stage}.csv; report: {report}")
 
 
@@ -345,10 +354,10 @@ def cna(
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
                     progress=not quiet, settings=settings, heldout_by_op=heldout,
                     group_cols=cols, label_cols=labels)
-    _print_table(ver[[*cols, "head", "experiment", "k", "value", "random_mean", "n"]],
+    print_table(ver[[*cols, "head", "experiment", "k", "value", "random_mean", "n"]],
                  "verification (drops as fractions)")
     print_findings(out)
-    report = record_stage(out, view, _command(), "cna", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "cna", time.perf_counter() - t0)
     console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv; report: {report}")
 
 
@@ -375,7 +384,7 @@ def run_arithmetic_cmd(
     t0 = time.perf_counter()
     view = load_view(model, device, dtype, device_map, quiet)
     report = run_arithmetic(view, out, profile, parse_list(ops, "ops"), seed, batch_size,
-                            progress=not quiet, command=_command(), stages=chosen)
+                            progress=not quiet, command=command_line(), stages=chosen)
     if "eval" in chosen:
         table, _ = read_stage(out, "eval")
         print_accuracy(table[table["template"] == "all"])
@@ -396,12 +405,52 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"cnalens.commands.{_name}")
 
 
+def command_options(argv: Sequence[str]) -> dict[str, str]:
+    """The options of the command ``argv`` invokes: each Python parameter name (and each
+    flag spelled as one: ``top-k`` -> ``top_k``) -> its long flag. Empty if ``argv``
+    names no command."""
+    cmd, args = typer.main.get_command(app), list(argv)
+    while hasattr(cmd, "get_command"):  # a group: follow the subcommand's name
+        name = next((a for a in args if not a.startswith("-")), None)
+        cmd = cmd.get_command(cmd.context_class(cmd), name) if name else None
+        if cmd is None:
+            return {}
+        args = args[args.index(name) + 1:]
+    out = {}
+    for p in cmd.params:
+        flags = [o for o in p.opts if o.startswith("--")]
+        if p.param_type_name == "option" and flags:
+            out.update({f[2:].replace("-", "_"): f for f in reversed(flags)})
+            out[p.name] = flags[0]
+    return out
+
+
+_LEADING = re.compile(r"^([a-z][a-z0-9_]*)(?=:| must\b)")
+_SNAKE = re.compile(r"(?<![\w./-])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w/-])(?!\.\w)")
+
+
+def flag_message(message: str, argv: Sequence[str]) -> str:
+    """A library error in the words of the command line: the library names its Python
+    parameters (``top must be at least 1``, ``give keep_top or prune_fraction``), the CLI
+    shows the flags of the command ``argv`` invokes (``--top must be at least 1``). A
+    name is translated where it opens the message (before ``:`` or `` must``) or has an
+    underscore (anywhere); words that are no option of the command stay as they are."""
+    options = command_options(argv)
+    if not options:
+        return message
+
+    def flag(m: re.Match) -> str:
+        return options.get(m.group(1), m.group(1))
+    return _SNAKE.sub(flag, _LEADING.sub(flag, message))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one error line and a non-zero exit instead of a traceback."""
     try:
         app(args=argv, standalone_mode=False)
     except CnaError as exc:
-        print(f"cnalens: error: {exc}", file=sys.stderr)
+        message = flag_message(str(exc), sys.argv[1:] if argv is None else argv)
+        print(f"cnalens: error: {message}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return exc.exit_code

@@ -17,7 +17,11 @@ os.umask(_UMASK)
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+def write_with(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically by ``write(tmp)`` on a temp file beside it, then rename.
+
+    If ``write`` raises, the temp file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,14 +34,6 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def write_with(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` atomically by ``write(tmp)`` on a temp file beside it, then rename.
-
-    If ``write`` raises, the temp file is removed and ``path`` is left as it was.
-    """
-    return _atomic(path, write)
 
 
 def sha256_file(path: Path) -> str:
@@ -56,11 +52,11 @@ def sha256_file(path: Path) -> str:
 
 def write_text(path: Path, text: str) -> Path:
     """Write text atomically (temp file in the same folder, then rename)."""
-    return _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return write_with(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
-    return _atomic(path, lambda p: p.write_bytes(data))
+    return write_with(path, lambda p: p.write_bytes(data))
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -68,7 +64,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> Path:
-    return _atomic(path, lambda p: df.to_csv(p, index=False))
+    return write_with(path, lambda p: df.to_csv(p, index=False))
 
 
 def read_json(path: Path) -> Any:

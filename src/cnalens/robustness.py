@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import random
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from scipy.stats import spearmanr
 
 from cnalens.data.arithmetic import arithmetic_cases, default_examples, operand_pairs
 from cnalens.heads import scan_heads
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 
 def alternative_examples(op: str, template: str, shots: int = 3, seed: int = 1) -> list:
@@ -24,7 +28,8 @@ def alternative_examples(op: str, template: str, shots: int = 3, seed: int = 1) 
     return random.Random(f"alt|{op}|{template}|{seed}").sample(pairs, shots)
 
 
-def head_robustness(view, ops, templates=("eq", "verbal"), n: int | None = 25, seed: int = 0,
+def head_robustness(view: ModelView, ops, templates=("eq", "verbal"), n: int | None = 25,
+                    seed: int = 0,
                     batch_size: int = 64, progress: bool = True,
                     layers=None) -> pd.DataFrame:
     """Spearman of per-head drops between variants: each template with the default

@@ -16,11 +16,11 @@ from cnalens.cli import (
     DtypeOpt,
     ModelOpt,
     QuietOpt,
-    _command,
-    _print_table,
     app,
+    command_line,
     console,
     load_view,
+    print_table,
 )
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list, parse_units
@@ -114,9 +114,9 @@ def neuron(
             "tokens"]
     title = "neuron top tokens" + (f" on {enc.case.question!r} (target "
                                    f"{df['target'].iloc[0]!r})" if enc is not None else "")
-    _print_table(show[cols], title)
+    print_table(show[cols], title)
     if out is not None:
-        _write_table(out, "neuron", df, {"command": _command(), "model": view.summary(),
+        _write_table(out, "neuron", df, {"command": command_line(), "model": view.summary(),
                                          "case": case, "scales": scale_note, "k": k})
         console.print(f"wrote {out}/neuron.csv")
 
@@ -135,11 +135,11 @@ def _head_ov(view, hd: tuple[int, int], k: int, out: Path | None) -> None:
             rows.append({"input": f"{sgn}u{i + 1} (s={sv:.2f})", "kind": "singular",
                          "tokens": res["directions"].tokens(view.tokenizer, which)[i]})
     df = pd.DataFrame(rows)
-    _print_table(df.assign(tokens=[" | ".join(t) for t in df["tokens"]]),
+    print_table(df.assign(tokens=[" | ".join(t) for t in df["tokens"]]),
                  f"head {hd[0]}.{hd[1]} OV circuit: what it writes when attending to a token; "
                  "its top singular output directions")
     if out is not None:
-        _write_table(out, "head_ov", df, {"command": _command(), "model": view.summary(),
+        _write_table(out, "head_ov", df, {"command": command_line(), "model": view.summary(),
                                           "head": f"{hd[0]}.{hd[1]}", "k": k})
         console.print(f"wrote {out}/head_ov.csv")
 
@@ -222,12 +222,12 @@ def shallow(
     sw = pd.DataFrame(meta["sweep"])
     null_df = pd.DataFrame(meta["null"])
     sw = sw.merge(null_df[["m", "null_expected"]], on="m")
-    _print_table(sw[["m", "n_neurons", "null_expected", "acc_orig", "acc_zeroed", "drop",
+    print_table(sw[["m", "n_neurons", "null_expected", "acc_orig", "acc_zeroed", "drop",
                      "random_mean", "n_cases"]],
                  f"shallow neurons (layers 0-{deep - 1}) with >= M concept tokens in their "
                  f"top {top_tokens}: accuracy drop when zeroed (%)",
                  pct=("acc_orig", "acc_zeroed", "drop", "random_mean"))
-    report = record_stage(out, view, _command(), "shallow", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "shallow", time.perf_counter() - t0)
     console.print(f"wrote {out}/shallow.csv, {out}/shallow.json; report: {report}")
 
 
@@ -293,11 +293,11 @@ def explain(
             STAGES[2]: ["name", "position", "token", "score", "effect", "coef_drop", "detail"],
             STAGES[3]: ["name", "tokens", "score", "coef", "effect", "coef_drop"]}
     for stage in reversed(STAGES):
-        _print_table(chain.stage(stage)[cols[stage]], f"{stage} (effect: drop of log p when "
+        print_table(chain.stage(stage)[cols[stage]], f"{stage} (effect: drop of log p when "
                      "zeroed; coef_drop: of the deep neurons' sum |m|)")
     seconds = time.perf_counter() - t0
     write_explain(out, [chain], view, {"prompt": prompt, "head": m["head"], "target": target,
                                        "top": top, "shots": shots},
                   seconds, merge=True)
-    report = record_stage(out, view, _command(), "explain", seconds)
+    report = record_stage(out, view, command_line(), "explain", seconds)
     console.print(f"wrote {out}/explain.csv; report: {report}")

@@ -479,7 +479,7 @@ class ModelView:
             del cache[key]
 
     # ----------------------------------------------------------------- reuse (for scans)
-    # Used by the head scan (cnalens.heads) to share computation between interventions:
+    # Used by the head scan (cnalens.heads.scan) to share computation between interventions:
     # run from a key/value cache, copy/expand caches, skip layers whose output is known,
     # and edit one point of one layer with an arbitrary tensor function.
     def run_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
