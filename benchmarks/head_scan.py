@@ -44,11 +44,11 @@ from cnalens.evaluate import batches
 from cnalens.heads import (
     FIELDS,
     Scan,
-    _layout,
-    _score,
+    answer_layout,
     head_table,
     scan_fast,
     scan_naive,
+    score_answers,
     select_heads,
 )
 
@@ -93,7 +93,7 @@ def spread(heads, n: int):
 
 # ----------------------------------------------------------------- TransformerLens
 class _LogitsIn:
-    """A stand-in view for ``heads._score`` when the logits are already computed."""
+    """A stand-in view for ``heads.score_answers`` when the logits are already computed."""
 
     @staticmethod
     def logits(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +140,8 @@ def scan_tl(bridge, view, enc, heads, batch_size: int = 32) -> Scan:
                                            attention_mask=b.attention_mask,
                                            position_ids=b.position_ids)
             k = max(len(e.answer_ids) for e in items)
-            lay = _layout(items, k, [k - len(e.answer_ids) for e in items])
-            out = _score(_LogitsIn, logits[:, -k:], lay)
+            lay = answer_layout(items, k, [k - len(e.answer_ids) for e in items])
+            out = score_answers(_LogitsIn, logits[:, -k:], lay)
             for f in FIELDS:
                 res[j][f][torch.as_tensor(idx)] = out[f][0]
     return Scan(list(heads), res[0], {f: torch.stack([r[f] for r in res[1:]]) for f in FIELDS})

@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from cnalens.cna import compare, frequency, random_like, run_with_row_masks, topk_mask
+from cnalens.cna import compare, random_like, run_with_row_masks, topk_mask
 from cnalens.data import encode_all
 from cnalens.data.cases import Case
 from cnalens.errors import CnaError
 from cnalens.evaluate import evaluate
 from cnalens.interventions import ZeroNeurons
 from cnalens.models import ModelView
+from cnalens.tables import frequency
 from tiny import TinyTokenizer, tiny_model
 
 

@@ -14,6 +14,7 @@ from cnalens.errors import CnaError
 from cnalens.interventions import ZeroNeurons
 from cnalens.models import ModelView
 from cnalens.scores import diff_frame, score_neurons
+from cnalens.stages import debias as S
 from tiny import TinyTokenizer, tiny_model
 
 NEURONS = [(0, 3), (0, 17), (2, 0), (2, 39)]
@@ -109,7 +110,7 @@ def test_metric_equals_hand_computation():
             lp.append(float(torch.log_softmax(logits, -1)[tok(p.target, False).input_ids[0]]))
         hand.append(lp[0] - lp[1])
     assert np.allclose(got.numpy(), hand, atol=1e-10)
-    df = D._pair_frame(pairs, got, ("a", "b"))
+    df = D.pair_frame(pairs, got, ("a", "b"))
     table = D.metric_table(df, "gap_before")
     total = table[(table.split == "select") & (table.by == "total")].value.item()
     assert total == pytest.approx(np.mean(np.abs(hand[:3])))
@@ -143,7 +144,7 @@ def test_selection_rule_equals_brute_force():
     brute = sorted(count, key=lambda u: (-count[u], -total[u], u))[:7]
     assert list(zip(got.layer, got.neuron, strict=True)) == brute
     assert list(got["count"]) == [count[u] for u in brute]
-    with pytest.raises(CnaError, match="raise --top-k"):
+    with pytest.raises(CnaError, match="raise top_k or lower n_neurons"):
         D.select_neurons(frame, 31)
 
 
@@ -201,7 +202,7 @@ def test_run_debias_pairs_file(tmp_path, one_thread):
                     '{"prompt_a": "ab q", "prompt_b": "xy q", "targets": ["d"], '
                     '"split": "heldout", "template": "h"}\n')
     out = tmp_path / "o"
-    s = D.run_debias(view, out, n_neurons=3, top_k=(2, 4, 8), seeds=2, pairs_file=path,
+    s = S.run_debias(view, out, n_neurons=3, top_k=(2, 4, 8), seeds=2, pairs_file=path,
                      cost_n=1, progress=False, texts=["abc def", "hello there"])
     df = pd.read_csv(out / "debias.csv")
     assert len(df) == 4 * 3 and set(df.edit) == {"cna", "random"}
@@ -229,13 +230,13 @@ def test_run_debias_pairs_file(tmp_path, one_thread):
     saved = json.loads((out / "debias.json").read_text())
     assert saved["scoring"] == s["scoring"]
     # --screen N: the approximate option, recorded as such
-    s2 = D.run_debias(view, tmp_path / "o2", n_neurons=3, top_k=(2, 4, 8), seeds=0,
+    s2 = S.run_debias(view, tmp_path / "o2", n_neurons=3, top_k=(2, 4, 8), seeds=0,
                       pairs_file=path, cost_n=1, screen=60, progress=False, texts=["abc def"],
                       save_model=False)
     assert s2["scoring"]["method"] == "screened" and not s2["scoring"]["exact"]
     assert s2["scoring"]["screen"] == s2["settings"]["screen"] == 60
-    with pytest.raises(CnaError, match="--screen must be >= 0"):
-        D.run_debias(view, tmp_path / "o3", pairs_file=path, screen=-1, progress=False)
+    with pytest.raises(CnaError, match="^screen must be >= 0"):
+        S.run_debias(view, tmp_path / "o3", pairs_file=path, screen=-1, progress=False)
     from cnalens.report.sections.debias import SECTION
 
     html = SECTION.render(out, {})
@@ -285,6 +286,8 @@ def _cli(capsys, *argv):
     (["--pairs", "x.jsonl", "--professions", "nurse"], "not both"),
     (["--model", "smollm2-135m", "--n-neurons", "99999999"], "larger than the model's"),
     (["--screen", "-5"], "--screen must be >= 0"),
+    # the library names its parameter (per_group), the CLI shows the flag
+    (["--model", "smollm2-135m", "--per-group", "0"], "--per-group must be >= 1, got 0"),
     (["--model", "smollm2-135m", "--professions", "nurse,xylophonist"], "not one token"),
 ])
 def test_cli_errors(capsys, tmp_path, argv, msg):
@@ -350,11 +353,11 @@ def test_debias_stage_writes_its_outputs(tmp_path, monkeypatch, one_thread):
 
     words = [str(d) for d in range(10)]
     monkeypatch.setattr(D, "profession_lists", lambda: (frozenset(words), ("3", "7")))
-    monkeypatch.setattr(D, "neutral_text", lambda: ("abc def.", "the cat sat on the mat."))
+    monkeypatch.setattr(S, "neutral_text", lambda: ("abc def.", "the cat sat on the mat."))
     view = ModelView(tiny_model("llama"), _SpacelessTokenizer())
     weights = {k: v.clone() for k, v in view.model.state_dict().items()}
     out = tmp_path / "run"
-    D.debias_stage(_stage_ctx(view, out, seed=4))
+    S.debias_stage(_stage_ctx(view, out, seed=4))
     assert sorted(p.name for p in out.iterdir()) == ["debias.csv", "debias.json",
                                                       "debias_neurons.csv", "model"]
     s = json.loads((out / "debias.json").read_text())
@@ -406,5 +409,5 @@ def test_debias_stage_bad_input(tmp_path):
     view = ModelView(tiny_model("llama"), TinyTokenizer())
     out = tmp_path / "run"
     with pytest.raises(CnaError, match="no single-token profession"):
-        D.debias_stage(_stage_ctx(view, out))
+        S.debias_stage(_stage_ctx(view, out))
     assert not out.exists() or not any(out.iterdir())

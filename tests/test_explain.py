@@ -217,9 +217,9 @@ def test_route_scores_equal_hand_inner_product(one_thread):
 
 
 def test_report_section_renders_cases(tmp_path, one_thread):
-    from cnalens.explain import write_explain
     from cnalens.io import write_json
     from cnalens.report import render_report
+    from cnalens.stages.explain import write_explain
 
     view = _view("gemma3")
     chains = [explain_case(view, CASE, HEAD, top=3, n_shallow=2),
@@ -262,7 +262,7 @@ def test_cli_errors_one_line(capsys, tmp_path, extra, msg):
 
 
 def test_case_from_prompt():
-    from cnalens.explain import case_from_prompt
+    from cnalens.data.arithmetic import case_from_prompt
 
     c = case_from_prompt("3+5=")
     assert c.question == "3+5=" and c.target == "8" and c.prefix.count("\n") == 3
@@ -275,9 +275,9 @@ def test_real_gemma_cli(capsys, tmp_path, gemma, monkeypatch):
     """One real case end to end: 3+5= -> 8 with head 7.0; the head's measured effect
     equals an independent evaluation with the head zeroed."""
     import cnalens.commands.reading as reading
+    from cnalens.data.arithmetic import case_from_prompt
     from cnalens.data.cases import encode_all
     from cnalens.evaluate import evaluate
-    from cnalens.explain import case_from_prompt
     from cnalens.interventions import ZeroHeads
 
     monkeypatch.setattr(reading, "load_view", lambda *a, **k: gemma)  # no second load
@@ -319,9 +319,9 @@ def test_pick_case_says_why(monkeypatch):
     """The paper's example when the model answers it; otherwise the true reason."""
     import pandas as pd
 
-    import cnalens.evaluate as ev
+    import cnalens.stages.explain as ev
     from cnalens.data.arithmetic import arithmetic_cases
-    from cnalens.explain import pick_case
+    from cnalens.stages.explain import pick_case
 
     view = ModelView(tiny_model("llama"), TinyTokenizer())
     wrong: set[str] = set()

@@ -231,9 +231,9 @@ def test_comparison_matches_brute_force(data, one_thread):
 
 
 def test_stage_and_report_on_tiny(tmp_path, one_thread):
-    from cnalens.apps.lora import lora_stage
     from cnalens.pipeline import PROFILES, StageContext
     from cnalens.report import render_report
+    from cnalens.stages.lora import lora_stage
 
     view = _view("llama")
     ctx = StageContext(view, tmp_path, PROFILES["smoke"], ("+", "-"), 0, 16, False, {}, None,
@@ -264,7 +264,7 @@ def test_cli_errors_one_line(capsys, tmp_path, argv, msg):
 
 
 def test_sweep_without_cna_and_saved_adapter_reevaluated(tmp_path, one_thread):
-    from cnalens.apps.lora import run_lora
+    from cnalens.stages.lora import run_lora
 
     view = _view("llama")
     s = LoraSettings.quick(n_train=24, n_test=12, batch_size=8)

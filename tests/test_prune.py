@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from cnalens.apps import prune as P
-from cnalens.cli import main
+from cnalens.cli import flag_message, main
 from cnalens.cna import Comparison
 from cnalens.errors import CnaError
 from cnalens.interventions import KeepOnlyNeurons
 from cnalens.models import ModelView, load_model
 from cnalens.models.load import model_shape
 from cnalens.models.pruned import PRUNING_FILE, prune_ffn, save_pruned, weights_bytes
+from cnalens.stages import prune as S
 from tiny import FAMILY_NAMES, VOCAB, TinyTokenizer, tiny_model
 
 
@@ -220,8 +221,9 @@ def test_run_prune_end_to_end(tmp_path, one_thread):
 
     out = tmp_path / "out"
     view = fresh()
-    table = P.run_prune(view, fresh, adapter, out, fraction=0.6, deep_from=1, seeds=(1, 2),
-                        n_select=2, batch_size=8, speed_repeats=1, progress=False)
+    table = S.run_prune(view, fresh, adapter, out, prune_fraction=0.6, deep_from=1,
+                        seeds=(1, 2), n_select=2, batch_size=8, speed_repeats=1,
+                        progress=False)
     assert not any("lora" in n for n, _ in view.model.named_modules())  # adapter removed
     assert list(table["variant"]) == ["original", "lora", "cna_pruned", "cna_pruned_lora",
                                       "random_pruned", "random_pruned_lora", "random_pruned",
@@ -255,21 +257,27 @@ def test_run_prune_errors(tmp_path):
     adapter = _adapter(tmp_path)
     view = ModelView(tiny_model("llama"), TinyTokenizer(), {"spec": "llama"})
     with pytest.raises(CnaError, match="trained on another base model"):
-        P.run_prune(view, None, adapter, tmp_path / "o", fraction=0.9, deep_from=1,
+        S.run_prune(view, None, adapter, tmp_path / "o", prune_fraction=0.9, deep_from=1,
                     progress=False)
     view = ModelView(tiny_model("gemma3"), TinyTokenizer(), {"spec": "gemma3"})
-    with pytest.raises(CnaError, match="exactly one of"):
-        P.run_prune(view, None, adapter, tmp_path / "o", deep_from=1, progress=False)
+    with pytest.raises(CnaError, match="^give exactly one of keep_top and prune_fraction$"):
+        S.run_prune(view, None, adapter, tmp_path / "o", deep_from=1, progress=False)
     with pytest.raises(CnaError, match="out of range"):
-        P.run_prune(view, None, adapter, tmp_path / "o", keep_top=3, deep_from=9,
+        S.run_prune(view, None, adapter, tmp_path / "o", keep_top=3, deep_from=9,
                     progress=False)
-    with pytest.raises(CnaError, match=r"--keep-top 81 must lie in 1..80"):
-        P.run_prune(view, None, adapter, tmp_path / "o", keep_top=81, deep_from=1,
+    with pytest.raises(CnaError, match=r"^keep_top 81 must lie in 1..80") as err:
+        S.run_prune(view, None, adapter, tmp_path / "o", keep_top=81, deep_from=1,
                     progress=False)
+    # the library names its parameters, the CLI shows the flags
+    assert flag_message(str(err.value), ["prune"]).startswith("--keep-top 81 must lie in")
+    with pytest.raises(CnaError, match="^prune_fraction must lie") as err:
+        S.run_prune(view, None, adapter, tmp_path / "o", prune_fraction=1.5, deep_from=1,
+                    progress=False)
+    assert flag_message(str(err.value), ["prune"]).startswith("--prune-fraction must lie")
     meta = (adapter / "cnalens.json").read_text().replace('"n_train": 16', '"n_train": 0')
     (adapter / "cnalens.json").write_text(meta)
     with pytest.raises(CnaError, match="train split is empty"):
-        P.run_prune(view, None, adapter, tmp_path / "o", keep_top=3, deep_from=1,
+        S.run_prune(view, None, adapter, tmp_path / "o", keep_top=3, deep_from=1,
                     progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -303,8 +311,8 @@ def test_stage_needs_adapter_and_heads(tmp_path):
     view = ModelView(tiny_model("llama"), TinyTokenizer(), {"spec": "llama"})
     ctx = StageContext(view, tmp_path, PROFILES["smoke"], ("+",), 0, 8, False, {}, None, {})
     with pytest.raises(CnaError, match="needs the lora stage's adapter"):
-        P.prune_stage(ctx)
+        S.prune_stage(ctx)
     adapter = _adapter(tmp_path)  # tmp_path/lora/adapter
     assert P.find_adapter(tmp_path) == adapter
     with pytest.raises(CnaError, match="needs the head scan"):
-        P.prune_stage(ctx)
+        S.prune_stage(ctx)

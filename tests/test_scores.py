@@ -353,7 +353,8 @@ def test_softcap_falls_back_to_exhaustive():
     assert stats["method"] == "exhaustive" and stats["why"] == "final-logit soft-capping"
     a, b = _pair(v, enc, ivb, progress=False)
     ref = S.diff_frame(a, b, top=5)
-    assert list(zip(got.layer, got.neuron)) == list(zip(ref.layer, ref.neuron))
+    assert list(zip(got.layer, got.neuron, strict=True)) == \
+        list(zip(ref.layer, ref.neuron, strict=True))
 
 
 def test_gold_and_explicit_targets_and_frame():

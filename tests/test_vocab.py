@@ -17,10 +17,10 @@ from cnalens.locator import (
     LocatorSettings,
     locate,
     random_set,
-    run_shallow,
     transform_layers,
 )
 from cnalens.models import ModelView
+from cnalens.stages.shallow import run_shallow
 from cnalens.vocab import (
     case_scales,
     head_ov,

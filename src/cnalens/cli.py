@@ -90,11 +90,6 @@ def print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
     console.print(table)
 
 
-# old private names, kept until commands/lora.py, prune.py and debias.py use the public ones
-_command = command_line
-_print_table = print_table
-
-
 def print_findings(out: Path) -> None:
     """The folder's findings (``cnalens.report.findings``), one line each."""
     from cnalens.report.findings import findings

@@ -38,6 +38,7 @@ from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
 from cnalens.scores import RANKINGS, rank_key, rank_order, ranked_rows, score_neurons
 from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
+from cnalens.tables import frequency
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
@@ -113,6 +114,12 @@ class Comparison:
             df = pd.concat([df, extra.reset_index(drop=True)], axis=1)
         return df
 
+    def frequency(self, k: int | None = None) -> pd.DataFrame:
+        """How often each neuron is in a case's top-``k`` (default the comparison's K, else
+        20), with its mean scores (``tables.frequency`` of ``frame(k)``), most often first."""
+        k = k if k is not None else self.k or DEFAULT_K
+        return frequency(self.frame(k), k)
+
     def subset(self, rows: Sequence[int]) -> Comparison:
         """The same comparison restricted to the cases at positions ``rows``."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
@@ -172,22 +179,13 @@ def from_certified(frame: pd.DataFrame, coef_a: torch.Tensor, coef_b: torch.Tens
     flat = (torch.tensor(frame["case"].map(pos).to_numpy()) * shape[1] * shape[2]
             + torch.tensor(frame["layer"].to_numpy()) * shape[2]
             + torch.tensor(frame["neuron"].to_numpy()))
+    dt = coef_a.dtype  # the model's compute dtype, as an exhaustive comparison has it
     out = []
     for col in ("diff", "imp_a", "imp_b"):
-        t = torch.full(shape, float("nan"), dtype=torch.float64)
-        t.view(-1)[flat] = torch.tensor(frame[col].to_numpy(), dtype=torch.float64)
+        t = torch.full(shape, float("nan"), dtype=dt)
+        t.view(-1)[flat] = torch.tensor(frame[col].to_numpy()).to(dt)
         out.append(t)
     return Comparison(*out, coef_a, coef_b, list(case_ids), dict(meta or {}))
-
-
-def frequency(frame: pd.DataFrame, k: int) -> pd.DataFrame:
-    """How often each neuron is in a case's top-K, with its mean scores."""
-    top = frame[frame["rank"] <= k]
-    g = top.groupby(["layer", "neuron"])
-    out = g.agg(count=("case", "size"), imp_a=("imp_a", "mean"), imp_b=("imp_b", "mean"),
-                coef_a=("coef_a", "mean"), coef_b=("coef_b", "mean")).reset_index()
-    out["freq"] = out["count"] / frame["case"].nunique()
-    return out.sort_values(["count", "layer", "neuron"], ascending=[False, True, True])
 
 
 # ----------------------------------------------------------------- masks and runs

@@ -67,7 +67,7 @@ def group_keys(data: Sequence[Case] | Sequence[Encoded] | pd.DataFrame,
     missing = [k for k in keys if k not in names]
     if missing:
         have = ", ".join(names) if names else "none"
-        raise CnaError(f"--group-by: no label column {', '.join(map(repr, missing))} in "
+        raise CnaError(f"group_by: no label column {', '.join(map(repr, missing))} in "
                        f"the cases (their labels: {have})")
     return list(dict.fromkeys(keys))
 

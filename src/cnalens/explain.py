@@ -48,7 +48,6 @@ Deep neurons' enhancing links and ``coef_drop`` come from the same rows' capture
 
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cnalens.data.arithmetic import case_from_prompt
 from cnalens.data.cases import Case, Encoded, encode_prompt, question_start
 from cnalens.errors import CnaError
 
@@ -68,7 +68,6 @@ STAGES = ("feature enhancing", "feature transferring", "feature predicting",
 COLUMNS = ("case", "prompt", "target", "stage", "kind", "name", "layer", "index", "position",
            "token", "tokens", "tokens_transformed", "score", "effect", "coef_drop", "coef",
            "detail")
-_ARITH = re.compile(r"^\s*(\d{1,3})\s*([-+*/])\s*(\d{1,3})\s*=\s*$")
 
 
 @dataclass
@@ -86,34 +85,6 @@ class Chain:
 
 
 # --------------------------------------------------------------------------- cases
-def case_from_prompt(prompt: str, shots: int = 3) -> Case:
-    """A case from a prompt: ``a op b =`` gets the arithmetic default few-shot prefix
-    (``shots`` examples) and its answer as target; anything else stands alone (no target:
-    the model's prediction is explained)."""
-    from cnalens.data.arithmetic import (
-        OP_NAMES,
-        answer,
-        default_examples,
-        format_answer,
-        format_prefix,
-    )
-
-    if not prompt.strip():
-        raise CnaError("empty prompt")
-    m = _ARITH.match(prompt)
-    if not m:
-        return Case(prompt, "", "", {"op": "custom"}, "custom")
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    digits = len(str(max(a, b)))
-    question = f"{a}{op}{b}="
-    value = answer(op, a, b)
-    prefix = (format_prefix(op, "eq", default_examples(op, "eq", digits, shots))
-              if shots > 0 else "")
-    labels = {"op": op, "digits": digits, "template": "eq", "a": a, "b": b, "answer": value}
-    return Case(question, format_answer("eq", value), prefix, labels,
-                f"{OP_NAMES[op]}-{digits}-eq-{a}-{b}")
-
-
 def target_id(view: ModelView, target: str | int | None) -> int | None:
     """A target given as text must be exactly one token; ids must be in the vocabulary."""
     if target is None:
@@ -300,7 +271,7 @@ def explain_case(view: ModelView, case: Case | Encoded | str, head: tuple[int, i
 
     view.check_heads([head])
     if top < 1:
-        raise CnaError("--top must be at least 1")
+        raise CnaError("top must be at least 1")
     if isinstance(case, str):
         case = case_from_prompt(case)
     enc = encode_prompt(view.tokenizer, case)
@@ -590,104 +561,3 @@ def _contrib_layer(view: ModelView, run: _Run, layer: int, pos: int) -> torch.Te
 def chain_records(chain: Chain) -> dict:
     """A chain as JSON-able data: its metadata and its enhancing links."""
     return {**chain.meta, "links": chain.links.to_dict("records")}
-
-
-def write_explain(out, chains: list[Chain], view: ModelView, settings: dict, seconds: float,
-                  merge: bool = False) -> None:
-    """``DIR/explain.csv`` (one row per chain element) and ``DIR/explain.json`` (per case:
-    prompt tokens, the head's attention, links). ``merge`` keeps the cases already there
-    (a case explained again replaces its old rows)."""
-    from pathlib import Path
-
-    from cnalens.io import read_json, write_csv, write_json
-    from cnalens.pipeline import now
-
-    out = Path(out)
-    frames = [c.elements for c in chains]
-    cases = [chain_records(c) for c in chains]
-    new_ids = {c.meta["case"] for c in chains}
-    if merge and (out / "explain.csv").is_file() and (out / "explain.json").is_file():
-        old = pd.read_csv(out / "explain.csv", keep_default_na=False,
-                          na_values={"score": [""], "effect": [""], "coef_drop": [""],
-                                     "coef": [""]})
-        frames.insert(0, old[~old["case"].astype(str).isin(new_ids)])
-        prev = read_json(out / "explain.json").get("cases", [])
-        cases = [c for c in prev if c.get("case") not in new_ids] + cases
-    df = pd.concat(frames, ignore_index=True)
-    write_csv(out / "explain.csv", df)
-    write_json(out / "explain.json", {
-        "stage": "explain", "model": view.summary(), "settings": settings, "cases": cases,
-        "columns": {
-            "score": "prediction enhancing: CNA imp_a - imp_b; other stages: first-order "
-                     "increase of the deep neurons' coefficient sum sum|m| along the route",
-            "effect": "drop of the target's log-probability when the element is zeroed",
-            "coef_drop": "relative drop of the deep neurons' coefficient sum (last position) "
-                         "when the element is zeroed (deep neuron: of those in higher layers)"},
-        "seconds": round(seconds, 2), "finished": now()})
-
-
-PREFERRED = {"+": (3, 5), "-": (8, 3), "*": (2, 3), "/": (8, 2)}
-
-
-def pick_case(view: ModelView, op: str, tries: int = 16) -> tuple[Case | None, str]:
-    """A 1-digit ``eq`` case of ``op`` that the model answers correctly with a one-token
-    answer: the paper-like example first (3+5, 8-3, 2*3, 8/2), then a seeded sample; and
-    a sentence saying why this case (or none) was chosen."""
-    import random
-
-    from cnalens.data.arithmetic import arithmetic_cases
-    from cnalens.data.cases import encode_all
-    from cnalens.evaluate import evaluate
-
-    cases = arithmetic_cases([op], (1,), ("eq",))
-    a, b = PREFERRED.get(op, (None, None))
-    paper = f"{a}{op}{b}"
-    first = [c for c in cases if (c.labels["a"], c.labels["b"]) == (a, b)]
-    rest = [c for c in cases if c not in first]
-    random.Random(f"explain|{op}").shuffle(rest)
-    pool = (first + rest)[:tries]
-    enc = encode_all(view.tokenizer, pool)
-    res = evaluate(view, enc, progress=False)
-    if not first:
-        why = f"{paper} is one of the prompt's few-shot examples, so it is never asked"
-    elif not res["correct"].iloc[0]:
-        why = f"the model answers {paper}= wrongly ({str(res['pred'].iloc[0]).strip()!r})"
-    elif len(enc[0].answer_ids) != 1:
-        why = f"the answer to {paper}= is more than one token"
-    else:
-        return pool[0], f"{paper}=, the paper's example"
-    for e, ok in zip(enc, res["correct"], strict=True):
-        if ok and len(e.answer_ids) == 1:
-            return e.case, (f"{e.case.question.strip()} instead of {paper}=: {why}; the first "
-                            "correctly answered one-token case of a seeded sample")
-    return None, f"{why}, and no other correctly answered one-token case among {tries} tried"
-
-
-def explain_stage(ctx) -> None:
-    """Main-job stage: one explained case per operation (its top head from the head scan,
-    a case the model answers correctly; the smoke profile: the first operation only);
-    writes explain.csv/.json."""
-    import time
-
-    from cnalens.progress import console
-
-    t0 = time.perf_counter()
-    chains, skipped, chosen = [], {}, {}
-    ops = ctx.ops[:1] if ctx.profile.name == "smoke" else ctx.ops  # smoke: seconds
-    for op in ops:
-        head = ctx.top_heads.get(op)
-        if head is None:
-            skipped[op] = "no head scan for this operation"
-            continue
-        case, why = pick_case(ctx.view, op)
-        if case is None:
-            skipped[op] = why
-            continue
-        chosen[op] = why
-        chains.append(explain_case(ctx.view, case, head, top=10))
-    if not chains:
-        console.print("[yellow]explain: no case to explain; stage skipped[/]")
-        return
-    write_explain(ctx.out, chains, ctx.view, {**ctx.settings, "top": 10,
-                                              "skipped": skipped, "chosen": chosen},
-                  time.perf_counter() - t0)

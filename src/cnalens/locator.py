@@ -69,11 +69,11 @@ class LocatorSettings:
         if self.sign not in SIGNS:
             raise CnaError(f"unknown sign '{self.sign}': use {', '.join(SIGNS)}")
         if self.top_tokens < 1:
-            raise CnaError("--top-tokens must be at least 1")
+            raise CnaError("top_tokens must be at least 1")
         if not self.ms or min(self.ms) < 1:
-            raise CnaError("--m: thresholds must be at least 1")
+            raise CnaError("m: thresholds must be at least 1")
         if self.seeds < 1:
-            raise CnaError("--seeds must be at least 1")
+            raise CnaError("seeds must be at least 1")
         return self
 
 
@@ -358,56 +358,3 @@ def located_frame(view: ModelView, located: Located, show: int = 10) -> pd.DataF
     out["untransformed_tokens"] = _json_tokens(ids_to_strings(view.tokenizer,
                                                               raw[:, :show].clamp(min=0)))
     return out.reset_index(drop=True)
-
-
-def run_shallow(view: ModelView, out, head: tuple[int, int] | None, head_layer: int,
-                settings: LocatorSettings, cases, batch_size: int = 64,
-                progress: bool = True, extra: dict | None = None,
-                layers: Sequence[int] | None = None) -> dict:
-    """Locate (``layers``: default every layer below ``head_layer``), sweep M against
-    random sets, write DIR/shallow.csv and DIR/shallow.json."""
-    from pathlib import Path
-
-    from cnalens.data.cases import encode_all
-    from cnalens.io import write_csv, write_json
-    from cnalens.pipeline import now
-
-    out = Path(out)
-    t0, c0 = time.perf_counter(), time.process_time()
-    enc = encode_all(view.tokenizer, cases)
-    located = locate(view, head_layer, settings, layers=layers, progress=progress)
-    t1 = time.perf_counter()
-    sw = sweep(view, located, enc, batch_size=batch_size, progress=progress)
-    t2 = time.perf_counter()
-    frame = located_frame(view, located)
-    per_layer = {int(m): {str(k): int(v) for k, v in located.frame[
-        located.frame["matches"] >= m].groupby("layer").size().items()} for m in settings.ms}
-    hist = located.frame["matches"].value_counts().sort_index()
-    null_hist = located.null["matches"].value_counts().sort_index()
-    meta = {
-        "stage": "shallow", "model": view.summary(),
-        "head": None if head is None else f"{head[0]}.{head[1]}", "head_layer": head_layer,
-        "shallow_layers": located.layers, "n_shallow_neurons": len(located.frame),
-        "settings": settings_dict(settings), **(extra or {}),
-        "transforms": ("each attention layer above the neuron up to the head's layer"
-                       if settings.transforms == "all" else "the head's layer only"),
-        "vectors": "value vectors as the residual receives them (post-FFN norm gain "
-                   "applied where the family has one); unit norm scales (rankings are "
-                   "scale-free)",
-        "matching": "whole token after stripping the space marker; see cnalens.data.lexicon",
-        "n_cases": len(enc), "sweep": sw.to_dict("records"),
-        "null": null_table(located, settings.ms),
-        "histogram": {str(k): int(v) for k, v in hist.items()},
-        "null_histogram": {str(k): int(v) for k, v in null_hist.items()},
-        "n_null": len(located.null), "per_layer": per_layer,
-        "hidden": {int(m): int(((located.frame["matches"] >= m)
-                                & (located.frame["matches_untransformed"] < m)).sum())
-                   for m in settings.ms},
-        "timings": {**located.seconds, "sweep": round(t2 - t1, 2)},
-        "seconds": round(time.perf_counter() - t0, 2),
-        "cpu_seconds": round(time.process_time() - c0, 2),
-        "finished": now(),
-    }
-    write_csv(out / "shallow.csv", frame)
-    write_json(out / "shallow.json", meta)
-    return meta

@@ -6,17 +6,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import pandas as pd
 
 from cnalens.data.arithmetic import OPS, TEMPLATES, arithmetic_cases
 from cnalens.data.cases import encode_all
 from cnalens.errors import CnaError
 from cnalens.progress import console
 from cnalens.stages import (
+    Profile,
+    StageContext,
     cases_by_group,
     correct_cases,
     finish_run,
@@ -34,24 +33,8 @@ if TYPE_CHECKING:
     from cnalens.models import ModelView
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Sizes of the main job. ``quick`` fits 15 minutes on a 2-core CPU."""
-
-    name: str
-    eval_digits: tuple[int, ...]
-    eval_templates: tuple[str, ...]
-    eval_n: dict[int, int | None] = field(default_factory=dict)  # pairs per (op, digits)
-    heads_digits: tuple[int, ...] = (1,)
-    heads_n: int | None = None  # operand pairs per op for the head scan (None: all)
-    cna_ops: tuple[str, ...] = ("+", "-")
-    cna_n: int = 20  # sampled cases per op (the correctly answered ones are kept)
-    cna_ks: tuple[int, ...] = (10, 20, 50)
-    cna_seeds: int = 2
-
-
 PROFILES = {
-    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=10),
+    "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=None),
     "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500},
                     heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=100,
                     cna_ks=(10, 20, 30, 50, 100), cna_seeds=5),
@@ -61,29 +44,13 @@ PROFILES = {
 }
 
 
-@dataclass
-class StageContext:
-    """What a later stage of the main job gets: the model, the folder and earlier results."""
-
-    view: object
-    out: Path
-    profile: Profile
-    ops: tuple[str, ...]
-    seed: int
-    batch_size: int
-    progress: bool
-    settings: dict
-    heads: pd.DataFrame | None  # heads.csv of this run (None without the head stage)
-    top_heads: dict[str, tuple[int, int]]  # op -> (layer, head) with the largest drop
-
-
 # stages after eval/heads/cna: name -> "module:function(ctx: StageContext) -> None"
 EXTRA_STAGES: dict[str, str] = {
-    "shallow": "cnalens.vocab:shallow_stage",
-    "explain": "cnalens.explain:explain_stage",
-    "lora": "cnalens.apps.lora:lora_stage",
-    "prune": "cnalens.apps.prune:prune_stage",
-    "debias": "cnalens.apps.debias:debias_stage",
+    "shallow": "cnalens.stages.shallow:shallow_stage",
+    "explain": "cnalens.stages.explain:explain_stage",
+    "lora": "cnalens.stages.lora:lora_stage",
+    "prune": "cnalens.stages.prune:prune_stage",
+    "debias": "cnalens.stages.debias:debias_stage",
 }
 CORE_STAGES = ("eval", "heads", "cna")
 DEFAULT_STAGES = ("eval", "heads", "cna", "shallow", "explain")

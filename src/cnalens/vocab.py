@@ -430,48 +430,7 @@ def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *, case=None
 
 
 # --------------------------------------------------------------------------- locator
-SWEEP_CASES = {"quick": 12, "smoke": 3, "full": None}  # 1-digit cases per op (None: all)
-
-
-def shallow_cases(ops, profile: str, seed: int = 0):
-    """The M-sweep's cases: 1-digit "n1+n2=" cases of + and - (the paper's 1D +/-) among
-    ``ops`` (else the first op), ``SWEEP_CASES[profile]`` per op."""
-    from cnalens.data.arithmetic import arithmetic_cases
-
-    chosen = [o for o in ("+", "-") if o in ops] or list(ops)[:1]
-    return chosen, arithmetic_cases(chosen, (1,), ("eq",), n=SWEEP_CASES.get(profile),
-                                    seed=seed)
-
-
-def shallow_stage(ctx) -> None:
-    """Main-job stage: the zero-shot locator (:mod:`cnalens.locator`) below the + head's
-    layer (or the first op's head), with the profile's settings; DIR/shallow.csv/.json."""
-    from dataclasses import replace
-
-    from cnalens.locator import PRESETS, run_shallow
-    from cnalens.progress import console
-
-    head = ctx.top_heads.get("+") or next(iter(ctx.top_heads.values()), None)
-    if head is None:
-        console.print("[yellow]shallow: no head scan to take the arithmetic head from; "
-                      "skipped[/]")
-        return
-    if head[0] == 0:
-        console.print(f"[yellow]shallow: the head {head[0]}.{head[1]} is in layer 0, so "
-                      "there are no shallow layers; skipped[/]")
-        return
-    name = ctx.profile.name if ctx.profile.name in PRESETS else "quick"
-    settings = replace(PRESETS[name], seed=ctx.seed)
-    ops, cases = shallow_cases(ctx.ops, name, ctx.seed)
-    layers = [head[0] - 1] if name == "smoke" else None  # smoke: seconds, for tests
-    run_shallow(ctx.view, ctx.out, head, head[0], settings, cases, ctx.batch_size,
-                ctx.progress, extra={"cases": {"ops": ops, "digits": [1], "template": "eq",
-                                               "per_op": SWEEP_CASES.get(name),
-                                               "seed": ctx.seed},
-                                     "profile": name}, layers=layers)
-
-
 __all__ = ["Projection", "Scales", "case_scales", "head_ov", "ids_to_strings", "lens_vectors",
            "mean_scales", "neuron_case_scores", "ov_parts", "project", "read_neurons",
-           "shallow_cases", "shallow_stage", "topk_lens",
+           "topk_lens",
            "transform"]

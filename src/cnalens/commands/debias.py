@@ -16,11 +16,11 @@ from cnalens.cli import (
     ModelOpt,
     OutOpt,
     QuietOpt,
-    _command,
-    _print_table,
     app,
+    command_line,
     console,
     load_view,
+    print_table,
 )
 from cnalens.errors import CnaError
 
@@ -64,10 +64,10 @@ def debias(
     works as a" and two more selection templates; the gap |log p(prof | female) - log p(prof
     | male)| before and after, on the selection and held-out templates, beside random
     neurons; arithmetic accuracy and neutral-text perplexity before and after."""
-    from cnalens.apps.debias import run_debias
     from cnalens.heads import parse_layers
     from cnalens.names import parse_ints, parse_list
-    from cnalens.pipeline import record_stage
+    from cnalens.stages import record_stage
+    from cnalens.stages.debias import run_debias
 
     if pairs is not None and professions is not None:
         raise CnaError("use --pairs or --professions, not both")
@@ -97,7 +97,7 @@ def debias(
     m = pd.DataFrame(summary["metric"])
     cols = [c for c in ("split", "by", "key", "n", "before", "cna", "cna_change",
                         "random_mean", "random_change") if c in m.columns]
-    _print_table(m[cols], "mean |log p(target | a) - log p(target | b)| before / after")
+    print_table(m[cols], "mean |log p(target | a) - log p(target | b)| before / after")
     c = summary["costs"]
     rnd = c["random"]
     console.print(
@@ -105,7 +105,7 @@ def debias(
         + (f", {sum(r['acc'] for r in rnd) / len(rnd):.3f} (random)" if rnd else "")
         + f"; perplexity {c['before']['ppl']:.2f} -> {c['cna']['ppl']:.2f} (CNA)"
         + (f", {sum(r['ppl'] for r in rnd) / len(rnd):.2f} (random)" if rnd else ""))
-    report = record_stage(out, view, _command(), "debias", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "debias", time.perf_counter() - t0)
     console.print(f"neurons (K={summary['top_k']}): "
                   + ", ".join(n["name"] for n in summary["neurons"]))
     console.print(f"wrote {out}/debias.csv, {out}/debias.json"

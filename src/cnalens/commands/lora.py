@@ -1,5 +1,6 @@
 """``cnalens lora``: train a LoRA on one attention layer, evaluate it against the original,
-save the adapter, and compare the two models by CNA (see ``cnalens.apps.lora``)."""
+save the adapter, and compare the two models by CNA (see ``cnalens.apps.lora``; the stage
+``cnalens.stages.lora`` writes the files)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from cnalens.cli import (
     OutOpt,
     Profile,
     QuietOpt,
-    _command,
-    _print_table,
     app,
+    command_line,
     console,
     load_view,
+    print_table,
 )
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list
@@ -89,9 +90,10 @@ def lora(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a LoRA on one attention layer; accuracy original vs LoRA; CNA of the two."""
-    from cnalens.apps.lora import LoraSettings, default_layer, read_adapter_meta, run_lora
+    from cnalens.apps.lora import LoraSettings, default_layer, read_adapter_meta
     from cnalens.apps.lora import sweep_layers as sweep
-    from cnalens.pipeline import record_stage
+    from cnalens.stages import record_stage
+    from cnalens.stages.lora import run_lora
 
     given = {"rank": rank, "alpha": alpha, "lr": lr, "epochs": epochs,
              "batch_size": batch_size, "n_train": n_train, "n_test": n_test, "shots": shots}
@@ -118,7 +120,7 @@ def lora(
                     ks, deep, seeds, n_cna, eval_batch,
                     progress=not quiet, adapter=adapter)
     _report(out, meta)
-    report = record_stage(out, view, _command(), "lora", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "lora", time.perf_counter() - t0)
     console.print(f"wrote {out}/lora.csv, {out}/lora_cna.csv, adapter {out}/adapter; "
                   f"report: {report}")
 
@@ -128,14 +130,14 @@ def _report(out: Path, meta: dict) -> None:
 
     acc = pd.read_csv(out / "lora.csv", dtype={"op": str})
     cols = ["run", "layer", "op", "n", "acc", "acc_lo", "acc_hi", "acc_first"]
-    _print_table(acc[cols], "accuracy on the test split (%; Wilson 95%)",
-                 pct=("acc", "acc_lo", "acc_hi", "acc_first"))
+    print_table(acc[cols], "accuracy on the test split (%; Wilson 95%)",
+                pct=("acc", "acc_lo", "acc_hi", "acc_first"))
     if (out / "lora_cna.csv").is_file():
         cna = pd.read_csv(out / "lora_cna.csv")
-        _print_table(cna[["band", "layers", "k", "n_neurons", "change", "random_mean",
-                          "up_frac", "pct_b"]],
-                     "CNA LoRA (A) vs original (B): coefficient-sum change of the top-K "
-                     "neurons (k=0: all neurons of the band)")
+        print_table(cna[["band", "layers", "k", "n_neurons", "change", "random_mean",
+                         "up_frac", "pct_b"]],
+                    "CNA LoRA (A) vs original (B): coefficient-sum change of the top-K "
+                    "neurons (k=0: all neurons of the band)")
     t = meta["timings"]
     train = "reloaded" if t["train_seconds"] is None else f"{t['train_seconds']:.0f} s"
     console.print(f"training {train} ({meta['n_train']} cases), evaluation "

@@ -17,11 +17,11 @@ from cnalens.cli import (
     OutOpt,
     Profile,
     QuietOpt,
-    _command,
-    _print_table,
     app,
+    command_line,
     console,
     load_view,
+    print_table,
 )
 from cnalens.errors import CnaError
 
@@ -63,11 +63,11 @@ def prune(
         PRUNE_PROFILES,
         find_adapter,
         heads_layer,
-        run_prune,
-        summary,
     )
     from cnalens.models import load_model
-    from cnalens.pipeline import record_stage
+    from cnalens.stages import record_stage
+    from cnalens.stages.prune import run_prune
+    from cnalens.tables import prune_summary as summary
 
     if keep_top is not None and prune_fraction is not None:
         raise CnaError("give either --keep-top N or --prune-fraction F, not both")
@@ -104,16 +104,17 @@ def prune(
     settings = {"profile": profile, "keep_top": keep_top, "prune_fraction": prune_fraction,
                 "deep_from": deep_from, "n": n if n is not None else prof.n_select,
                 "seeds": n_seeds, "train": train}
-    table = run_prune(view, fresh, adapter, out, keep_top=keep_top, fraction=prune_fraction,
-                      deep_from=deep_from, seeds=tuple(range(1, n_seeds + 1)), train=train,
+    table = run_prune(view, fresh, adapter, out, keep_top=keep_top,
+                      prune_fraction=prune_fraction, deep_from=deep_from,
+                      seeds=tuple(range(1, n_seeds + 1)), train=train,
                       n_select=n if n is not None else prof.n_select, batch_size=batch_size,
                       progress=not quiet, settings_extra=settings)
     summ = summary(table)
-    _print_table(summ[["label", "runs", "n", "acc", "acc_sd", "acc_lo", "acc_hi",
-                       "acc_first", "logp", "deep_pruned"]],
-                 "accuracy on the LoRA test split (%; sd over seeds, Wilson 95% of the "
-                 "pooled cases)",
-                 pct=("acc", "acc_sd", "acc_lo", "acc_hi", "acc_first", "deep_pruned"))
+    print_table(summ[["label", "runs", "n", "acc", "acc_sd", "acc_lo", "acc_hi",
+                      "acc_first", "logp", "deep_pruned"]],
+                "accuracy on the LoRA test split (%; sd over seeds, Wilson 95% of the "
+                "pooled cases)",
+                pct=("acc", "acc_sd", "acc_lo", "acc_hi", "acc_first", "deep_pruned"))
     from cnalens.io import read_json
 
     meta = read_json(out / "prune.json")
@@ -125,5 +126,5 @@ def prune(
         f"weights file {s['weights_bytes_before'] / 2**20:.0f} MiB -> "
         f"{s['weights_bytes_after'] / 2**20:.0f} MiB (-{100 * s['file_reduction']:.1f}%); "
         f"forward {s['speed']['speedup']:.2f}x faster")
-    report = record_stage(out, view, _command(), "prune", time.perf_counter() - t0)
+    report = record_stage(out, view, command_line(), "prune", time.perf_counter() - t0)
     console.print(f"wrote {out}/prune.csv and the pruned model {out}/model; report: {report}")

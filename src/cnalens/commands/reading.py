@@ -90,12 +90,14 @@ def neuron(
     if not units:
         _head_ov(view, hd, k, out)
         return
-    from cnalens.vocab import mean_scales, read_neurons, shallow_cases
+    from cnalens.stages.shallow import shallow_cases
+    from cnalens.vocab import mean_scales, read_neurons
 
     enc, tgt, scales, scale_note = None, None, None, "unit"
     if case is not None:
+        from cnalens.data.arithmetic import case_from_prompt
         from cnalens.data.cases import encode_prompt
-        from cnalens.explain import case_from_prompt, target_id
+        from cnalens.explain import target_id
 
         enc = encode_prompt(view.tokenizer, case_from_prompt(case, shots))
         tgt = target_id(view, target)
@@ -198,8 +200,9 @@ def shallow(
     """Zero-shot locator: shallow FFN neurons whose attention-transformed projection hits
     number and operator tokens; the accuracy drop of each M-set vs random sets."""
     from cnalens.data.arithmetic import arithmetic_cases
-    from cnalens.locator import LocatorSettings, run_shallow
+    from cnalens.locator import LocatorSettings
     from cnalens.pipeline import record_stage
+    from cnalens.stages.shallow import run_shallow
 
     op_list = parse_list(ops, "ops")
     settings = LocatorSettings(top_tokens=top_tokens, ms=tuple(parse_ints(m, "m")),
@@ -273,8 +276,10 @@ def explain(
 ) -> None:
     """The four-stage chain of one case: shallow FFN neurons -> shallow attention -> the
     arithmetic head -> deep FFN neurons, each element with its measured effect."""
-    from cnalens.explain import STAGES, case_from_prompt, explain_case, target_id, write_explain
+    from cnalens.data.arithmetic import case_from_prompt
+    from cnalens.explain import STAGES, explain_case, target_id
     from cnalens.pipeline import record_stage
+    from cnalens.stages.explain import write_explain
 
     if top < 1:
         raise CnaError("--top must be at least 1")

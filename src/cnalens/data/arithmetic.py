@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib.resources import files
@@ -158,3 +159,26 @@ def arithmetic_cases(ops: Sequence[str] = OPS, digits: Sequence[int] = (1,),
     if not cases:
         raise CnaError("the arithmetic selection is empty")
     return cases
+
+
+_QUESTION = re.compile(r"^\s*(\d{1,3})\s*([-+*/])\s*(\d{1,3})\s*=\s*$")  # "a op b ="
+
+
+def case_from_prompt(prompt: str, shots: int = 3) -> Case:
+    """A case from a prompt: ``a op b =`` gets the arithmetic default few-shot prefix
+    (``shots`` examples) and its answer as target; anything else stands alone (no target:
+    the model's prediction is explained)."""
+    if not prompt.strip():
+        raise CnaError("empty prompt")
+    m = _QUESTION.match(prompt)
+    if not m:
+        return Case(prompt, "", "", {"op": "custom"}, "custom")
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    digits = len(str(max(a, b)))
+    question = f"{a}{op}{b}="
+    value = answer(op, a, b)
+    prefix = (format_prefix(op, "eq", default_examples(op, "eq", digits, shots))
+              if shots > 0 else "")
+    labels = {"op": op, "digits": digits, "template": "eq", "a": a, "b": b, "answer": value}
+    return Case(question, format_answer("eq", value), prefix, labels,
+                f"{OP_NAMES[op]}-{digits}-eq-{a}-{b}")

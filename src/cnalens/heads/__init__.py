@@ -169,11 +169,6 @@ def write_heads(dir: Path, df: pd.DataFrame, meta: dict, top_k: int = 10) -> Non
                                           "top": top.to_dict("records")})
 
 
-# Old private names, kept until their callers switch (stages/heads.py: ``_dist``;
-# benchmarks/head_scan.py: ``_layout``, ``_score``). Delete with the last caller.
-_dist = rank_world
-_layout = answer_layout
-_score = score_answers
 
 __all__ = [
     "CHECKPOINT_FILES", "CHECKPOINT_HEADS", "COLUMNS", "FIELDS", "GROUP_BY", "LOGIT_CHUNK",

@@ -12,6 +12,15 @@ import pandas as pd
 from cnalens.data.cases import Encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import group_keys
+from cnalens.tables import (  # re-exported: the heads table's pure-pandas helpers
+    OP_RANK,
+    RESULTS,
+    group_columns,
+    group_order,
+    panel_columns,
+    pooled,
+    top_heads,
+)
 
 if TYPE_CHECKING:
     from cnalens.heads.scan import Scan
@@ -20,9 +29,6 @@ METRICS = ("acc", "acc_first")
 COLUMNS = ("layer", "head", "op", "digits", "n", "acc_orig", "acc_ablated", "drop",
            "drop_rel", "drop_lo", "drop_hi", "dlogp")
 GROUP_BY = ("op", "digits")  # the default grouping (those the cases have); digits pooled on top
-RESULTS = frozenset({"layer", "head", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
-                     "drop_lo", "drop_hi", "dlogp", "dlogp_est", "rank", "name"})
-OP_RANK = {op: i for i, op in enumerate(["+", "-", "*", "/"])}
 
 
 def _boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -39,26 +45,6 @@ def case_groups(enc: Sequence[Encoded], keys: Sequence[str] | None = None) -> pd
     if not keys:
         return pd.DataFrame({"op": ["custom"] * len(enc)})
     return pd.DataFrame([{k: e.case.labels.get(k) for k in keys} for e in enc], columns=keys)
-
-
-def group_columns(df: pd.DataFrame) -> list[str]:
-    """A head table's group columns (op, digits on arithmetic): those not results."""
-    return [c for c in df.columns if c not in RESULTS]
-
-
-def panel_columns(df: pd.DataFrame) -> list[str]:
-    """The group columns summaries keep apart: all but ``digits`` (pooled)."""
-    return [c for c in group_columns(df) if c != "digits"]
-
-
-def _group_order(s: pd.Series) -> pd.Series:
-    """Sort key of group values: the arithmetic ops in their order, numbers before text,
-    ``"all"`` last."""
-    def key(v):
-        num = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v == v
-        return (v == "all", OP_RANK.get(v, 9) if s.name == "op" else 0, not num,
-                float(v) if num else 0.0, str(v))
-    return s.map(key)
 
 
 def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
@@ -96,32 +82,5 @@ def head_table(scan: Scan, enc: Sequence[Encoded], metric: str = "acc",
     return df.sort_values(["layer", "head", *keys], ignore_index=True)[cols]
 
 
-def pooled(df: pd.DataFrame, cols: str | Sequence[str] = "drop") -> pd.DataFrame:
-    """``cols`` per (group, layer, head), digits pooled: means weighted by ``n`` (columns
-    ``panel_columns``, layer, head, n and ``cols``; groups in order of first appearance)."""
-    cols = [cols] if isinstance(cols, str) else list(cols)
-    keys = [*panel_columns(df.drop(columns=cols)), "layer", "head"]
-    d = pd.concat([df[[*keys, "n"]], df[cols].mul(df["n"], axis=0)], axis=1)
-    g = d.groupby(keys, sort=False, dropna=False)[["n", *cols]].sum().reset_index()
-    g[cols] = g[cols].div(g["n"], axis=0)
-    return g
-
-
-def top_heads(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """The ``k`` heads with the largest drop per group (``panel_columns``: op on
-    arithmetic; digits pooled, weighted by n), and over all groups (each group column
-    ``"all"``). Columns: the group columns, rank, name (``L.H``), layer, head, n,
-    acc_orig, acc_ablated, drop, drop_rel, dlogp."""
-    panel = panel_columns(df)
-    both = pd.concat([df, df.assign(**dict.fromkeys(panel, "all"))]) if panel else df
-    g = pooled(both, ["acc_orig", "acc_ablated", "dlogp"])
-    g["drop"] = g["acc_orig"] - g["acc_ablated"]
-    g["drop_rel"] = g["drop"] / g["acc_orig"].where(g["acc_orig"] > 0)
-    g = g.sort_values([*panel, "drop", "dlogp"], ascending=[*[True] * len(panel), False, True],
-                      key=lambda s: _group_order(s) if s.name in panel else s, kind="stable")
-    g = (g.groupby(panel, sort=False, dropna=False).head(k) if panel else g.head(k)).copy()
-    g["rank"] = (g.groupby(panel, sort=False, dropna=False).cumcount() if panel
-                 else pd.Series(range(len(g)), index=g.index)) + 1
-    g["name"] = g["layer"].astype(str) + "." + g["head"].astype(str)
-    return g[[*panel, "rank", "name", "layer", "head", "n", "acc_orig", "acc_ablated", "drop",
-              "drop_rel", "dlogp"]].reset_index(drop=True)
+__all__ = ["COLUMNS", "GROUP_BY", "METRICS", "OP_RANK", "RESULTS", "case_groups", "group_columns",
+           "group_order", "head_table", "panel_columns", "pooled", "top_heads"]

@@ -293,7 +293,7 @@ def load_pretrained(
             with _status(progress, f"loading {spec}"):
                 if res["kind"] == "dir" and is_pruned(src):  # per-layer FFN widths
                     if device_map is not None:
-                        raise CnaError("a pruned model loads without --device-map")
+                        raise CnaError("a pruned model loads without device_map")
                     model, info["pruned"] = load_pruned(src, **kw), True
                 else:
                     model = AutoModelForCausalLM.from_pretrained(src, **kw)

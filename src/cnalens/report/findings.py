@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from cnalens.errors import CnaError
-from cnalens.heads import panel_columns, top_heads
 from cnalens.report.html import fmt_acc, fmt_pct, is_missing
 from cnalens.report.sections import ORDER, has_results, read_meta
 from cnalens.stats import Z95, wilson
+from cnalens.tables import panel_columns, top_heads
 
 # The stages a run can have, in the order the Findings section lists them (``cna`` writes
 # ``verification`` too; the attribution pre-scan is an option of ``heads``).
@@ -508,7 +508,7 @@ def collect(dir: Path) -> list[Finding]:
         add("lora", lora_findings(lo, read_meta(dir, "lora")))
     pr = _read(dir, "prune", dtype={"variant": str})
     if pr is not None and len(pr):
-        from cnalens.apps.prune import summary
+        from cnalens.tables import prune_summary as summary
 
         add("prune", prune_findings(summary(pr)))
     db = read_meta(dir, "debias")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,38 @@ from cnalens.io import read_json, write_json
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of the main job. ``quick`` fits 15 minutes on a 2-core CPU."""
+
+    name: str
+    eval_digits: tuple[int, ...]
+    eval_templates: tuple[str, ...]
+    eval_n: dict[int, int | None] = field(default_factory=dict)  # pairs per (op, digits)
+    heads_digits: tuple[int, ...] = (1,)
+    heads_n: int | None = None  # operand pairs per op for the head scan (None: all)
+    cna_ops: tuple[str, ...] = ("+", "-")
+    cna_n: int = 20  # sampled cases per op (the correctly answered ones are kept)
+    cna_ks: tuple[int, ...] = (10, 20, 50)
+    cna_seeds: int = 2
+
+
+@dataclass
+class StageContext:
+    """What a later stage of the main job gets: the model, the folder and earlier results."""
+
+    view: ModelView
+    out: Path
+    profile: Profile
+    ops: tuple[str, ...]
+    seed: int
+    batch_size: int
+    progress: bool
+    settings: dict
+    heads: pd.DataFrame | None  # heads.csv of this run (None without the head stage)
+    top_heads: dict[str, tuple[int, int]]  # op -> (layer, head) with the largest drop
 
 
 def now() -> str:
@@ -101,5 +134,5 @@ def group_name(key) -> str:
     return "|".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
-__all__ = ["cases_by_group", "correct_cases", "finish_run", "group_name", "now",
-           "read_stage", "record_stage", "start_run"]
+__all__ = ["Profile", "StageContext", "cases_by_group", "correct_cases", "finish_run",
+           "group_name", "now", "read_stage", "record_stage", "start_run"]

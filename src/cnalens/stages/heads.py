@@ -31,7 +31,7 @@ def heads_stage(view: ModelView, cases: list[Case], out: Path, settings: dict, m
 
     from cnalens.heads import (
         GROUP_BY,
-        _dist,
+        rank_world,
         scan_heads,
         scan_heads_attribution,
         write_attribution,
@@ -39,7 +39,7 @@ def heads_stage(view: ModelView, cases: list[Case], out: Path, settings: dict, m
     )
 
     t0 = time.perf_counter()
-    rank = _dist()[0]
+    rank = rank_world()[0]
     keys = group_keys(cases, group_by, GROUP_BY)
     settings = {**settings, "group_by": keys}
     enc = encode_all(view.tokenizer, cases)

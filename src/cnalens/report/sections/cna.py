@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from cnalens.cna import frequency
 from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, read_csv, read_meta
+from cnalens.tables import frequency
 
 STAGE = "cna"
 REQUIRED = ("case", "rank", "layer", "neuron", "imp_a", "imp_b", "coef_a", "coef_b", "head")

@@ -14,11 +14,11 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cnalens.heads import group_columns, panel_columns, pooled
 from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, read_csv, read_meta
+from cnalens.tables import group_columns, panel_columns, pooled
 
 STAGE = "heads"
 REQUIRED = ("layer", "head", "n", "acc_orig", "acc_ablated", "drop", "dlogp")

@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cnalens.heads import group_columns, panel_columns, pooled
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, read_csv, read_meta
+from cnalens.tables import group_columns, panel_columns, pooled
 
 STAGE = "heads_attribution"
 REQUIRED = ("layer", "head", "n", "dlogp_est")

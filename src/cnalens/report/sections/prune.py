@@ -27,7 +27,7 @@ PAPER = {"original": 0.629, "lora": 0.893, "cna_pruned_lora": 0.823,
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
-    from cnalens.apps.prune import summary
+    from cnalens.tables import prune_summary as summary
 
     return summary(df)
 

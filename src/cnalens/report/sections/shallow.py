@@ -3,7 +3,7 @@
 Reads ``DIR/shallow.csv`` (one row per located neuron: layer, neuron, name, matches,
 transform_layer, side, matches_untransformed, concepts, top_tokens, untransformed_tokens;
 token lists as JSON) and ``DIR/shallow.json`` (sweep, null, histograms, settings,
-timings; see ``cnalens.locator.run_shallow``). Shows the M-sweep against random sets,
+timings; see ``cnalens.stages.shallow.run_shallow``). Shows the M-sweep against random sets,
 the null calibration and the neuron table, untransformed beside transformed tokens.
 """
 
