@@ -11,6 +11,12 @@ last.
 
     python benchmarks/cna_scores.py --model gemma3-270m --cases 3 --k 100
     python benchmarks/cna_scores.py --model qwen2.5-coder-0.5b --cases 3 --head 12.0
+
+The other comparisons the CNA core makes go through the same entry points
+(``cna.compare_runs``, ``cna.compare_inputs``), timed with and without ``k`` there:
+
+    python benchmarks/cna_scores.py --comparison lora     # a LoRA on the head's attention
+    python benchmarks/cna_scores.py --comparison inputs   # "a+b=" against "a*b=", one target
 """
 
 from __future__ import annotations
@@ -66,7 +72,13 @@ def main() -> None:
     ap.add_argument("--rank", default="decrease", choices=list(S.RANKINGS))
     ap.add_argument("--head-tokens", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--comparison", default="heads", choices=["heads", "lora", "inputs"],
+                    help="heads: the head zeroed (states-level timing); lora: a seeded "
+                         "random LoRA on the head's attention layer against the adapter "
+                         "disabled; inputs: two prompts, one target (debias's kind)")
     args = ap.parse_args()
+    if args.comparison != "heads":
+        return entry_points(args)
 
     view = load_model(args.model, device=args.device, progress=False)
     hl, hh = (int(x) for x in (args.head or HEADS.get(args.model, "0.0")).split("."))
@@ -131,6 +143,71 @@ def main() -> None:
     print(f"per case pair, ranges cached: exhaustive {t_ex / n:.2f} s vs certified "
           f"{t_warm / n:.2f} s: {t_ex / t_warm:.1f}x")
     print(f"speed-up, same {n} cases, ranges computed in the run (cold): {t_ex / t_cold:.1f}x")
+
+
+def entry_points(args: argparse.Namespace) -> None:
+    """``compare_runs`` (LoRA vs adapter disabled) or ``compare_inputs`` (two prompts):
+    exhaustive (no ``k``) against certified (``k``), forwards included in both."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from cnalens.apps.lora import target_names
+    from cnalens.cna import compare_inputs, compare_runs
+
+    view = load_model(args.model, device=args.device, progress=False)
+    hl = int((args.head or HEADS.get(args.model, "0.0")).split(".")[0])
+    layers = list(range(hl, view.n_layers))
+    cs = cases(args.cases)
+    n_units = sum(view.ffn_width(x) for x in layers)
+    print(f"model {args.model}: {args.comparison} comparison; layers {layers[0]}-"
+          f"{layers[-1]}: {n_units} FFN neurons; {len(cs)} cases; K={args.k}; "
+          f"{torch.get_num_threads()} threads")
+    if args.comparison == "lora":
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=target_names(view, [hl],
+                                                                             ["attn"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = get_peft_model(view.model, config)
+        other.eval()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, prm in other.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(torch.randn(prm.shape, generator=gen) * 0.02)
+
+        def run(k):
+            return compare_runs(view, cs, other_model=other, k=k, layers=layers, by=args.rank)
+    else:
+        b_cases = [Case(c.question.replace("+", "*"), c.target, c.prefix, case_id=c.case_id)
+                   for c in cs]
+
+        def run(k):
+            return compare_inputs(view, cs, b_cases, k=k, layers=layers, by=args.rank)
+
+    t = time.perf_counter()
+    ex = run(None)
+    t_ex = time.perf_counter() - t
+    CE.clear_range_cache()
+    t = time.perf_counter()
+    cold = run(args.k)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    warm = run(args.k)
+    t_warm = time.perf_counter() - t
+    st = warm.meta.get("stats", {})
+    print(f"exhaustive: {t_ex:.1f} s; {warm.meta['scoring']}: cold {t_cold:.1f} s, warm "
+          f"{t_warm:.1f} s; scored exactly per case (both runs): {st.get('n_exact')} of "
+          f"{n_units}")
+    key = S.rank_key(ex.diff, args.rank).numpy()
+    for name, comp in (("cold", cold), ("warm", warm)):
+        differ, beyond = mismatches(ex.frame(args.k), comp.frame(args.k), key, ex.case_ids)
+        print(f"same top-{args.k} as exhaustive ({name}): {differ == 0} ({differ} cases "
+              f"differ, {beyond} beyond the 1e-4 tie rule)")
+        if beyond:
+            raise SystemExit("certified top-K differs from exhaustive beyond the tie rule")
+    print(f"speed-up, same {len(cs)} cases, forwards included: warm {t_ex / t_warm:.1f}x, "
+          f"cold {t_ex / t_cold:.1f}x")
 
 
 if __name__ == "__main__":

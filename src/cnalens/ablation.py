@@ -36,7 +36,8 @@ def dataset_means(view: ModelView, cases: Sequence[Case] | Sequence[Encoded], po
     return {layer: (s / count).to(view.dtype) for layer, s in sums.items()}
 
 
-def mean_ablation(view: ModelView, cases, heads: Sequence[tuple[int, int]] = (),
+def mean_ablation(view: ModelView, cases: Sequence[Case] | Sequence[Encoded],
+                  heads: Sequence[tuple[int, int]] = (),
                   neurons: Sequence[tuple[int, int]] = (), last_only: bool = False,
                   batch_size: int = 64) -> list:
     """Interventions that set the given heads / neurons to their mean over ``cases``."""

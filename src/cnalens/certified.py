@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,8 @@ from cnalens.states import (
 )
 
 if TYPE_CHECKING:
+    from cnalens.data.cases import Cases
+    from cnalens.interventions import Intervention
     from cnalens.models import ModelView
 
 
@@ -80,8 +83,9 @@ def _exhaustive_fallback(view: ModelView, cases, k, interventions, target, scale
                              "n_exact": n_units, "seconds": sc.meta["seconds"]}
 
 
-def certified_topk(view: ModelView, cases, k: int, *interventions, target: Target = "pred",
-                   scale: torch.Tensor | None = None, layers=None, slack: float | None = None,
+def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Intervention,
+                   target: Target = "pred", scale: torch.Tensor | None = None,
+                   layers: Sequence[int] | None = None, slack: float | None = None,
                    step: int = 64, batch_size: int = 32, max_memory_gb: float = 2.0,
                    progress: bool = False, lens: str = "frozen") -> tuple[pd.DataFrame, dict]:
     """Exact top-``k`` FFN neurons per case by importance without scoring every neuron.
@@ -497,7 +501,8 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
 
 def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                target: Target = "pred",
-               layers=None, head_tokens: int = 256, exact_ranges: bool = True,
+               layers: Sequence[int] | None = None, head_tokens: int = 256,
+               exact_ranges: bool = True,
                own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
     d_ffn) (runs A, B; NaN outside ``layers`` and beyond a layer's width), with
@@ -547,7 +552,8 @@ def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
 
 
 def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
-                  target: Target = "pred", layers=None, by: str = "decrease",
+                  target: Target = "pred", layers: Sequence[int] | None = None,
+                  by: str = "decrease",
                   own_scales: bool = False,
                   head_tokens: int = 256, slack: float | None = None, step: int = 64,
                   group: int = 8, progress: bool = False) -> tuple[pd.DataFrame, dict]:
@@ -622,7 +628,8 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
 
 
 def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
-                 target: Target = "gold", layers=None, screen: int = 256,
+                 target: Target = "gold", layers: Sequence[int] | None = None,
+                 screen: int = 256,
                  progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Top-``k`` FFN neurons per case by ``imp_a - imp_b`` of an input comparison, screened
     (approximate): case ``i`` of run A and of run B are two prompts scored on one target

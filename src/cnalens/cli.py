@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 from cnalens.commands import MODULES as COMMAND_MODULES
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_list
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 console = Console()  # results on stdout; progress and errors on stderr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -69,7 +72,7 @@ def command_line() -> str:
     return " ".join(["cnalens", *sys.argv[1:]])
 
 
-def print_table(df, title: str, pct: tuple[str, ...] = ()) -> None:
+def print_table(df: pd.DataFrame, title: str, pct: tuple[str, ...] = ()) -> None:
     """A DataFrame as a table on stdout: ``pct`` columns as percentages, floats to three
     decimals, ``digits`` 0 (the pooled row) as ``all``."""
     table = Table(title=title, show_lines=False)
@@ -101,7 +104,7 @@ def print_findings(out: Path) -> None:
             console.print(f"- {line}", highlight=False)
 
 
-def print_accuracy(table) -> None:
+def print_accuracy(table: pd.DataFrame) -> None:
     from cnalens.evaluate import SUMMARY_COLUMNS
 
     cols = [*[c for c in table.columns if c not in SUMMARY_COLUMNS],

@@ -36,7 +36,14 @@ from cnalens.data.cases import Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
 from cnalens.evaluate import batches, score_batch
 from cnalens.progress import track
-from cnalens.scores import RANKINGS, rank_key, rank_order, ranked_rows, score_neurons
+from cnalens.scores import (
+    RANKINGS,
+    NeuronScores,
+    rank_key,
+    rank_order,
+    ranked_rows,
+    score_neurons,
+)
 from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
 from cnalens.tables import frequency
 
@@ -159,7 +166,7 @@ class Comparison:
                       rank_layers=self.layers)
 
 
-def compare(a, b, meta: dict | None = None) -> Comparison:
+def compare(a: NeuronScores, b: NeuronScores, meta: dict | None = None) -> Comparison:
     """CNA of two exhaustive ``NeuronScores`` over the same cases and neurons."""
     if a.imp.shape != b.imp.shape:
         raise CnaError(f"runs of different shapes cannot be compared: {tuple(a.imp.shape)} "

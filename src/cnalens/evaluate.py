@@ -23,6 +23,7 @@ from cnalens.progress import track
 from cnalens.stats import wilson
 
 if TYPE_CHECKING:
+    from cnalens.interventions import Intervention
     from cnalens.models import ModelView
 
 CASE_COLUMNS = ("case_id", "prompt", "target", "target_first", "pred", "n_answer_tokens",
@@ -115,8 +116,8 @@ def encode_cases(view: ModelView, cases: Cases, targets: Targets = None) -> list
     return enc
 
 
-def evaluate(view: ModelView, cases: Cases, *interventions, targets: Targets = None,
-             batch_size: int = 64, progress: bool = True,
+def evaluate(view: ModelView, cases: Cases, *interventions: Intervention,
+             targets: Targets = None, batch_size: int = 64, progress: bool = True,
              description: str = "evaluating") -> pd.DataFrame:
     """Per-case results (one row per case, in input order) under optional interventions.
 

@@ -48,6 +48,7 @@ Deep neurons' enhancing links and ``coef_drop`` come from the same rows' capture
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -152,7 +153,7 @@ def _row_mult(factor: torch.Tensor):
 
 
 @torch.no_grad()
-def ablate_rows(view: ModelView, prompt_ids, target: int, specs: list[tuple],
+def ablate_rows(view: ModelView, prompt_ids: Sequence[int], target: int, specs: list[tuple],
                 watch: list[tuple[int, int]],
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Row 0 plain, row ``r + 1`` with ``specs[r]`` zeroed: ``(point, layer, idx, position)``

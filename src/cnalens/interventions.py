@@ -10,6 +10,7 @@ An edit sets ``x[..., idx] = x[..., idx] * factor + value`` at the chosen positi
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -74,7 +75,7 @@ class ScaleHeads:
                 "factor": self.factor, "position": self.position}
 
 
-def ZeroHeads(heads, position: int | None = None) -> ScaleHeads:  # noqa: N802
+def ZeroHeads(heads: Iterable[Head], position: int | None = None) -> ScaleHeads:  # noqa: N802
     """Zero-intervention of heads at the output projection's input."""
     return ScaleHeads(heads, 0.0, position)
 
@@ -131,7 +132,8 @@ class ScaleNeurons:
                 "factor": self.factor, "position": self.position}
 
 
-def ZeroNeurons(neurons, position: int | None = None) -> ScaleNeurons:  # noqa: N802
+def ZeroNeurons(neurons: Iterable[Neuron],  # noqa: N802
+                position: int | None = None) -> ScaleNeurons:
     """Zero chosen FFN neurons' coefficients."""
     return ScaleNeurons(neurons, 0.0, position)
 
@@ -193,5 +195,5 @@ class ReplaceNeurons:
 Intervention = ScaleHeads | ReplaceHeads | ScaleNeurons | KeepOnlyNeurons | ReplaceNeurons
 
 
-def describe_all(interventions) -> list[dict]:
+def describe_all(interventions: Iterable[Intervention]) -> list[dict]:
     return [i.describe() for i in interventions]

@@ -45,6 +45,7 @@ from cnalens.progress import track
 from cnalens.vocab import SIGNS, lens_vectors, topk_lens, transform
 
 if TYPE_CHECKING:
+    from cnalens.data.cases import Encoded
     from cnalens.models import ModelView
 
 TRANSFORMS = ("all", "head")
@@ -284,8 +285,8 @@ def null_table(located: Located, ms: Sequence[int]) -> list[dict]:
              "observed": int((located.frame["matches"] >= m).sum())} for m in ms]
 
 
-def sweep(view: ModelView, located: Located, enc, batch_size: int = 64, progress: bool = True
-          ) -> pd.DataFrame:
+def sweep(view: ModelView, located: Located, enc: Sequence[Encoded], batch_size: int = 64,
+          progress: bool = True) -> pd.DataFrame:
     """Accuracy drop when each M-set is zeroed vs random sets (same per-layer counts)."""
     from cnalens.evaluate import evaluate
     from cnalens.interventions import ZeroNeurons

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,7 @@ DEFAULT_STAGES = ("eval", "heads", "cna", "shallow", "explain")
 ALL_STAGES = (*CORE_STAGES, *EXTRA_STAGES)
 
 
-def check_stages(stages) -> tuple[str, ...]:
+def check_stages(stages: Sequence[str]) -> tuple[str, ...]:
     bad = [s for s in stages if s not in ALL_STAGES]
     if bad or not stages:
         raise CnaError(f"unknown stage(s) {', '.join(bad) or '(none)'}: "
@@ -72,9 +73,9 @@ def run_extra_stage(name: str, ctx: StageContext) -> None:
     getattr(importlib.import_module(module), func)(ctx)
 
 
-def run_arithmetic(view: ModelView, out: Path, profile: str = "quick", ops=OPS, seed: int = 0,
-                   batch_size: int = 64, progress: bool = True,
-                   command: str = "cnalens run arithmetic",
+def run_arithmetic(view: ModelView, out: Path, profile: str = "quick",
+                   ops: Sequence[str] = OPS, seed: int = 0, batch_size: int = 64,
+                   progress: bool = True, command: str = "cnalens run arithmetic",
                    stages: tuple[str, ...] = DEFAULT_STAGES) -> Path:
     """The main job: every stage of the profile, then ``DIR/report.html``."""
     from cnalens.report import render_report

@@ -12,6 +12,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -25,13 +26,13 @@ def enabled(flag: bool = True) -> bool:
     return flag and os.environ.get("CNALENS_PROGRESS", "1") != "0"
 
 
-def columns(*extra) -> tuple:
+def columns(*extra: ProgressColumn) -> tuple:
     """The project's progress columns, with ``extra`` columns (e.g. a loss) before the time."""
     return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
 
 
-def bar(show: bool = True, *extra) -> Progress:
+def bar(show: bool = True, *extra: ProgressColumn) -> Progress:
     """A progress bar on stderr with :func:`columns`; disabled like :func:`track`."""
     return Progress(*columns(*extra), console=console, disable=not enabled(show))
 

@@ -8,6 +8,7 @@ changes) between every pair of variants, per operation.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,10 @@ def alternative_examples(op: str, template: str, shots: int = 3, seed: int = 1) 
     return random.Random(f"alt|{op}|{template}|{seed}").sample(pairs, shots)
 
 
-def head_robustness(view: ModelView, ops, templates=("eq", "verbal"), n: int | None = 25,
-                    seed: int = 0,
-                    batch_size: int = 64, progress: bool = True,
-                    layers=None) -> pd.DataFrame:
+def head_robustness(view: ModelView, ops: Sequence[str],
+                    templates: Sequence[str] = ("eq", "verbal"), n: int | None = 25,
+                    seed: int = 0, batch_size: int = 64, progress: bool = True,
+                    layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Spearman of per-head drops between variants: each template with the default
     prefix, and the first template with an alternative prefix. One row per op and pair."""
     variants: dict[str, pd.DataFrame] = {}

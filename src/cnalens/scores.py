@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cnalens.data.cases import as_encoded
+from cnalens.data.cases import CaseLike, Cases, as_encoded
 from cnalens.errors import CnaError
 from cnalens.lens import FFNVectors, Lens
 from cnalens.progress import track
@@ -48,6 +48,7 @@ from cnalens.states import (
 )
 
 if TYPE_CHECKING:
+    from cnalens.interventions import Intervention
     from cnalens.models import ModelView
 
 RANKINGS = ("decrease", "increase", "abs")  # CNA orders: imp_a - imp_b, its negative, |.|
@@ -107,8 +108,9 @@ def _prepare(view: ModelView, lens, cases, interventions, target, scale, layers,
     return lz, st, tg, scales_for(lz, st, scale), resolve_layers(view, layers)
 
 
-def score_neurons(view: ModelView, cases_or_encoded, *interventions, lens: str = "frozen",
-                  target: Target = "pred", scale: torch.Tensor | None = None, layers=None,
+def score_neurons(view: ModelView, cases_or_encoded: Cases, *interventions: Intervention,
+                  lens: str = "frozen", target: Target = "pred",
+                  scale: torch.Tensor | None = None, layers: Sequence[int] | None = None,
                   batch_size: int = 32, max_memory_gb: float = 2.0, progress: bool = True,
                   states: CaseStates | None = None) -> NeuronScores:
     """Exhaustive importance of every FFN neuron (vectorised, chunked) plus coefficients.
@@ -142,8 +144,9 @@ def score_neurons(view: ModelView, cases_or_encoded, *interventions, lens: str =
 
 
 # --------------------------------------------------------------------------- heads
-def score_heads(view: ModelView, cases_or_encoded, *interventions, lens: str = "frozen",
-                target: Target = "pred", scale: torch.Tensor | None = None, layers=None,
+def score_heads(view: ModelView, cases_or_encoded: Cases, *interventions: Intervention,
+                lens: str = "frozen", target: Target = "pred",
+                scale: torch.Tensor | None = None, layers: Sequence[int] | None = None,
                 batch_size: int = 32, max_memory_gb: float = 2.0, progress: bool = True,
                 attn_neurons: bool = True, states: CaseStates | None = None) -> pd.DataFrame:
     """Every head's importance (kind="head") and every attention neuron's (kind="attn_neuron":
@@ -196,10 +199,10 @@ def score_heads(view: ModelView, cases_or_encoded, *interventions, lens: str = "
     return df
 
 
-def position_scores(view: ModelView, case, *interventions, lens: str = "frozen",
-                    target: Target = "pred",
-                    scale: torch.Tensor | None = None, layers=None, progress: bool = False
-                    ) -> pd.DataFrame:
+def position_scores(view: ModelView, case: CaseLike, *interventions: Intervention,
+                    lens: str = "frozen", target: Target = "pred",
+                    scale: torch.Tensor | None = None, layers: Sequence[int] | None = None,
+                    progress: bool = False) -> pd.DataFrame:
     """One case: each head's output split by source position (kind="head_pos").
 
     Row (layer, head, index=j): the head's attention to position j times that position's

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cnalens.data.cases import as_encoded
+from cnalens.data.cases import Cases, as_encoded
 from cnalens.errors import CnaError
 from cnalens.lens import Lens
 
 if TYPE_CHECKING:
+    from cnalens.interventions import Intervention
     from cnalens.models import ModelView
 
 TARGETS = ("pred", "gold")
@@ -78,7 +79,8 @@ def frozen_scale(view: ModelView, states: CaseStates, lens: str = "frozen") -> t
     return Lens(view, lens).scale(states.final)
 
 
-def case_states(view: ModelView, encoded, *interventions, batch_size: int = 32) -> CaseStates:
+def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
+                batch_size: int = 32) -> CaseStates:
     """One batched forward (interventions applied) capturing the last prompt position."""
     enc = as_encoded(view.tokenizer, encoded)
     cd = view.compute_dtype
@@ -155,7 +157,8 @@ def check_targets(view: ModelView, t: torch.Tensor) -> None:
                        f"{view.vocab_size} tokens")
 
 
-def scales_for(lens: Lens, states: CaseStates, scale) -> torch.Tensor:
+def scales_for(lens: Lens, states: CaseStates, scale: torch.Tensor | float | None
+               ) -> torch.Tensor:
     if scale is None:
         return lens.scale(states.final)
     s = torch.as_tensor(scale, dtype=lens.dt).reshape(-1)
@@ -168,7 +171,7 @@ def scales_for(lens: Lens, states: CaseStates, scale) -> torch.Tensor:
     return s
 
 
-def resolve_layers(view: ModelView, layers) -> list[int]:
+def resolve_layers(view: ModelView, layers: Sequence[int] | None) -> list[int]:
     out = list(range(view.n_layers)) if layers is None else sorted({int(x) for x in layers})
     view.check_layers(out)
     return out

@@ -46,6 +46,9 @@ from cnalens.errors import CnaError
 from cnalens.lens import FFNVectors, Lens, center, neuron_vectors
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cnalens.data.cases import CaseLike, Cases, Encoded
     from cnalens.models import ModelView
 
 SIGNS = ("pos", "neg", "both")
@@ -76,7 +79,8 @@ class Projection:
         vals = torch.where(pos, self.top_vals, -self.bottom_vals)
         return ids, vals
 
-    def tokens(self, tokenizer, which: str = "top", k: int | None = None) -> list[list[str]]:
+    def tokens(self, tokenizer: PreTrainedTokenizerBase, which: str = "top",
+               k: int | None = None) -> list[list[str]]:
         """Token strings of each row (``which``: top or bottom), as the tokenizer decodes
         them one by one."""
         if which not in ("top", "bottom"):
@@ -85,7 +89,7 @@ class Projection:
         return ids_to_strings(tokenizer, ids)
 
 
-def ids_to_strings(tokenizer, ids: torch.Tensor) -> list[list[str]]:
+def ids_to_strings(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[list[str]]:
     """Decode each id alone: rows of token strings (``(n, k)`` ids)."""
     flat = ids.reshape(-1).tolist()
     uniq = {i: tokenizer.decode([i]) for i in set(flat)}
@@ -107,7 +111,8 @@ def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
     return s.reshape(n, 1)
 
 
-def lens_vectors(view: ModelView, vectors: torch.Tensor, scale=None) -> torch.Tensor:
+def lens_vectors(view: ModelView, vectors: torch.Tensor, scale: torch.Tensor | float | None = None
+                 ) -> torch.Tensor:
     """What the vocabulary sees of residual vectors: ``g * C(v) / c`` (n, d)."""
     v = _vectors(view, vectors)
     X = Lens(view).vectors(v)[0]
@@ -167,8 +172,8 @@ def topk_lens(view: ModelView, X: torch.Tensor, k: int, bottom: bool = True,
     return Projection(*out)
 
 
-def project(view: ModelView, vectors: torch.Tensor, *, scale=None, k: int = 20,
-            vocab_block: int = 16384) -> Projection:
+def project(view: ModelView, vectors: torch.Tensor, *, scale: torch.Tensor | float | None = None,
+            k: int = 20, vocab_block: int = 16384) -> Projection:
     """Top and bottom ``k`` tokens of residual-space ``vectors`` (n, d) through the frozen
     final norm (``scale``: None = 1, a scalar, or one per vector) and the unembedding."""
     if k < 1:
@@ -196,7 +201,8 @@ def ov_parts(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int | None = None,
-              scale=None, post_scale=None) -> torch.Tensor:
+              scale: torch.Tensor | float | None = None,
+              post_scale: torch.Tensor | float | None = None) -> torch.Tensor:
     """Vectors (n, d) through layer ``layer``'s attention value/output circuit (module doc):
     input norm frozen at ``scale``, W_V, W_O (all heads summed, or ``head`` alone), then
     the post-attention norm frozen at ``post_scale`` where the family has one. Scales:
@@ -264,7 +270,7 @@ def _scale_states(view: ModelView, enc, batch_size: int = 32):
         yield chunk, pre, raw, cache[("resid_post", L - 1)][:, -1]
 
 
-def case_scales(view: ModelView, case, position: int = -1) -> Scales:
+def case_scales(view: ModelView, case: CaseLike, position: int = -1) -> Scales:
     """The real scales of one case (a prompt string, ``Case`` or ``Encoded``): the input
     norms' at token ``position`` (negative: from the end), the post-attention and final
     norms' at the last token."""
@@ -288,7 +294,7 @@ def case_scales(view: ModelView, case, position: int = -1) -> Scales:
     return Scales(attn_in, attn_post, fin, f"case {enc[0].case.prompt!r}, position {position}")
 
 
-def mean_scales(view: ModelView, cases, batch_size: int = 32) -> Scales:
+def mean_scales(view: ModelView, cases: Cases, batch_size: int = 32) -> Scales:
     """Zero-shot scales: the input norms' averaged over the question tokens of every
     prompt, the post-attention and final norms' over the prompts' last tokens."""
     enc = as_encoded(view.tokenizer, cases)
@@ -345,8 +351,8 @@ def head_ov(view: ModelView, layer: int, head: int, tokens: Sequence[int] | None
 
 # --------------------------------------------------------------------------- neurons
 @torch.no_grad()
-def neuron_case_scores(view: ModelView, enc, units: Sequence[tuple[int, int]], target=None
-                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int, int]],
+                       target: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
     encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
     for the case's gold first answer token if it has one, else the model's prediction."""
@@ -374,7 +380,8 @@ def neuron_case_scores(view: ModelView, enc, units: Sequence[tuple[int, int]], t
     return coef, imp, int(tg[0])
 
 
-def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *, case=None, target=None,
+def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *,
+                 case: Encoded | None = None, target: int | None = None,
                  transform_layers: Sequence[int] = (), head: tuple[int, int] | None = None,
                  sign: str | None = None, k: int = 10, position: int = -1,
                  scales: Scales | None = None) -> pd.DataFrame:

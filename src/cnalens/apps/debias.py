@@ -55,6 +55,9 @@ from cnalens.data.cases import Case, Encoded, encode
 from cnalens.errors import CnaError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cnalens.interventions import Intervention
     from cnalens.models import ModelView
 
 GENDER = ("female", "male")
@@ -144,7 +147,8 @@ def load_pairs(path: str | Path) -> list[Pair]:
     return out
 
 
-def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> tuple[list[Encoded], list[Encoded]]:
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+                 ) -> tuple[list[Encoded], list[Encoded]]:
     """Encoded (prompt_a, target) and (prompt_b, target); every target must be one token,
     the same token after both prompts."""
     if not pairs:
@@ -168,7 +172,7 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> tuple[list[Encoded], list[
 
 # --------------------------------------------------------------------------- log-probs
 @torch.inference_mode()
-def target_logp(view: ModelView, enc: Sequence[Encoded], *interventions,
+def target_logp(view: ModelView, enc: Sequence[Encoded], *interventions: Intervention,
                 batch_size: int = 32) -> torch.Tensor:
     """log p(target | prompt) of single-token cases: (n,) float64."""
     out = torch.empty(len(enc), dtype=torch.float64)
@@ -183,7 +187,8 @@ def target_logp(view: ModelView, enc: Sequence[Encoded], *interventions,
     return out
 
 
-def gaps(view: ModelView, ea, eb, *interventions, batch_size: int = 32) -> torch.Tensor:
+def gaps(view: ModelView, ea: Sequence[Encoded], eb: Sequence[Encoded],
+         *interventions: Intervention, batch_size: int = 32) -> torch.Tensor:
     """Per pair: log p(target | prompt_a) - log p(target | prompt_b)."""
     return (target_logp(view, ea, *interventions, batch_size=batch_size)
             - target_logp(view, eb, *interventions, batch_size=batch_size))
@@ -401,7 +406,7 @@ def save_edited(view: ModelView, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- costs
 @torch.inference_mode()
-def perplexity(view: ModelView, texts: Sequence[str], *interventions,
+def perplexity(view: ModelView, texts: Sequence[str], *interventions: Intervention,
                batch_size: int = 16) -> dict:
     """exp(mean next-token NLL) over every token of ``texts`` (each text on its own)."""
     ids = [list(view.tokenizer(t).input_ids) for t in texts]
@@ -418,7 +423,8 @@ def perplexity(view: ModelView, texts: Sequence[str], *interventions,
     return {"ppl": math.exp(nll / max(count, 1)), "tokens": count}
 
 
-def arithmetic_cost(view: ModelView, enc, *interventions, batch_size: int = 32) -> dict:
+def arithmetic_cost(view: ModelView, enc: Sequence[Encoded], *interventions: Intervention,
+                    batch_size: int = 32) -> dict:
     from cnalens.evaluate import evaluate
 
     res = evaluate(view, enc, *interventions, batch_size=batch_size, progress=False)

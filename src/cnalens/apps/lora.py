@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from cnalens.data.arithmetic import OPS, arithmetic_cases
-from cnalens.data.cases import Case, Encoded, as_encoded
+from cnalens.data.cases import Case, Cases, Encoded, as_encoded
 from cnalens.errors import CnaError
 from cnalens.io import write_json
 from cnalens.models.view import compute_dtype
@@ -88,17 +88,17 @@ class LoraSettings:
     profile: str = "quick"
 
     @classmethod
-    def quick(cls, **overrides) -> LoraSettings:
+    def quick(cls, **overrides: Any) -> LoraSettings:
         """Minutes on a 2-core CPU: 2,000 train / 400 test cases, one epoch."""
         return cls(**_tuples(overrides))
 
     @classmethod
-    def full(cls, **overrides) -> LoraSettings:
+    def full(cls, **overrides: Any) -> LoraSettings:
         """The paper's scale: 18,000 train / 2,000 test cases, 4 epochs, lr 1e-3."""
         return cls(**{"n_train": 18_000, "n_test": 2_000, "epochs": 4, "lr": 1e-3,
                       "profile": "full", **_tuples(overrides)})
 
-    def replace(self, **changes) -> LoraSettings:
+    def replace(self, **changes: Any) -> LoraSettings:
         return replace(self, **_tuples(changes))
 
     def to_dict(self) -> dict:
@@ -471,7 +471,7 @@ def load_adapter(view: ModelView, dir: str | Path) -> Adapter:
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate_runs(view: ModelView, adapter: Adapter, cases, batch_size: int = 64,
+def evaluate_runs(view: ModelView, adapter: Adapter, cases: Cases, batch_size: int = 64,
                   progress: bool = True) -> pd.DataFrame:
     """Per-case results of the original (adapter disabled) and the LoRA model, with a
     ``run`` column (``original``, ``lora``)."""

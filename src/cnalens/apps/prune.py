@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from cnalens.data.arithmetic import OPS, arithmetic_cases
-from cnalens.data.cases import Case, as_encoded
+from cnalens.data.cases import Case, Cases, Encoded, as_encoded
 from cnalens.errors import CnaError
 from cnalens.models.pruned import (  # noqa: F401 (re-exported)
     PRUNING_FILE,
@@ -43,6 +43,7 @@ from cnalens.tables import PRUNE_VARIANTS as VARIANTS  # re-exported
 
 if TYPE_CHECKING:
     from cnalens.apps.lora import Adapter, LoraSettings
+    from cnalens.cna import Comparison
     from cnalens.models import ModelView
 
 Keep = dict[int, torch.Tensor]
@@ -96,7 +97,7 @@ class Ranking:
         return n_lo if abs(lo - want) < abs(hi - want) else n_hi
 
 
-def rank_deep(comp, layers: Sequence[int], widths: Sequence[int]) -> Ranking:
+def rank_deep(comp: Comparison, layers: Sequence[int], widths: Sequence[int]) -> Ranking:
     """Every case's ranking of the deep neurons (``comp.key("decrease")``), reduced to each
     neuron's best rank: one argsort over all cases at once."""
     layers = tuple(sorted(set(int(x) for x in layers)))
@@ -111,7 +112,7 @@ def rank_deep(comp, layers: Sequence[int], widths: Sequence[int]) -> Ranking:
     return Ranking(units, rank.min(0).values, layers, key.shape[0])
 
 
-def lora_ranking(view: ModelView, adapter: Adapter, cases, deep_from: int,
+def lora_ranking(view: ModelView, adapter: Adapter, cases: Cases, deep_from: int,
                  batch_size: int = 32, progress: bool = True) -> Ranking:
     """The selection's ranking: CNA of the LoRA model (``adapter``, attached to ``view``)
     against the original (``lora_cna.lora_comparison``) on ``cases``, every neuron of the
@@ -148,8 +149,8 @@ def keep_frame(keep: Keep, variant: str, seed: int | None = None) -> pd.DataFram
 
 # --------------------------------------------------------------------------- speed
 @torch.inference_mode()
-def forward_seconds(views: Sequence, enc, batch_size: int = 64, repeats: int = 5,
-                    warmup: int = 1) -> list[float]:
+def forward_seconds(views: Sequence[ModelView], enc: Sequence[Encoded], batch_size: int = 64,
+                    repeats: int = 5, warmup: int = 1) -> list[float]:
     """Median seconds of one forward pass (last-position logits) over the same prompts,
     for each view; the views take turns so the machine's load affects them alike."""
     items = enc[:batch_size]
@@ -174,7 +175,8 @@ def ffn_params(view: ModelView, layers: Sequence[int] | None = None) -> int:
 
 # --------------------------------------------------------------------------- experiment
 
-def accuracy_row(per_case: pd.DataFrame, variant: str, seed: int | None, **extra) -> dict:
+def accuracy_row(per_case: pd.DataFrame, variant: str, seed: int | None,
+                 **extra: object) -> dict:
     """One row of prune.csv: a variant's accuracy on ``per_case`` (``evaluate``'s per-case
     results): n, correct, acc with its Wilson 95% interval, acc_first, mean logp, and
     ``extra`` columns."""
@@ -216,8 +218,8 @@ def heads_layer(*folders: Path) -> int | None:
 
 
 def save_and_measure(view: ModelView, pv: ModelView, folder: Path, keep: Keep, frac: float,
-                     ffn_before: int, info: dict, enc, batch_size: int, repeats: int,
-                     meta: dict) -> dict:
+                     ffn_before: int, info: dict, enc: Sequence[Encoded], batch_size: int,
+                     repeats: int, meta: dict) -> dict:
     """Save the pruned model ``pv`` (``keep`` of ``view``'s neurons kept, ``frac`` of the
     deep ones pruned; ``info``: what ``prune_ffn`` returned) to ``folder`` with ``meta``,
     reload it, check it gives the same logits, and time it against the original ``view``

@@ -18,10 +18,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from cnalens.errors import CnaError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def _ids(tokenizer, text: str, special: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special).input_ids)
 
 
-def encode(tokenizer, case: Case) -> Encoded:
+def encode(tokenizer: PreTrainedTokenizerBase, case: Case) -> Encoded:
     """Tokenise a case (see the module docstring); CnaError if the answer is empty."""
     prompt = _ids(tokenizer, case.prompt)
     full = _ids(tokenizer, case.prompt + case.target)
@@ -84,7 +88,8 @@ def encode(tokenizer, case: Case) -> Encoded:
     return Encoded(case, tuple(prompt), tuple(answer), moved, merged)
 
 
-def encode_all(tokenizer, cases: Sequence[Case], single_token: bool = False) -> list[Encoded]:
+def encode_all(tokenizer: PreTrainedTokenizerBase, cases: Sequence[Case],
+               single_token: bool = False) -> list[Encoded]:
     """Tokenise cases; with ``single_token`` every answer must be exactly one token."""
     if not cases:
         raise CnaError("no cases to evaluate (empty dataset)")
@@ -99,7 +104,7 @@ def encode_all(tokenizer, cases: Sequence[Case], single_token: bool = False) -> 
     return out
 
 
-def encode_prompt(tokenizer, case: Case | Encoded) -> Encoded:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, case: Case | Encoded) -> Encoded:
     """Tokenise a case that may have no target: with one, ``encode``; without, the prompt
     alone (no answer tokens: the caller scores the model's own prediction)."""
     if isinstance(case, Encoded):
@@ -112,7 +117,7 @@ def encode_prompt(tokenizer, case: Case | Encoded) -> Encoded:
     return Encoded(case, ids, ())
 
 
-def question_start(tokenizer, enc: Encoded) -> int:
+def question_start(tokenizer: PreTrainedTokenizerBase, enc: Encoded) -> int:
     """Index of the case's first question token: the few-shot prefix and BOS skipped (at
     most the last prompt token)."""
     n = len(enc.prompt_ids)
@@ -127,7 +132,8 @@ Cases = CaseLike | Sequence[CaseLike]  # what a notebook passes where cases go
 Targets = str | int | Sequence[str | int] | None
 
 
-def as_encoded(tokenizer, items: Cases, targets: Targets = None) -> list[Encoded]:
+def as_encoded(tokenizer: PreTrainedTokenizerBase, items: Cases, targets: Targets = None
+               ) -> list[Encoded]:
     """Cases from what a notebook holds: a prompt string, a ``Case`` or an ``Encoded``, or a
     list of them. ``targets``: one text or token id for all, or one per item (text is the
     answer, scored like a case's target; an id is the answer's first token); strings

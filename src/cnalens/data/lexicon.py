@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CATEGORIES = ("none", "digit", "number_word", "roman", "ordinal", "operator")
 MARKERS = ("▁", "Ġ", " ")
@@ -276,7 +280,7 @@ def _byte_decoder() -> dict[str, int]:
     return _BYTE_DECODER
 
 
-def token_strings(tokenizer, vocab_size: int) -> list[str]:
+def token_strings(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[str]:
     """Each token id's surface string with its space marker as a leading space.
 
     SentencePiece pieces (``▁``) and byte-level BPE pieces (``Ġ``, bytes mapped to
@@ -327,7 +331,7 @@ class ConceptTable:
 _CACHE: dict[int, tuple[object, int, ConceptTable]] = {}
 
 
-def concept_table(tokenizer, vocab_size: int) -> ConceptTable:
+def concept_table(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> ConceptTable:
     """The vocabulary classified once per tokenizer (cached)."""
     hit = _CACHE.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer and hit[1] == vocab_size:
@@ -344,7 +348,7 @@ def concept_table(tokenizer, vocab_size: int) -> ConceptTable:
     return table
 
 
-def default_probe_tokens(tokenizer, vocab_size: int) -> list[int]:
+def default_probe_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
     """Token ids of the digits 0-9 and the operator symbols + - * / = (no space marker),
     those the vocabulary has as single tokens."""
     strings = token_strings(tokenizer, vocab_size)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -71,6 +72,9 @@ from cnalens.heads.table import (
 )
 from cnalens.io import write_csv, write_json
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
 METHODS = ("zero", "mean")
 CHECKPOINT_HEADS = 16  # a checkpoint file holds whole layers, at least this many heads
 CHECKPOINT_FILES = 3  # ... and at most about this many files per scan: every file repeats
@@ -78,9 +82,9 @@ CHECKPOINT_FILES = 3  # ... and at most about this many files per scan: every fi
 
 
 # ----------------------------------------------------------------- entry point
-def scan_heads(view, cases: Cases, heads: Sequence[Head] | None = None, method: str = "zero",
-               metric: str = "acc", batch_size: int = 128, progress: bool = True,
-               fast: bool = True, layers: Sequence[int] | None = None,
+def scan_heads(view: ModelView, cases: Cases, heads: Sequence[Head] | None = None,
+               method: str = "zero", metric: str = "acc", batch_size: int = 128,
+               progress: bool = True, fast: bool = True, layers: Sequence[int] | None = None,
                mean_over: str = "all", heads_per_pass: int | None = None,
                checkpoint: Path | None = None, resume: bool = False,
                keys: Sequence[str] | None = None, targets: Targets = None) -> pd.DataFrame:

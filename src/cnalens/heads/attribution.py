@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,9 @@ from cnalens.heads.selection import Head, select_heads
 from cnalens.heads.table import case_groups, group_columns, panel_columns, pooled
 from cnalens.io import write_csv, write_json
 from cnalens.progress import track
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 
 def _attribution_batch(view, items: Sequence[Encoded]) -> torch.Tensor:
@@ -53,7 +57,7 @@ def _attribution_batch(view, items: Sequence[Encoded]) -> torch.Tensor:
     return torch.stack(out, 1).float().cpu()
 
 
-def scan_heads_attribution(view, cases: Sequence[Case] | Sequence[Encoded],
+def scan_heads_attribution(view: ModelView, cases: Sequence[Case] | Sequence[Encoded],
                            batch_size: int = 32, progress: bool = True,
                            heads: Sequence[Head] | None = None,
                            layers: Sequence[int] | None = None,

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,8 +16,11 @@ from cnalens.heads.scan import Scan
 from cnalens.heads.selection import Head
 from cnalens.io import write_with
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
-def scan_key(view, enc: Sequence[Encoded], method: str, metric: str,
+
+def scan_key(view: ModelView, enc: Sequence[Encoded], method: str, metric: str,
              mean_over: str | None = None) -> str:
     """Fingerprint of what a scan's partial results depend on: the model, the cases
     (ids and tokens), the method and the metric."""

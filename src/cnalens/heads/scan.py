@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,13 +39,16 @@ from cnalens.models.view import Batch
 from cnalens.progress import track
 from cnalens.trees import token_tree
 
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
+
 FIELDS = ("correct", "correct_first", "logp", "pred", "margin")
 MEAN_OVER = ("all", "last")
 LOGIT_CHUNK = 128  # rows of whole logits at a time (the naive loop)
 TILE_ROWS = 2048  # rows per vocabulary sweep of the fast scan
 
 
-def vocab_tile(device) -> int:
+def vocab_tile(device: torch.device | str) -> int:
     """Vocabulary tile of the fast scan's scoring: cache-sized on CPU, large on GPUs."""
     return 65536 if torch.device(device).type == "cuda" else 4096
 
@@ -154,7 +158,7 @@ def _rows(hidden: torch.Tensor, lay: Layout, reps: int = 1) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])[pos]
 
 
-def score_answers(view, hidden: torch.Tensor, lay: Layout, reps: int = 1,
+def score_answers(view: ModelView, hidden: torch.Tensor, lay: Layout, reps: int = 1,
                   tile: int | None = None) -> dict[str, torch.Tensor]:
     """Scores of ``reps`` stacked copies of a chunk (hidden states laid out as ``lay``
     says): each field of ``FIELDS`` (reps, n). Logits only at the scored positions,
@@ -203,7 +207,7 @@ def empty_results(n: int, reps: int | None = None) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------- interventions
-def head_means(view, enc: Sequence[Encoded], over: str = "all",
+def head_means(view: ModelView, enc: Sequence[Encoded], over: str = "all",
                batch_size: int = 64) -> torch.Tensor:
     """Mean output ``z`` of every head over the dataset: (n_layers, n_heads, head_dim).
 
@@ -261,7 +265,7 @@ def _replica_edit(view, heads: Sequence[int], fill: torch.Tensor | None):
 
 # ----------------------------------------------------------------- the naive loop
 @torch.inference_mode()
-def scan_naive(view, enc: Sequence[Encoded], heads: Sequence[Head],
+def scan_naive(view: ModelView, enc: Sequence[Encoded], heads: Sequence[Head],
                means: torch.Tensor | None = None, batch_size: int = 64,
                progress: bool = False, label: str = "head scan (naive)") -> Scan:
     """The loop people write: per head, one full forward pass of every batch (left-padded,
@@ -437,7 +441,7 @@ class _TreeRunner:
 
 
 @torch.inference_mode()
-def scan_fast(view, enc: Sequence[Encoded], heads: Sequence[Head],
+def scan_fast(view: ModelView, enc: Sequence[Encoded], heads: Sequence[Head],
               means: torch.Tensor | None = None, batch_size: int = 128,
               heads_per_pass: int | None = None, reuse: bool = True,
               share_prefix: bool = True, tree: bool = True, progress: bool = False,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cnalens.errors import CnaError
 from cnalens.names import parse_ints, parse_units
+
+if TYPE_CHECKING:
+    from cnalens.models import ModelView
 
 Head = tuple[int, int]
 
@@ -20,7 +24,7 @@ def parse_layers(text: str) -> list[int]:
     return parse_ints(text, "layers")
 
 
-def select_heads(view, heads: Sequence[Head] | None = None,
+def select_heads(view: ModelView, heads: Sequence[Head] | None = None,
                  layers: Sequence[int] | None = None) -> list[Head]:
     """The heads to scan, sorted and unique: ``heads`` if given, else every head of
     ``layers`` (default: all layers). Out-of-range names raise CnaError."""

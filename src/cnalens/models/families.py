@@ -27,8 +27,12 @@ Uniform names:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cnalens.errors import CnaError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
 
 
-def family_for(config) -> Family:
+def family_for(config: PretrainedConfig) -> Family:
     """The family table for a transformers config; CnaError for an unsupported one."""
     model_type = getattr(config, "model_type", None)
     for fam in FAMILIES:

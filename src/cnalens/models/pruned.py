@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -174,7 +174,7 @@ def weights_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def load_pruned(path: str | Path, **kwargs) -> nn.Module:
+def load_pruned(path: str | Path, **kwargs: Any) -> nn.Module:
     """A pruned model saved by ``save_pruned``, as a plain transformers model.
 
     ``from_pretrained`` loads every weight whose shape matches the config (all but the pruned

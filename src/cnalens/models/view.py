@@ -16,9 +16,10 @@ embeddings included), and the final residual is ``resid_post[n_layers - 1]``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +28,19 @@ from cnalens.errors import CnaError
 from cnalens.models.families import Family, family_for
 from cnalens.models.finite import check_finite, check_finite_weights, finite_flag, nonfinite_error
 from cnalens.models.shape import ModelShape
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+    from cnalens.trees import TokenTree
+
+    class Intervening(Protocol):
+        """What ``ModelView.intervene`` applies: an intervention of
+        ``cnalens.interventions`` (a layer above this module, hence named by its shape)."""
+
+        def edits(self, view: ModelView) -> Sequence[Any]: ...
+
+        def describe(self) -> dict: ...
 
 CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef")
 
@@ -406,7 +420,7 @@ class ModelView:
         raise CnaError(f"cannot intervene at '{point}'")
 
     @contextmanager
-    def intervene(self, *interventions) -> Iterator[list[dict]]:
+    def intervene(self, *interventions: Intervening) -> Iterator[list[dict]]:
         """Apply interventions (see ``cnalens.interventions``) while the block runs.
 
         Yields their JSON-able descriptions. Hooks come off on exit, also on exceptions.
@@ -483,7 +497,8 @@ class ModelView:
     # run from a key/value cache, copy/expand caches, skip layers whose output is known,
     # and edit one point of one layer with an arbitrary tensor function.
     def run_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+                   position_ids: torch.Tensor, cache: DynamicCache | None = None
+                   ) -> tuple[torch.Tensor, object]:
         """Final-normed hidden states of ``input_ids`` continuing ``cache`` (None: a fresh one).
 
         ``attention_mask`` covers the cached tokens and the new ones; returns the hidden
@@ -504,7 +519,7 @@ class ModelView:
         rerun = run if isinstance(cache, DynamicCache) else None
         return check_finite(self, run(), "activations", input_ids, rerun), cache
 
-    def tree_mask(self, tree) -> torch.Tensor | dict | None:
+    def tree_mask(self, tree: TokenTree) -> torch.Tensor | dict | None:
         """The attention mask that runs a ``cnalens.trees.TokenTree`` as one row.
 
         An additive (1, 1, N, N) mask where node i sees node j iff j is i or an ancestor
@@ -544,8 +559,8 @@ class ModelView:
             return False
         return "causal_mask_mapping := attention_mask, dict" in src
 
-    def run_tree(self, ids: torch.Tensor, depth: torch.Tensor, mask, rows: int = 1
-                 ) -> torch.Tensor:
+    def run_tree(self, ids: torch.Tensor, depth: torch.Tensor,
+                 mask: torch.Tensor | dict[str, torch.Tensor], rows: int = 1) -> torch.Tensor:
         """Final-normed hidden states (rows, N, d) of a token tree (``tree_mask``) repeated
         in ``rows`` identical rows (e.g. one per intervention replica)."""
         n = ids.shape[-1]
@@ -562,7 +577,8 @@ class ModelView:
         return check_finite(self, run(), "activations", None, run)
 
     @staticmethod
-    def expand_cache(cache, repeats: int, base=None, below: int = 0):
+    def expand_cache(cache: DynamicCache, repeats: int, base: DynamicCache | None = None,
+                     below: int = 0) -> DynamicCache:
         """A new cache with every row of ``cache`` repeated ``repeats`` times (interleaved).
 
         Layers ``< below`` are taken from ``base`` instead (e.g. a one-row reference cache),
@@ -609,7 +625,8 @@ class ModelView:
                     mod.forward = fwd
 
     @contextmanager
-    def edit(self, point: str, layer: int, fn) -> Iterator[None]:
+    def edit(self, point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]
+             ) -> Iterator[None]:
         """Replace the input of ``point`` (``z`` or ``coef``) of one layer by ``fn(input)``."""
         self.check_layers([layer])
         mod, kind = self._point_module(point, layer)

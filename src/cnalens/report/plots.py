@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cnalens.io import write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 PLOTS_DIR = "plots"
 DPI = 144
@@ -44,7 +48,7 @@ def new_figure(width: float = 8.0, height: float = 3.2) -> Figure:
     return fig
 
 
-def style_axes(ax) -> None:
+def style_axes(ax: Axes) -> None:
     ax.spines[["top", "right"]].set_visible(False)
     ax.spines[["left", "bottom"]].set_color("#888888")
     ax.tick_params(colors="#333333", labelsize=9)
@@ -102,7 +106,7 @@ def op_label(op: str) -> str:
     return f"{op}  {name}" if name else op
 
 
-def group_value(col: str, value) -> str:
+def group_value(col: str, value: object) -> str:
     """One group column's value in a table cell: an op by its name, "all" (pooled) as
     "all ops" for ops."""
     if str(value) == "all":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,7 +130,7 @@ def cases_by_group(cases: list[Case], keys: list[str]) -> dict:
     return out
 
 
-def group_name(key) -> str:
+def group_name(key: Hashable) -> str:
     """A group's name: its value, or its values joined by ``|``."""
     return "|".join(map(str, key)) if isinstance(key, tuple) else str(key)
 

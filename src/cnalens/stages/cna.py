@@ -5,6 +5,7 @@ verification.csv, faithfulness.csv, cna.json, verification.json."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 HELDOUT_FRACTION = 0.5  # of each op's 1-digit operand pairs, kept for held-out verification
 
 
-def cna_cases(ops, n: int | None, seed: int = 0
+def cna_cases(ops: Sequence[str], n: int | None, seed: int = 0
               ) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
     """Per op: ``n`` sampled 1-digit ``eq`` cases of the training split (CNA is run on them)
     and every case of the disjoint held-out split (held-out verification)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,10 @@ if TYPE_CHECKING:
     from cnalens.models import ModelView
 
 
-def heads_stage(view: ModelView, cases: list[Case], out: Path, settings: dict, method: str = "zero",
-                metric: str = "acc", heads=None, layers=None, batch_size: int = 64,
+def heads_stage(view: ModelView, cases: list[Case], out: Path, settings: dict,
+                method: str = "zero", metric: str = "acc",
+                heads: Sequence[tuple[int, int]] | None = None,
+                layers: Sequence[int] | None = None, batch_size: int = 64,
                 progress: bool = True, resume: bool = False,
                 group_by: str | list[str] | None = None) -> pd.DataFrame:
     """Zero (or mean-ablate) every head, measure the accuracy drop; heads.csv/.json.
@@ -66,7 +69,8 @@ def heads_stage(view: ModelView, cases: list[Case], out: Path, settings: dict, m
     return df
 
 
-def top_head_per_op(heads: pd.DataFrame, ops, by: tuple[str, ...] = ("op",)) -> dict:
+def top_head_per_op(heads: pd.DataFrame, ops: Iterable[Hashable], by: tuple[str, ...] = ("op",)
+                    ) -> dict:
     """Each operation's head with the largest accuracy drop (digits pooled). ``by``: the
     group columns ``ops`` name, one value each (a tuple of values for several columns)."""
     from cnalens.heads import top_heads

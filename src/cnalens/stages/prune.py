@@ -5,7 +5,7 @@ prune_cases.csv, prune.json and the pruned model DIR/model."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from cnalens.models import ModelView
 
 
-def run_prune(view: ModelView, fresh, lora_dir: Path, out: Path, *,
+def run_prune(view: ModelView, fresh: Callable[[], ModelView], lora_dir: Path, out: Path, *,
               keep_top: int | None = None,
               prune_fraction: float | None = None, deep_from: int, seeds: Sequence[int] = (1, 2),
               train: bool = True, n_select: int | None = None, batch_size: int = 32,
