@@ -3,7 +3,7 @@
 A head-zeroed model comparison on 1-digit "+" cases (few-shot prefix): run A the model,
 run B the head zeroed, both scored on A's prediction with A's frozen final-norm scale over
 the deep layers (the head's layer and above). Exhaustive: ``score_neurons`` on both runs in
-one pass (as ``pipeline.cna_stage`` did), then ``diff_frame``. Certified:
+one pass (as the CNA stage did before the certified top-K), then ``diff_frame``. Certified:
 ``scores.certified_cna``, timed cold (exact projection ranges computed for the candidate
 neurons, included) and warm (ranges cached). Checks the same top-K (swaps only within
 design.md's 1e-4 tie rule), prints how many neurons were scored exactly, and the speed-up

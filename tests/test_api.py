@@ -157,6 +157,21 @@ def test_other_model_equals_head_zeroed_by_hand(family, one_thread):
     assert torch.equal(wrapped.topk(4), by_hook.topk(4))
 
 
+def test_adapter_outside_the_layers_is_refused(one_thread):
+    """Both runs go through the view's unembedding: a LoRA on lm_head cannot be compared."""
+    from peft import LoraConfig, get_peft_model
+
+    view = _view()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(view.model, LoraConfig(r=2, target_modules=["lm_head"]))
+    try:
+        with pytest.raises(CnaError, match="outside the decoder layers"):
+            cnalens.cna(view, CASES, other_model=pm, k=3)
+    finally:
+        pm.unload()
+
+
 def test_other_model_peft_adapter_off_equals_lora_comparison(one_thread):
     from peft import LoraConfig, get_peft_model
 

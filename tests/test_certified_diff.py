@@ -1,4 +1,4 @@
-"""Certified CNA top-K (``scores.certified_cna``): the two-sided bounds really bound, and the
+"""Certified CNA top-K (``certified.certified_cna``): the two-sided bounds really bound, and the
 certified top-K equals the exhaustive one (tiny float64 models; gemma3-270m and the 0.5B Qwen
 on a few cases, float32, with design.md's 1e-4 tie rule)."""
 
@@ -165,7 +165,7 @@ def test_errors():
 
     v = _view("llama")
     sa, sb, _, _ = _runs(v, HEADS["one"])
-    with pytest.raises(CnaError, match="K >= 1"):
+    with pytest.raises(CnaError, match="k must be at least 1"):
         CE.certified_cna(v, sa, sb, 0)
     with pytest.raises(CnaError, match="unknown rank"):
         CE.certified_cna(v, sa, sb, 3, by="up")

@@ -84,7 +84,8 @@ def _layer(module: str) -> int | None:
     best = None
     for i, names in enumerate(LAYERS):
         for pre in names:
-            if (module == pre or module.startswith(pre + ".")) and (
+            inside = module == pre or (pre != "cnalens" and module.startswith(pre + "."))
+            if inside and (
                     best is None or len(pre) > best[0]):
                 best = (len(pre), i)
     return None if best is None else best[1]

@@ -338,8 +338,8 @@ def test_findings_open_the_report(tmp_path):
     # verification headline: effect [Wilson interval] vs random, with n
     assert ("zeroing each case's top-K CNA neurons drops accuracy by 87.5% [52.9, 97.8] vs "
             "random 0.0% at K = 10") in find and "n = 8 correctly answered cases" in find
-    # why fewer CNA cases than sampled; lens faithfulness and what it means
-    assert "8 cases of 10 sampled; the model answered 2 wrongly" in find
+    # why fewer CNA cases than selected; lens faithfulness and what it means
+    assert "8 cases of 10 selected; the model answered 2 wrongly" in find
     assert "Spearman 0.02, Pearson 0.27" in find and "trust the verification" in find
     assert "read a top-K as a set of candidates" in find  # - : Pearson high, Spearman low
     assert "Null result" in find

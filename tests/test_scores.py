@@ -8,6 +8,7 @@ from torch import nn
 from cnalens import certified as CE
 from cnalens import scores as S
 from cnalens import states as ST
+from cnalens.cna import cna as cnalens_cna
 from cnalens.data.cases import Case, Encoded
 from cnalens.errors import CnaError
 from cnalens.interventions import ZeroHeads
@@ -307,17 +308,30 @@ def test_input_topk_diff_equals_exhaustive(family):
     np.testing.assert_allclose(got["diff"], ref["diff"], atol=1e-9, rtol=0)
 
 
-def test_input_topk_diff_errors():
+def test_input_comparison_errors():
+    """The public entry point's checks (cna.compare_inputs), before any scoring."""
+    from cnalens.cna import compare_inputs
+
     v = _view("llama")
     ea, eb = _enc(), _enc(SEQS_B)
     with pytest.raises(CnaError, match="3 run-A prompts but 2 run-B"):
-        _input_diff(v, ea, eb[:2], 3)
-    with pytest.raises(CnaError, match="K >= 1"):
-        _input_diff(v, ea, eb, 0)
-    with pytest.raises(CnaError, match="top-K 41 exceeds the 40 neurons"):
-        _input_diff(v, ea, eb, 41, layers=[2])
+        compare_inputs(v, ea, eb[:2], k=3)
+    with pytest.raises(CnaError, match="k must be at least 1"):
+        cnalens_cna(v, ea, eb, k=0)
+    for screen in (None, 9):  # certified and screened say the same
+        with pytest.raises(CnaError, match="top-K 41 exceeds the 40 neurons"):
+            compare_inputs(v, ea, eb, k=41, layers=[2], screen=screen)
     with pytest.raises(CnaError, match="out of range"):
-        _input_diff(v, ea, eb, 3, target=[999])
+        compare_inputs(v, ea, eb, k=3, target=999)
+    with pytest.raises(CnaError, match="screen= needs k="):
+        compare_inputs(v, ea, eb, screen=9)
+    with pytest.raises(CnaError, match="screen= needs the frozen lens"):
+        compare_inputs(v, ea, eb, k=3, screen=9, lens="renorm")
+    with pytest.raises(CnaError, match="repeats"):
+        compare_inputs(v, [ea[0], ea[0]], eb[:2], k=3)
+    mixed = [ea[0], Encoded(ea[1].case, ea[1].prompt_ids, ())]
+    with pytest.raises(CnaError, match="some run-A cases have a target"):
+        compare_inputs(v, mixed, eb[:2], k=3)
 
 
 def test_rank_order_ties_by_layer_then_neuron():
@@ -390,7 +404,7 @@ def test_errors():
         S.score_neurons(v, enc, scale=torch.tensor([1.0, float("nan"), 1.0]), progress=False)
     with pytest.raises(CnaError, match="no cases"):
         S.score_neurons(v, [], progress=False)
-    with pytest.raises(CnaError, match="K >= 1"):
+    with pytest.raises(CnaError, match="k must be at least 1"):
         CE.certified_topk(v, enc, 0)
     with pytest.raises(CnaError, match="unknown rank"):
         _certified_diff(v, enc, 3, (), by="up")

@@ -67,7 +67,7 @@ def _topk_order(scores: torch.Tensor, flat: torch.Tensor, k: int) -> torch.Tenso
 
 def _check_certifiable(lz: Lens, k: int) -> None:
     if k < 1:
-        raise CnaError(f"top-K needs K >= 1, got {k}")
+        raise CnaError(f"k must be at least 1, got {k}")
     if lz.mode != "frozen" or lz.cap:
         raise CnaError("certified top-K needs the frozen lens without soft-capping "
                        "(use score_neurons, which is exhaustive)")
@@ -318,7 +318,8 @@ class _DiffCase:
 
 
 class _DiffBounds:
-    """Shared state of a certified CNA over two runs scored on A's target and scale."""
+    """Shared state of a certified CNA over two runs scored on A's target, with A's frozen
+    scale for both (model comparisons) or each run's own (input comparisons)."""
 
     def __init__(self, view: ModelView, lz: Lens, sa: CaseStates, sb: CaseStates, tg: torch.Tensor,
                  c: tuple[torch.Tensor, torch.Tensor], layers: list[int], head_tokens: int):
@@ -506,7 +507,8 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
     d_ffn) (runs A, B; NaN outside ``layers`` and beyond a layer's width), with
-    ``lo <= imp <= hi`` for both runs scored on A's target and frozen scale (frozen lens,
+    ``lo <= imp <= hi`` for both runs scored on A's target and A's frozen scale (each
+    run's own with ``own_scales``; frozen lens,
     no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
     the ranges known so far: Cauchy-Schwarz for the others)."""
     lz = Lens(view, "frozen")
@@ -558,7 +560,8 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
                   head_tokens: int = 256, slack: float | None = None, step: int = 64,
                   group: int = 8, progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Exact top-``k`` FFN neurons per case by ``imp_a - imp_b`` of two runs of one model,
-    certified: run B (``states_b``) is scored with run A's target and frozen scale.
+    certified: run B (``states_b``) is scored with run A's target and A's frozen scale
+    (``own_scales``: its own, as input comparisons are).
 
     Per case, two-sided bounds on each neuron's importance in both runs (``cna_bounds``)
     give an interval for its key (``by``: "decrease", "increase" or "abs"); only neurons
@@ -574,7 +577,7 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
     if by not in RANKINGS:
         raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
     if k < 1:
-        raise CnaError(f"top-K needs K >= 1, got {k}")
+        raise CnaError(f"k must be at least 1, got {k}")
     if len(states_a) != len(states_b):
         raise CnaError(f"{len(states_a)} run-A cases but {len(states_b)} run-B cases")
     t0 = time.perf_counter()
@@ -584,6 +587,8 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
     c = _run_scales(lz, states_a, states_b, own_scales)
     layer_list = resolve_layers(view, layers)
     n_units = int(sum(view.ffn_width(x) for x in layer_list))
+    if k > n_units:
+        raise CnaError(f"top-K {k} exceeds the {n_units} neurons compared")
     meta = {"lens": "frozen", "scales": "each run its own" if own_scales else "run A's",
             "target": target if isinstance(target, str) else "ids",
             "run_a": states_a.interventions, "run_b": states_b.interventions,
@@ -641,7 +646,7 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
     """
     lz = Lens(view, "frozen")
     if k < 1:
-        raise CnaError(f"top-K needs K >= 1, got {k}")
+        raise CnaError(f"k must be at least 1, got {k}")
     t0 = time.perf_counter()
     sa, sb = states_a, states_b
     if len(sa) != len(sb):

@@ -101,7 +101,7 @@ def print_findings(out: Path) -> None:
     if lines:
         console.print("[bold]findings[/]")
         for line in lines:
-            console.print(f"- {line}", highlight=False)
+            console.print(f"- {line}", highlight=False, markup=False)  # labels may hold [..]
 
 
 def print_accuracy(table: pd.DataFrame) -> None:

@@ -34,7 +34,7 @@ from cnalens.callables import make_callable
 from cnalens.certified import certified_cna, screened_cna
 from cnalens.data.cases import Cases, Encoded, Targets, as_encoded
 from cnalens.errors import CnaError
-from cnalens.evaluate import batches, score_batch
+from cnalens.evaluate import batches, evaluate, score_batch
 from cnalens.progress import track
 from cnalens.scores import (
     RANKINGS,
@@ -145,8 +145,6 @@ class Comparison:
         run A's cases, those the model answers correctly (``n`` says how many; the rest are
         left out, as the CNA stage does). ``deep_layers``: default the comparison's (from
         the lowest intervened layer up), else its ranked layers, else all."""
-        from cnalens.evaluate import evaluate
-
         if self.view is None or self.cases is None:
             raise CnaError("this Comparison keeps no model and cases: make it with "
                            "cnalens.cna(...), or call cnalens.cna.verify(view, cases, comp, ...)")
@@ -414,6 +412,30 @@ def _intervention_list(intervention) -> list:
     return ivs
 
 
+def _check_adapter_inside_layers(view: ModelView) -> None:
+    """Both runs are scored through the view's lens, so a LoRA on the unembedding or the
+    final norm (outside the decoder layers) cannot be compared this way."""
+    from peft.tuners.lora import LoraLayer
+
+    inside = {id(m) for layer in view.layers for m in layer.modules()}
+    outside = [name for name, m in view.model.named_modules()
+               if isinstance(m, LoraLayer) and id(m) not in inside]
+    if outside:
+        raise CnaError(f"the adapter changes {outside[0]}, outside the decoder layers: CNA "
+                       "scores both runs through the one unembedding, so only adapters "
+                       "inside the layers can be compared")
+
+
+def _distinct_ids(enc: Sequence[Encoded]) -> None:
+    seen: set[str] = set()
+    for i, e in enumerate(enc):
+        cid = e.case.case_id or f"c{i}"  # as case_states names them
+        if cid in seen:
+            raise CnaError(f"case id {cid!r} repeats: a comparison keys its rows by case id, "
+                           "so give each case its own")
+        seen.add(cid)
+
+
 def _other_run(view: ModelView, other):
     """Run B's model: ``("view", ModelView)`` or ``("adapter_off", peft_model)``."""
     from torch import nn
@@ -422,6 +444,7 @@ def _other_run(view: ModelView, other):
 
     if hasattr(other, "disable_adapter") and hasattr(other, "get_base_model"):
         if other.get_base_model() is view.model:
+            _check_adapter_inside_layers(view)
             return "adapter_off", other
         other = other.get_base_model()
     if isinstance(other, nn.Module) and not isinstance(other, ModelView):
@@ -448,7 +471,7 @@ def _check_call(view: ModelView, by: str, lens: str, k: int | None) -> None:
     if lens not in ("frozen", "renorm"):
         raise CnaError(f"unknown lens '{lens}': use frozen or renorm")
     if k is not None and k < 1:
-        raise CnaError(f"top-K needs k >= 1, got {k}")
+        raise CnaError(f"k must be at least 1, got {k}")
 
 
 def _with_answer(enc: Sequence[Encoded], target: torch.Tensor) -> list[Encoded]:
@@ -521,6 +544,7 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
     if kind is None and not ivs:
         raise CnaError("a model comparison needs interventions or another model for run B")
     enc = as_encoded(view.tokenizer, cases, target)
+    _distinct_ids(enc)
     deep = None
     if ivs and kind is None:
         deep = list(range(min(e.layer for iv in ivs for e in iv.edits(view)), view.n_layers))
@@ -584,6 +608,10 @@ def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
     if len(enc_a) != len(enc_b):
         raise CnaError(f"{len(enc_a)} run-A prompts but {len(enc_b)} run-B prompts: an input "
                        "comparison pairs them one to one")
+    _distinct_ids(enc_a)
+    if len({bool(e.answer_ids) for e in enc_a}) > 1:
+        raise CnaError("some run-A cases have a target and some do not: give every case one "
+                       "(target=) or none (each run A's prediction is scored)")
     if screen is not None and (k is None or by != "decrease"):
         raise CnaError("screen= needs k= and the ranking by='decrease'")
     if screen is not None and lens != "frozen":

@@ -6,10 +6,10 @@ prediction unless given), read from the output back to the input (the notebooks'
 1. **prediction enhancing** (deep FFN neurons, layers >= Lh): CNA at the last position,
    run A = the model, run B = the head zeroed, both scored with A's target and frozen
    final-norm scale; the top ``top`` neurons by ``imp_a - imp_b``. By default the
-   ranking is exact: the certified top-``top`` of ``cna.compare_runs`` (two-sided bounds
-   from the first-order difference ``(m_a P_a - m_b P_b) . v / c``, ``P`` = the
-   unembedding row of ``w`` minus the base distribution's mean row, and only the neurons
-   whose bounds can reach the top scored exactly).
+   ranking is exact: the certified top-``top`` of ``cna.compare_runs`` (two-sided bounds on
+   each neuron's importance in both runs, convexity above and Edmundson-Madansky with the
+   neuron's projection range below, and only the neurons whose bounds can reach the top
+   scored exactly).
    **Enhancing links**: ``link(i -> j)`` = relative drop of ``|m_j|`` (last position)
    when neuron ``i`` of a lower layer is zeroed.
 2. **feature predicting** (the head): its attention over the prompt's tokens (last
@@ -60,6 +60,7 @@ import torch
 from cnalens.data.arithmetic import case_from_prompt
 from cnalens.data.cases import Case, Encoded, encode_prompt, question_start
 from cnalens.errors import CnaError
+from cnalens.lens import norm_scale
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
@@ -106,11 +107,6 @@ def _ffn_norm(view: ModelView, layer: int):
     """The norm in front of a layer's FFN and whether it reads resid_pre (parallel blocks)."""
     mod = view.norm(layer, "ln_ffn")
     return (mod if mod is not None else view.norm(layer, "ln_attn")), view.family.parallel
-
-
-def _scale(view: ModelView, mod, x: torch.Tensor) -> torch.Tensor:
-    """A norm's frozen scale at real input(s) ``x`` (..., d) -> (...)."""
-    return view.norm_affine(mod, x)[1][..., 0]
 
 
 def deep_key(view: ModelView, resid_in: dict[int, torch.Tensor], neurons: list[tuple[int, int]],
@@ -237,11 +233,11 @@ def _attn_raw(view: ModelView, run: _Run, layer: int, pos: int) -> torch.Tensor:
 
 def _post_scale(view: ModelView, run: _Run, layer: int, pos: int):
     post = view.norm(layer, "ln_attn_post")
-    return None if post is None else _scale(view, post, _attn_raw(view, run, layer, pos))
+    return None if post is None else norm_scale(view, post, _attn_raw(view, run, layer, pos))
 
 
 def _in_scale(view: ModelView, run: _Run, layer: int, pos: int):
-    return _scale(view, view.norm(layer, "ln_attn"), run.cache[("resid_pre", layer)][pos])
+    return norm_scale(view, view.norm(layer, "ln_attn"), run.cache[("resid_pre", layer)][pos])
 
 
 def _source_split(view: ModelView, run: _Run, layer: int, query: int, heads=None) -> torch.Tensor:

@@ -36,6 +36,19 @@ LENSES = ("frozen", "renorm")
 VOCAB_BLOCK = 8192  # tokens per vocabulary block of the exact scores
 
 
+def norm_scale(view: ModelView, mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm's frozen scale at real input(s) ``x`` (..., d) -> (...): RMS, or LayerNorm's
+    sigma (the one definition; ``Lens.scale`` is the final norm's)."""
+    return view.norm_affine(mod, x)[1][..., 0]
+
+
+def final_gain(view: ModelView) -> tuple[torch.Tensor, bool]:
+    """The final norm's gain ``g`` (d,) in the compute dtype, and whether it centres."""
+    ref = torch.ones(1, view.d_model, dtype=view.compute_dtype, device=view.device)
+    gain, _, _, centred = view.norm_affine(view.final_norm, ref)
+    return gain.detach().to(view.compute_dtype), centred
+
+
 def center(x: torch.Tensor, centred: bool) -> torch.Tensor:
     """``C(x)``: the mean over the last dimension removed when ``centred`` (LayerNorm)."""
     return x - x.mean(-1, keepdim=True) if centred else x
@@ -45,7 +58,8 @@ class LogSumExp:
     """Online log-sum-exp over the last dimension of blocks of one set of rows.
 
     ``add(y)`` folds a block in (``top``: its row maxima, if known; ``inplace`` lets it
-    overwrite ``y``); ``value`` is the log-sum-exp of everything added."""
+    overwrite ``y``); ``value`` is the log-sum-exp of everything added (-inf for rows
+    that saw only -inf)."""
 
     def __init__(self) -> None:
         self.m: torch.Tensor | None = None
@@ -60,6 +74,7 @@ class LogSumExp:
         else:
             m = torch.maximum(self.m, top)
             self.z = self.z * torch.exp(self.m - m)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows all -inf so far
         e = (y if inplace else y.clone()).sub_(m[..., None]).exp_()
         self.z = self.z + e.sum(-1)
         self.m = m
@@ -125,7 +140,7 @@ class Lens:
 
     def scale(self, final: torch.Tensor) -> torch.Tensor:
         """The frozen final-norm scale of real final residuals: (n,)."""
-        return self.view.norm_affine(self.view.final_norm, final.to(self.dt))[1][..., 0]
+        return norm_scale(self.view, self.view.final_norm, final.to(self.dt))
 
     def capped(self, y: torch.Tensor) -> torch.Tensor:
         """Final-logit soft-capping (Gemma 2), or ``y`` unchanged."""
@@ -248,4 +263,5 @@ class FFNVectors:
         return A
 
 
-__all__ = ["LENSES", "Base", "FFNVectors", "Lens", "LogSumExp", "center", "neuron_vectors"]
+__all__ = ["LENSES", "Base", "FFNVectors", "Lens", "LogSumExp", "center", "final_gain",
+           "neuron_vectors", "norm_scale"]

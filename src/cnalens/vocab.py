@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from cnalens.data.cases import as_encoded, question_start
+from cnalens.data.cases import Case, as_encoded, question_start
 from cnalens.errors import CnaError
-from cnalens.lens import FFNVectors, Lens, center, neuron_vectors
+from cnalens.lens import FFNVectors, Lens, center, final_gain, neuron_vectors, norm_scale
+from cnalens.states import case_states
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,7 +116,8 @@ def lens_vectors(view: ModelView, vectors: torch.Tensor, scale: torch.Tensor | f
                  ) -> torch.Tensor:
     """What the vocabulary sees of residual vectors: ``g * C(v) / c`` (n, d)."""
     v = _vectors(view, vectors)
-    X = Lens(view).vectors(v)[0]
+    g, centred = final_gain(view)  # the lens's X = g * C(v), without building W_U
+    X = center(v, centred) * g.to(v.device)
     return X / _as_scale(scale, v.shape[0], X.dtype, "final-norm")
 
 
@@ -246,10 +248,6 @@ class Scales:
                 "post_scale": None if self.attn_post is None else self.attn_post[layer]}
 
 
-def _norm_scale(view: ModelView, mod, x: torch.Tensor) -> torch.Tensor:
-    return view.norm_affine(mod, x)[1][..., 0]
-
-
 @torch.no_grad()
 def _scale_states(view: ModelView, enc, batch_size: int = 32):
     """Per case: resid_pre (L, T, d) at every position, o_proj output and final residual
@@ -274,8 +272,6 @@ def case_scales(view: ModelView, case: CaseLike, position: int = -1) -> Scales:
     """The real scales of one case (a prompt string, ``Case`` or ``Encoded``): the input
     norms' at token ``position`` (negative: from the end), the post-attention and final
     norms' at the last token."""
-    from cnalens.data.cases import Case
-
     if isinstance(case, str):
         case = Case(case, "?", case_id="case")
     enc = as_encoded(view.tokenizer, case)
@@ -284,13 +280,13 @@ def case_scales(view: ModelView, case: CaseLike, position: int = -1) -> Scales:
         raise CnaError(f"position {position} out of range: the prompt has {T} tokens")
     (_, pre, raw, final), = list(_scale_states(view, enc, 1))
     pos = position if position < 0 else position - T  # left padding: count from the end
-    attn_in = torch.stack([_norm_scale(view, view.norm(layer, "ln_attn"), pre[0, layer, pos])
+    attn_in = torch.stack([norm_scale(view, view.norm(layer, "ln_attn"), pre[0, layer, pos])
                            for layer in range(view.n_layers)])
     attn_post = None
     if raw is not None:
-        attn_post = torch.stack([_norm_scale(view, view.norm(layer, "ln_attn_post"),
+        attn_post = torch.stack([norm_scale(view, view.norm(layer, "ln_attn_post"),
                                              raw[0, layer]) for layer in range(view.n_layers)])
-    fin = float(_norm_scale(view, view.final_norm, final[0]))
+    fin = float(norm_scale(view, view.final_norm, final[0]))
     return Scales(attn_in, attn_post, fin, f"case {enc[0].case.prompt!r}, position {position}")
 
 
@@ -307,13 +303,13 @@ def mean_scales(view: ModelView, cases: Cases, batch_size: int = 32) -> Scales:
         for i, e in enumerate(chunk):
             start = T - len(e.prompt_ids) + question_start(view.tokenizer, e)
             for layer in range(L):
-                s = _norm_scale(view, view.norm(layer, "ln_attn"), pre[i, layer, start:])
+                s = norm_scale(view, view.norm(layer, "ln_attn"), pre[i, layer, start:])
                 tot_in[layer] += s.double().sum()
             n_in += T - start
         if raw is not None:
-            posts.append(torch.stack([_norm_scale(view, view.norm(layer, "ln_attn_post"),
+            posts.append(torch.stack([norm_scale(view, view.norm(layer, "ln_attn_post"),
                                                   raw[:, layer]) for layer in range(L)], 1))
-        finals.append(_norm_scale(view, view.final_norm, final))
+        finals.append(norm_scale(view, view.final_norm, final))
     dt = view.compute_dtype
     attn_post = torch.cat(posts).mean(0).to(dt) if posts else None
     return Scales((tot_in / n_in).to(dt), attn_post, float(torch.cat(finals).mean()),
@@ -356,8 +352,6 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
     encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
     for the case's gold first answer token if it has one, else the model's prediction."""
-    from cnalens.states import case_states
-
     st = case_states(view, [enc])
     if target is None:
         tg = st.gold if enc.answer_ids else st.pred

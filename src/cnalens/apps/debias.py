@@ -289,7 +289,7 @@ def input_topk(view: ModelView, run_a: Sequence[Encoded], run_b: Sequence[Encode
     from cnalens.cna import compare_inputs
 
     if k < 1:
-        raise CnaError(f"k must be >= 1, got {k}")
+        raise CnaError(f"k must be at least 1, got {k}")
     comp = compare_inputs(view, list(run_a), list(run_b), k=k, layers=layers,
                           screen=screen if screen else None, batch_size=batch_size,
                           progress=progress)

@@ -140,7 +140,7 @@ def lora_comparison(view: ModelView, adapter: Any, encoded: Sequence[Encoded],
     comp = compare_runs(view, list(encoded), other_model=peft_model, k=k,
                         layers=range(first_layer, view.n_layers), batch_size=batch_size,
                         progress=progress)
-    comp.meta = {"a": "LoRA model", "b": "original (adapter disabled)",
+    comp.meta = {**comp.meta, "a": "LoRA model", "b": "original (adapter disabled)",
                  "target": "run A's prediction", "lens": "frozen (run A's scale)",
                  "layers": [first_layer, view.n_layers - 1],
                  "scoring": comp.meta.get("scoring", "exhaustive")}

@@ -214,7 +214,7 @@ def faithfulness_meaning(spearman: float, pearson: float) -> str:
 
 
 def cna_findings(meta: dict[str, Any]) -> list[str]:
-    """Per group: how many sampled cases CNA kept (and why the others went), and the lens
+    """Per group: how many selected cases CNA kept (and why the others went), and the lens
     faithfulness with what it means for the rankings."""
     out = []
     for group, g in (meta.get("per_op") or {}).items():
@@ -222,7 +222,7 @@ def cna_findings(meta: dict[str, Any]) -> list[str]:
         n, wrong = int(g.get("n") or 0), int(g.get("skipped_wrong") or 0)
         line = f"CNA on {name} (head {g.get('head')} zeroed in run B): {n} cases"
         if wrong:
-            line += (f" of {n + wrong} sampled; the model answered {wrong} wrongly, and CNA "
+            line += (f" of {n + wrong} selected; the model answered {wrong} wrongly, and CNA "
                      "explains correct answers only")
         f = g.get("faithfulness") or {}
         if f and not is_missing(f.get("spearman")) and not is_missing(f.get("pearson")):

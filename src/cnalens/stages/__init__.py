@@ -39,7 +39,7 @@ class Profile:
     heads_digits: tuple[int, ...] = (1,)
     heads_n: int | None = None  # operand pairs per op for the head scan (None: all)
     cna_ops: tuple[str, ...] = ("+", "-")
-    cna_n: int = 20  # sampled cases per op (the correctly answered ones are kept)
+    cna_n: int | None = 20  # training-split cases per op (None: all); the correct ones are kept
     cna_ks: tuple[int, ...] = (10, 20, 50)
     cna_seeds: int = 2
 
