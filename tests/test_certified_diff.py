@@ -149,6 +149,34 @@ def test_exact_ranges_only_for_candidates_and_kept(one_thread):
     assert again["n_ranges_computed"] == 0  # cached by the weights
 
 
+def test_exact_ranges_persist_on_disk_by_weights(one_thread, tmp_path, monkeypatch):
+    """A later process (here: an emptied memory cache) reads the ranges back from
+    $CNALENS_CACHE/ranges; other weights get other files; a corrupt file is recomputed."""
+    monkeypatch.setenv("CNALENS_CACHE", str(tmp_path))
+    v = _view("llama")
+    CE.clear_range_cache()
+    sa, sb, _, _ = _runs(v, HEADS["one"])
+    first, st = CE.certified_cna(v, sa, sb, 3, head_tokens=0)
+    files = sorted((tmp_path / "ranges").glob("*.safetensors"))
+    assert st["n_ranges_computed"] > 0 and len(files) == v.n_layers  # a file per layer
+    CE._RANGES.clear()  # memory only: as a new process starts
+    again, st2 = CE.certified_cna(v, sa, sb, 3, head_tokens=0)
+    assert st2["n_ranges_computed"] == 0
+    assert first[["case", "layer", "neuron"]].equals(again[["case", "layer", "neuron"]])
+    assert np.allclose(first["diff"], again["diff"], atol=1e-12)
+    files[0].write_bytes(b"not a tensor file")
+    CE._RANGES.clear()
+    _, st3 = CE.certified_cna(v, sa, sb, 3, head_tokens=0)
+    assert st3["n_ranges_computed"] > 0  # that layer was recomputed
+    other = _view("qwen3")  # other weights: other files beside these
+    CE.certified_cna(other, *_runs(other, HEADS["one"])[:2], 3, head_tokens=0)
+    assert len(list((tmp_path / "ranges").glob("*.safetensors"))) == v.n_layers + other.n_layers
+    monkeypatch.setenv("CNALENS_RANGE_CACHE", "0")
+    CE.clear_range_cache()
+    CE.certified_cna(v, sa, sb, 3, head_tokens=0)
+    assert not (tmp_path / "ranges").exists()
+
+
 def test_softcap_falls_back_to_exhaustive(one_thread):
     v = _view("gemma2")
     sa, sb, a, b = _runs(v, HEADS["one"])

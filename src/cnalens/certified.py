@@ -9,7 +9,8 @@ order until the K-th exact score clears the next bound.
 Two runs (``certified_cna``): each run's importance gets two-sided bounds: exact terms over
 the most probable tokens and, for the rest, Jensen (below) and Edmundson-Madansky (above)
 with each neuron's projection range ``[min_i P_i, max_i P_i]`` (case-independent, cached by
-a fingerprint of the weights). Run B is scored with run A's frozen scale (model
+a fingerprint of the weights' content: in memory, and on disk in ``$CNALENS_CACHE/ranges``
+so later processes start warm; ``CNALENS_RANGE_CACHE=0`` keeps them in memory only). Run B is scored with run A's frozen scale (model
 comparisons) or its own (input comparisons: ``scales``).
 
 ``screened_cna`` is the approximate alternative for input comparisons: each case's best
@@ -20,9 +21,11 @@ Users reach all of these through :func:`cnalens.cna.cna` and its ``Comparison``.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,7 +33,9 @@ import pandas as pd
 import torch
 
 from cnalens.errors import CnaError
+from cnalens.io import write_with
 from cnalens.lens import Base, FFNVectors, Lens, LogSumExp
+from cnalens.models.load import cache_dir
 from cnalens.progress import track
 from cnalens.scores import RANKINGS, rank_key, ranked_rows, score_neurons
 from cnalens.states import (
@@ -190,9 +195,34 @@ _RANGES: dict[tuple, _Range] = {}
 _RANGES_MAX = 1024
 
 
+_W_DIGESTS: dict[tuple, str] = {}
+
+
 def clear_range_cache() -> None:
-    """Forget every cached projection range (benchmarks time cold runs with it)."""
+    """Forget every cached projection range, in memory and on disk (benchmarks and tests
+    time or check cold runs with it)."""
+    import shutil
+
     _RANGES.clear()
+    shutil.rmtree(cache_dir() / "ranges", ignore_errors=True)
+
+
+def _weights_digest(lz: Lens) -> str:
+    """A hash of the unembedding's full content and the compute dtype (once per tensor
+    version in a process): the on-disk part of a range key."""
+    w = lz.view.unembed.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape), str(w.dtype), str(lz.dt))
+    if key not in _W_DIGESTS:
+        _W_DIGESTS[key] = _digest(w) + str(lz.dt).replace("torch.", "-")
+    return _W_DIGESTS[key]
+
+
+def _range_file(lz: Lens, X: torch.Tensor) -> Path | None:
+    """Where the exact ranges of vectors ``X`` persist (``$CNALENS_CACHE/ranges``), keyed
+    by the weights' content; None when ``CNALENS_RANGE_CACHE=0``."""
+    if os.environ.get("CNALENS_RANGE_CACHE", "1") == "0":
+        return None
+    return cache_dir() / "ranges" / f"{_weights_digest(lz)}-{_digest(X)}.safetensors"
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -216,7 +246,7 @@ class _Range:
     ``|P_i| <= |x| max_i |W_i|`` until ``set`` records ``min_i P_i`` and ``max_i P_i``
     (``_exact_ranges``); both widened by a bound on the products' rounding."""
 
-    def __init__(self, lz: Lens, X: torch.Tensor):
+    def __init__(self, lz: Lens, X: torch.Tensor, path: Path | None = None):
         wmax = lz.W.norm(dim=-1).max()
         xn = X.norm(dim=-1)
         # |fl(x . w) - x . w| <= d eps |x| |w| (deterministic); 4 sqrt(d) eps covers BLAS
@@ -224,11 +254,38 @@ class _Range:
         cs = xn * wmax * (1 + 1e-5) + self.err
         self.m, self.M = -cs, cs.clone()
         self.known = torch.zeros(X.shape[0], dtype=torch.bool)
+        self.lo, self.hi = torch.zeros_like(cs), torch.zeros_like(cs)  # exact, where known
+        self.path = path
+        if path is not None and path.is_file():  # computed by an earlier process
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                saved = load_file(path)
+                idx, lo, hi = saved["idx"], saved["lo"].to(cs.dtype), saved["hi"].to(cs.dtype)
+                if len(idx) and int(idx.max()) < X.shape[0] and len(lo) == len(hi) == len(idx):
+                    self.set(idx, lo, hi)
+            except (OSError, RuntimeError, KeyError, ValueError, SafetensorError):
+                pass  # an unreadable cache file is recomputed and rewritten
 
     def set(self, idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Record the exact ``min_i P_i``, ``max_i P_i`` of the vectors ``idx``."""
+        self.lo[idx], self.hi[idx] = lo, hi
         self.m[idx], self.M[idx] = lo - self.err[idx], hi + self.err[idx]
         self.known[idx] = True
+
+    def save(self) -> None:
+        """Persist the exact ranges known so far (atomically), if this range has a file."""
+        if self.path is None:
+            return
+        from safetensors.torch import save_file
+
+        idx = self.known.nonzero()[:, 0]
+        data = {"idx": idx, "lo": self.lo[idx].contiguous(), "hi": self.hi[idx].contiguous()}
+        try:
+            write_with(self.path, lambda tmp: save_file(data, str(tmp)))
+        except OSError:
+            pass  # a read-only cache: the ranges stay in memory
 
 
 def _exact_ranges(lz: Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +310,7 @@ def _projection_range(lz: Lens, X: torch.Tensor, wkey: tuple | None = None) -> _
     if hit is None:
         if len(_RANGES) >= _RANGES_MAX:
             _RANGES.pop(next(iter(_RANGES)))
-        hit = _RANGES[key] = _Range(lz, X)
+        hit = _RANGES[key] = _Range(lz, X, _range_file(lz, X))
     return hit
 
 
@@ -345,6 +402,7 @@ class _DiffBounds:
             i0 = 0
             for x, idx in todo.items():
                 self.ranges[x].set(idx, lo[i0:i0 + len(idx)], hi[i0:i0 + len(idx)])
+                self.ranges[x].save()
                 i0 += len(idx)
         n = sum(len(idx) for idx in todo.values())
         self.seconds_range += time.perf_counter() - t0
