@@ -151,8 +151,14 @@ def test_eval_and_run_real(capsys, tmp_path):
     assert plus["n"] >= 1 and plus["n"] + plus["skipped_wrong"] == 8
     ver = pd.read_csv(res / "verification.csv", dtype={"op": str})
     assert set(ver.experiment) == {"zero_topk", "keep_topk", "coef_drop_head",
-                                   "coef_drop_lowest", "heldout_zero_topk"}
+                                   "coef_drop_lowest", "heldout_zero_topk",
+                                   "mediation_restore_acc", "mediation_restore_logp",
+                                   "mediation_reproduce_acc", "mediation_reproduce_logp"}
     assert set(ver.op) == {"+"} and (ver.n > 0).all() and ver.value.notna().any()
+    # the smoke profile verifies at every position and at the scored ones; too few cases
+    # for a verdict
+    assert set(ver.positions) == {"all", "last"}
+    assert set(ver.verdict) == {"cannot be judged"}
     assert "Verification of the CNA neurons" in html
     (res / "report.html").unlink()
     rc, _, err = run(capsys, "report", str(res))

@@ -10,8 +10,9 @@ Two runs (``certified_cna``): each run's importance gets two-sided bounds: exact
 the most probable tokens and, for the rest, Jensen (below) and Edmundson-Madansky (above)
 with each neuron's projection range ``[min_i P_i, max_i P_i]`` (case-independent, cached by
 a fingerprint of the weights' content: in memory, and on disk in ``$CNALENS_CACHE/ranges``
-so later processes start warm; ``CNALENS_RANGE_CACHE=0`` keeps them in memory only). Run B is scored with run A's frozen scale (model
-comparisons) or its own (input comparisons: ``scales``).
+so later processes start warm; ``CNALENS_RANGE_CACHE=0`` keeps them in memory only).
+Run B is scored with run A's frozen scale (model comparisons) or its own (input
+comparisons: ``scales``).
 
 ``screened_cna`` is the approximate alternative for input comparisons: each case's best
 neurons by the first-order difference, scored exactly (recorded as "screened").

@@ -296,6 +296,21 @@ def cna(
     by: Annotated[Literal["decrease", "increase", "abs"], typer.Option(
         help="rank neurons by the decrease, increase or absolute change of importance")
     ] = "decrease",
+    positions: Annotated[str, typer.Option(help=(
+        "where verification's neuron interventions act: all (every position), last (the "
+        "scored positions only: the prompt's last and, for multi-token answers, each answer "
+        "position scored), or all,last (both reported)"))] = "all",
+    mediation: Annotated[bool, typer.Option(help=(
+        "mediation rows: the share of the head's effect each case's top-K neurons restore "
+        "(run B with their run-A values) and reproduce (run A with their run-B values)"))
+    ] = True,
+    split: Annotated[Literal["train", "all"], typer.Option(help=(
+        "the 1-digit pairs CNA runs on: train (half; the other half is held out) or all "
+        "(held-out verification then chooses its neurons on the cases outside the held-out "
+        "half)"))] = "train",
+    negative: Annotated[bool, typer.Option(help=(
+        "subtraction pairs with negative differences too (100 pairs instead of 55)"))
+    ] = False,
     seed: int = 0,
     out: OutOpt = Path("results/cna"),
     batch_size: BatchOpt = 32,
@@ -316,8 +331,12 @@ def cna(
     )
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
+    where = parse_list(positions, "positions")
+    bad = [w for w in where if w not in ("all", "last")]
+    if bad or len(set(where)) != len(where):
+        raise CnaError(f"--positions takes all, last or all,last (got {positions})")
     cols, labels = ("op",), ()
-    settings = {"ops": op_list, "n": n, "seed": seed}
+    settings = {"ops": op_list, "n": n, "seed": seed, "split": split, "negative": negative}
     if cases is not None:
         from cnalens.data import load_cases
         from cnalens.evaluate import group_keys, label_columns
@@ -348,12 +367,14 @@ def cna(
                        "first or pass --head L.H")
     view = load_view(model, device, dtype, device_map, quiet, heads=heads_by_op.values())
     t0 = time.perf_counter()
-    by_op, heldout = (by_group, None) if cases is not None else cna_cases(op_list, n, seed)
+    by_op, heldout = (by_group, None) if cases is not None else cna_cases(
+        op_list, n, seed, split, negative)
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
                     progress=not quiet, settings=settings, heldout_by_op=heldout,
-                    group_cols=cols, label_cols=labels)
-    print_table(ver[[*cols, "head", "experiment", "k", "value", "random_mean", "n"]],
-                 "verification (drops as fractions)")
+                    group_cols=cols, label_cols=labels, positions=where, mediate=mediation)
+    print_table(ver[[*cols, "head", "experiment", "positions", "k", "value", "lo", "hi",
+                     "random_mean", "n", "verdict"]],
+                "verification (drops and shares as fractions)")
     print_findings(out)
     report = record_stage(out, view, command_line(), "cna", time.perf_counter() - t0)
     console.print(f"wrote {out}/cna_neurons.csv, {out}/verification.csv; report: {report}")

@@ -45,6 +45,7 @@ from cnalens.scores import (
     score_neurons,
 )
 from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
+from cnalens.stats import bootstrap_mean, share_of_effect, wilson
 from cnalens.tables import frequency
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class Comparison:
     k: int | None = None  # certified/screened comparisons: only this top-K was scored
     layers: list[int] | None = None  # the layers ranked (None: all)
     deep_layers: list[int] | None = None  # verification's deep layers (None: ``layers``)
+    interventions: tuple = ()  # run B's, for a comparison by interventions (mediation)
 
     def key(self, by: str = "decrease", layers: Sequence[int] | None = None) -> torch.Tensor:
         """Ranking key per neuron (``scores.rank_key``; higher ranks first); -inf outside
@@ -136,32 +138,52 @@ class Comparison:
                           [self.case_ids[i] for i in idx.tolist()], dict(self.meta),
                           self.view, *([c[i] for i in idx.tolist()] if c is not None else None
                                        for c in pick),
-                          self.by, self.k, self.layers, self.deep_layers)
+                          self.by, self.k, self.layers, self.deep_layers, self.interventions)
 
-    def verify(self, ks: Sequence[int] = (10, 20, 50), deep_layers: Sequence[int] | None = None,
-               *, metric: str = "correct", seeds: int = 3, batch_size: int = 32,
-               progress: bool = False) -> pd.DataFrame:
-        """The paper's four verification experiments (:func:`verify`) on the kept model and
-        run A's cases, those the model answers correctly (``n`` says how many; the rest are
-        left out, as the CNA stage does). ``deep_layers``: default the comparison's (from
-        the lowest intervened layer up), else its ranked layers, else all."""
+    def _correct(self, batch_size: int, metric: str = "correct") -> Comparison:
+        """This comparison on the cases the kept model answers correctly."""
         if self.view is None or self.cases is None:
             raise CnaError("this Comparison keeps no model and cases: make it with "
                            "cnalens.cna(...), or call cnalens.cna.verify(view, cases, comp, ...)")
-        if self.k is not None and max(ks) > self.k:
-            raise CnaError(f"K {max(ks)} exceeds the top-{self.k} this comparison scored: "
-                           f"run cna with k={max(ks)} or without k")
-        deep = list(deep_layers if deep_layers is not None else self.deep_layers
-                    or self.layers or range(self.view.n_layers))
         ok = evaluate(self.view, self.cases, batch_size=batch_size, progress=False)[metric]
         rows = [i for i, good in enumerate(ok.tolist()) if good]
         if not rows:
             raise CnaError("the model answers none of the compared cases correctly: "
                            "nothing to verify")
-        comp = self.subset(rows)
+        return self.subset(rows)
+
+    def _check_k(self, ks: Sequence[int]) -> None:
+        if self.k is not None and max(ks) > self.k:
+            raise CnaError(f"K {max(ks)} exceeds the top-{self.k} this comparison scored: "
+                           f"run cna with k={max(ks)} or without k")
+
+    def verify(self, ks: Sequence[int] = (10, 20, 50), deep_layers: Sequence[int] | None = None,
+               *, metric: str = "correct", seeds: int = 3, batch_size: int = 32,
+               positions: str = "all", progress: bool = False) -> pd.DataFrame:
+        """The paper's four verification experiments (:func:`verify`) on the kept model and
+        run A's cases, those the model answers correctly (``n`` says how many; the rest are
+        left out, as the CNA stage does). ``deep_layers``: default the comparison's (from
+        the lowest intervened layer up), else its ranked layers, else all. ``positions``:
+        "all" or "last" (the scored positions only)."""
+        self._check_k(ks)
+        comp = self._correct(batch_size, metric)
+        deep = list(deep_layers if deep_layers is not None else self.deep_layers
+                    or self.layers or range(self.view.n_layers))
         return verify(self.view, comp.cases, comp, ks, deep, self.by, metric=metric,
                       seeds=seeds, batch_size=batch_size, progress=progress,
-                      rank_layers=self.layers)
+                      rank_layers=self.layers, positions=positions)
+
+    def mediation(self, ks: Sequence[int] = (10, 20, 50), *, seeds: int = 3,
+                  batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+        """Is run B's effect carried by each case's top-K neurons (:func:`mediation`)? For a
+        comparison made with interventions, on the cases the model answers correctly."""
+        if not self.interventions:
+            raise CnaError("mediation needs a comparison made with intervention= (run B's "
+                           "interventions)")
+        self._check_k(ks)
+        comp = self._correct(batch_size)
+        return mediation(self.view, comp.cases, comp, ks, self.interventions, self.by,
+                         self.layers, seeds=seeds, batch_size=batch_size, progress=progress)
 
 
 def compare(a: NeuronScores, b: NeuronScores, meta: dict | None = None) -> Comparison:
@@ -211,40 +233,94 @@ def random_like(mask: torch.Tensor, gen: torch.Generator,
     return rank < mask.sum(-1, keepdim=True)
 
 
-def _row_scale_hook(scale: torch.Tensor):
-    """Multiply the coefficients of batch row i by ``scale[i]`` (width,), every position."""
+POSITIONS = ("all", "last")  # where verification's neuron interventions act
+
+
+def scored_positions(tails: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool: each row's last ``tails[i]`` positions (left padding aligns the
+    rows' ends), the positions whose predictions a teacher-forced score reads."""
+    return torch.arange(length)[None, :] >= (length - tails.cpu())[:, None]
+
+
+def _answer_tails(items: Sequence[Encoded]) -> torch.Tensor:
+    return torch.tensor([max(1, len(e.answer_ids)) for e in items])
+
+
+def _row_hook(scale: torch.Tensor | None, where: dict, values: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None):
+    """Edit one layer's coefficients of the batch rows: multiply by ``scale`` (B, width)
+    and/or set the ``mask`` (B, width) entries to ``values`` (B, tail, width; aligned to
+    the sequence end) at the positions ``where["tails"]`` marks (None: multiply at every
+    position; values always act at the scored positions only)."""
     def fn(x):
-        return x * scale.to(x.device, x.dtype)[:, None, :]
+        tails = where.get("tails")
+        pos = None if tails is None else scored_positions(tails, x.shape[1]).to(x.device)
+        if scale is not None:
+            s = scale.to(x.device, x.dtype)[:, None, :]
+            x = x * s if pos is None else torch.where(pos[..., None], x * s, x)
+        if values is not None:
+            t = values.shape[1]
+            rows = torch.arange(x.shape[1] - t, x.shape[1], device=x.device)
+            tail_pos = scored_positions(where["answer_tails"], x.shape[1]).to(x.device)[:, -t:]
+            sel = mask.to(x.device)[:, None, :] & tail_pos[..., None]
+            x = x.clone()
+            x[:, rows] = torch.where(sel, values.to(x.device, x.dtype), x[:, rows])
+        return x
     return fn
 
 
 @torch.inference_mode()
-def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Tensor,
+def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Tensor | None,
                        batch_size: int = 32, capture_coef: bool = False,
-                       progress: bool = False, description: str = "") -> dict:
+                       progress: bool = False, description: str = "",
+                       positions: str = "all", interventions: Sequence = (),
+                       replace: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Evaluate with a per-case multiplicative mask on the FFN coefficients.
 
-    ``factor``: (n_cases, n_layers, d_ffn); layers whose factors are all 1 get no hook.
-    Returns ``correct``/``correct_first``/``logp`` and, with ``capture_coef``, the
-    coefficients at the last prompt position (n_cases, n_layers, d_ffn).
+    ``factor``: (n_cases, n_layers, d_ffn) or None; layers whose factors are all 1 get no
+    hook. ``positions``: "all" (every position) or "last" (the scored positions only: the
+    prompt's last position and, under teacher forcing, every answer position scored).
+    ``interventions``: applied as well (e.g. run B's head zeroed). ``replace``: ``(mask,
+    values)``, mask (n_cases, n_layers, d_ffn) bool and values (n_cases, tail, n_layers,
+    d_ffn) (``tail_coefficients``): the masked coefficients set to those values at the
+    scored positions. Returns ``correct``/``correct_first``/``logp`` and, with
+    ``capture_coef``, the coefficients at the last prompt position (n_cases, n_layers,
+    d_ffn).
     """
+    if positions not in POSITIONS:
+        raise CnaError(f"unknown positions '{positions}': use {', '.join(POSITIONS)}")
+    if replace is not None and capture_coef:
+        raise CnaError("replace= and capture_coef= cannot be combined")
     n = len(enc)
-    active = [layer for layer in range(view.n_layers) if not bool((factor[:, layer] == 1).all())]
+    active = [] if factor is None else [
+        layer for layer in range(view.n_layers) if not bool((factor[:, layer] == 1).all())]
+    swap = [] if replace is None else [
+        layer for layer in range(view.n_layers) if bool(replace[0][:, layer].any())]
     res = {k: torch.empty(n, dtype=t) for k, t in
            (("correct", torch.bool), ("correct_first", torch.bool), ("logp", torch.float32))}
     coefs = torch.full((n, view.n_layers, view.d_ffn), float("nan")) if capture_coef else None
     for idx in track(batches(enc, batch_size), description or "ablating", show=progress):
         rows = torch.as_tensor(idx)
+        items = [enc[i] for i in idx]
+        where: dict = {"answer_tails": _answer_tails(items)}
         with ExitStack() as stack:
-            for layer in active:
+            stack.enter_context(view.intervene(*interventions))
+            for layer in sorted(set(active) | set(swap)):
                 w = view.ffn_width(layer)
-                stack.enter_context(view.edit("coef", layer,
-                                              _row_scale_hook(factor[rows, layer, :w])))
+                scale = factor[rows, layer, :w] if layer in active else None
+                vals = msk = None
+                if layer in swap:
+                    msk = replace[0][rows, layer, :w]
+                    vals = torch.nan_to_num(replace[1][rows, :, layer, :w])
+                stack.enter_context(view.edit("coef", layer, _row_hook(scale, where, vals, msk)))
             if capture_coef:
-                b = view.batch([list(enc[i].prompt_ids) for i in idx])
+                b = view.batch([list(e.prompt_ids) for e in items])
+                where["tails"] = torch.ones(len(items), dtype=torch.long) \
+                    if positions == "last" else None
                 with view.capture(["coef"], position=-1) as cache:
                     view.hidden(b)
-            out = score_batch(view, [enc[i] for i in idx])
+            where["tails"] = where["answer_tails"] if positions == "last" else None
+            out = score_batch(view, items)
         for k in res:
             res[k][rows] = out[k].cpu()
         if capture_coef:
@@ -256,27 +332,74 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
     return res
 
 
+@torch.inference_mode()
+def tail_coefficients(view: ModelView, enc: Sequence[Encoded], interventions: Sequence = (),
+                      layers: Sequence[int] | None = None, batch_size: int = 32
+                      ) -> torch.Tensor:
+    """FFN coefficients at each case's scored positions under teacher forcing: (n_cases,
+    tail, n_layers, d_ffn), ``tail`` the longest answer, aligned to the sequence end (row
+    ``i``'s last ``len(answer_ids)`` positions hold its values; earlier ones and layers
+    outside ``layers`` are NaN)."""
+    tail = int(_answer_tails(enc).max())
+    layers = list(range(view.n_layers)) if layers is None else list(layers)
+    out = torch.full((len(enc), tail, view.n_layers, view.d_ffn), float("nan"))
+    for idx in batches(enc, batch_size):
+        items = [enc[i] for i in idx]
+        b = view.batch([e.input_ids for e in items])
+        with view.intervene(*interventions), view.capture(["coef"], layers,
+                                                          position=slice(-tail, None)) as cache:
+            view.hidden(b)
+        t = min(tail, b.input_ids.shape[1])
+        pos = scored_positions(_answer_tails(items), b.input_ids.shape[1])[:, -t:]
+        rows = torch.as_tensor(idx)
+        for layer in layers:
+            c = cache[("coef", layer)][:, -t:].float().cpu()
+            c = c.masked_fill(~pos[..., None], float("nan"))
+            out[rows, tail - t:, layer, :c.shape[-1]] = c
+    return out
+
+
 def _drop(base: torch.Tensor, after: torch.Tensor) -> float:
     return float(base.float().mean() - after.float().mean())
 
 
-def _coef_drop(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over cases of the relative drop of sum |m| over the masked neurons."""
+def _case_coef_drops(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor
+                     ) -> np.ndarray:
+    """Per case, the relative drop of sum |m| over its masked neurons (cases whose masked
+    sum is 0 left out)."""
     sb = (before.abs().nan_to_num() * mask).flatten(1).sum(1)
     sa = (after.abs().nan_to_num() * mask).flatten(1).sum(1)
     ok = sb > 0
-    return float(((sb - sa)[ok] / sb[ok]).mean()) if bool(ok.any()) else float("nan")
+    return ((sb - sa)[ok] / sb[ok]).double().numpy()
+
+
+def _coef_drop(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over cases of the relative drop of sum |m| over the masked neurons."""
+    d = _case_coef_drops(before, after, mask)
+    return float(d.mean()) if len(d) else float("nan")
+
+
+def _interval(metric: str, base: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
+    """95% interval of a drop: Wilson for accuracy (the cases all right before), else a
+    bootstrap of the per-case drops."""
+    d = base.float() - after.float()
+    if metric in ("correct", "correct_first"):
+        return wilson(float(d.sum()), len(d))
+    return bootstrap_mean(d.double().numpy())
 
 
 def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
            deep_layers: Sequence[int], by: str = "decrease", metric: str = "correct",
            seeds: int = 3, batch_size: int = 32, progress: bool = True,
-           rank_layers: Sequence[int] | None = None) -> pd.DataFrame:
+           rank_layers: Sequence[int] | None = None, positions: str = "all") -> pd.DataFrame:
     """The four verification experiments (module docstring) for each K.
 
     ``enc`` and ``comp`` must hold the same cases in the same order, all answered
     correctly by the original model (``verify_cases`` selects them). ``rank_layers``
-    restricts the ranking (default: every layer).
+    restricts the ranking (default: every layer). ``positions``: where the neuron
+    interventions act, "all" or "last" (the scored positions; ``run_with_row_masks``).
+    Each row has the value's 95% interval (``lo``, ``hi``: Wilson for accuracy drops, a
+    bootstrap over cases for coefficient drops).
     """
     n_layers, width = view.n_layers, view.d_ffn
     valid = torch.zeros(n_layers, width, dtype=torch.bool)
@@ -290,36 +413,41 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
     coef_a = comp.coef_a
     rows = []
 
-    def add(exp, k, value, rand):
-        rows.append({"experiment": exp, "k": k, "value": value,
+    def run(factor, **kw):
+        return run_with_row_masks(view, enc, factor, batch_size, positions=positions, **kw)
+
+    def add(exp, k, value, rand, interval):
+        rows.append({"experiment": exp, "k": k, "value": value, "lo": interval[0],
+                     "hi": interval[1],
                      "random_mean": float(np.mean(rand)) if rand else float("nan"),
                      "random_std": float(np.std(rand)) if rand else float("nan"),
-                     "n": len(enc)})
+                     "n": len(enc), "positions": positions})
+
+    def coef_row(exp, k, after, mask, rand):
+        d = _case_coef_drops(coef_a, after, mask)
+        add(exp, k, float(d.mean()) if len(d) else float("nan"), rand, bootstrap_mean(d))
 
     for k in track(list(ks), "verifying", show=progress):
         mask = topk_mask(comp.topk(k, by, rank_layers), n_layers, width)
         rand_masks = [random_like(mask, gen, valid[None]) for _ in range(seeds)]
         # 1. zero the top-K
-        zero = run_with_row_masks(view, enc, ones.masked_fill(mask, 0.0), batch_size)
-        r1 = [_drop(base, run_with_row_masks(view, enc, ones.masked_fill(m, 0.0),
-                                             batch_size)[metric]) for m in rand_masks]
-        add("zero_topk", k, _drop(base, zero[metric]), r1)
+        zero = run(ones.masked_fill(mask, 0.0))[metric]
+        r1 = [_drop(base, run(ones.masked_fill(m, 0.0))[metric]) for m in rand_masks]
+        add("zero_topk", k, _drop(base, zero), r1, _interval(metric, base, zero))
         # 2. keep only the top-K in the deep layers
-        keep = run_with_row_masks(view, enc, ones.masked_fill(deep[None, :, None] & ~mask,
-                                                              0.0), batch_size)
-        r2 = [_drop(base, run_with_row_masks(view, enc, ones.masked_fill(
-            deep[None, :, None] & ~m, 0.0), batch_size)[metric]) for m in rand_masks]
-        add("keep_topk", k, _drop(base, keep[metric]), r2)
+        keep = run(ones.masked_fill(deep[None, :, None] & ~mask, 0.0))[metric]
+        r2 = [_drop(base, run(ones.masked_fill(deep[None, :, None] & ~m, 0.0))[metric])
+              for m in rand_masks]
+        add("keep_topk", k, _drop(base, keep), r2, _interval(metric, base, keep))
         # 3. coefficient-sum drop of the top-K between the runs
-        add("coef_drop_head", k, _coef_drop(coef_a, comp.coef_b, mask),
-            [_coef_drop(coef_a, comp.coef_b, m) for m in rand_masks])
+        coef_row("coef_drop_head", k, comp.coef_b, mask,
+                 [_coef_drop(coef_a, comp.coef_b, m) for m in rand_masks])
         # 4. prediction enhancing: zero the lowest-layer top-K neuron
         lowest = mask.any(-1).float().argmax(-1)  # first layer holding a top-K neuron
         first = mask[torch.arange(len(enc)), lowest].float().argmax(-1)
         one = torch.zeros_like(mask)
         one[torch.arange(len(enc)), lowest, first] = True
-        after = run_with_row_masks(view, enc, ones.masked_fill(one, 0.0), batch_size,
-                                   capture_coef=True)["coef"]
+        after = run(ones.masked_fill(one, 0.0), capture_coef=True)["coef"]
         others = mask & ~one
         r4 = []
         for _ in range(seeds):
@@ -327,10 +455,70 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
             pick = torch.randint(0, width, (len(enc),), generator=gen) % torch.tensor(
                 [view.ffn_width(int(x)) for x in lowest])
             rnd[torch.arange(len(enc)), lowest, pick] = True
-            after_r = run_with_row_masks(view, enc, ones.masked_fill(rnd, 0.0), batch_size,
-                                         capture_coef=True)["coef"]
+            after_r = run(ones.masked_fill(rnd, 0.0), capture_coef=True)["coef"]
             r4.append(_coef_drop(coef_a, after_r, others & ~rnd))
-        add("coef_drop_lowest", k, _coef_drop(coef_a, after, others), r4)
+        coef_row("coef_drop_lowest", k, after, others, r4)
+    return pd.DataFrame(rows)
+
+
+MEDIATION = ("mediation_restore", "mediation_reproduce")
+MEDIATION_METRICS = {"acc": "correct", "logp": "logp"}
+
+
+def mediation(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
+              interventions: Sequence, by: str = "decrease",
+              rank_layers: Sequence[int] | None = None, seeds: int = 3,
+              batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Is run B's effect carried by each case's top-K neurons? For each K, at the scored
+    positions (``tail_coefficients``):
+
+    * ``mediation_restore``: run B (``interventions``, e.g. the head zeroed) with the top-K
+      neurons' coefficients set back to run A's values: the share of the head's effect
+      recovered, ``(mean(restored) - mean(B)) / (mean(A) - mean(B))``;
+    * ``mediation_reproduce``: run A with the top-K set to run B's values: the share of
+      the effect reproduced, ``(mean(A) - mean(changed)) / (mean(A) - mean(B))``;
+
+    each for accuracy (``_acc``) and the first answer token's log-probability (``_logp``),
+    as a ratio of means over cases with a paired bootstrap 95% interval
+    (``stats.share_of_effect``), beside random neuron sets with the same per-layer counts
+    (mean and std over ``seeds``). ``enc`` and ``comp`` hold the same cases in order.
+    """
+    ivs = list(interventions)
+    if not ivs:
+        raise CnaError("mediation needs run B's interventions (e.g. ZeroHeads([(7, 0)]))")
+    n_layers, width = view.n_layers, view.d_ffn
+    valid = torch.zeros(n_layers, width, dtype=torch.bool)
+    for layer in range(n_layers):
+        valid[layer, :view.ffn_width(layer)] = True
+    layers = sorted({int(x) for x in rank_layers}) if rank_layers is not None else None
+    val_a = tail_coefficients(view, enc, (), layers, batch_size)
+    val_b = tail_coefficients(view, enc, ivs, layers, batch_size)
+    run_a = run_with_row_masks(view, enc, None, batch_size)
+    run_b = run_with_row_masks(view, enc, None, batch_size, interventions=ivs)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for k in track(list(ks), "mediation", show=progress):
+        mask = topk_mask(comp.topk(k, by, rank_layers), n_layers, width)
+        masks = [mask, *(random_like(mask, gen, valid[None]) for _ in range(seeds))]
+        for exp in MEDIATION:
+            restore = exp == "mediation_restore"
+            got = [run_with_row_masks(view, enc, None, batch_size,
+                                      interventions=ivs if restore else (),
+                                      replace=(m, val_a if restore else val_b))
+                   for m in masks]
+            for suffix, metric in MEDIATION_METRICS.items():
+                a = run_a[metric].double().numpy()
+                b = run_b[metric].double().numpy()
+                if restore:
+                    shares = [share_of_effect(a, b, g[metric].double().numpy()) for g in got]
+                else:
+                    shares = [share_of_effect(b, a, g[metric].double().numpy()) for g in got]
+                rand = [s[0] for s in shares[1:] if not np.isnan(s[0])]
+                rows.append({"experiment": f"{exp}_{suffix}", "k": k, "value": shares[0][0],
+                             "lo": shares[0][1], "hi": shares[0][2],
+                             "random_mean": float(np.mean(rand)) if rand else float("nan"),
+                             "random_std": float(np.std(rand)) if rand else float("nan"),
+                             "n": len(enc), "positions": "last"})
     return pd.DataFrame(rows)
 
 
@@ -356,10 +544,11 @@ def verify_heldout(view: ModelView, test_enc: Sequence[Encoded], comp: Compariso
                    ks: Sequence[int],
                    by: str = "decrease", layers: Sequence[int] | None = None,
                    metric: str = "correct", seeds: int = 3, batch_size: int = 32,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, positions: str = "all") -> pd.DataFrame:
     """Held-out verification: one neuron set per K chosen on ``comp``'s (training) cases by
     :func:`frequency_set`, zeroed on ``test_enc`` (held-out cases the original model answers
-    correctly): the accuracy drop beside random sets with the same per-layer counts."""
+    correctly): the accuracy drop (with its Wilson interval) beside random sets with the
+    same per-layer counts. ``positions`` as :func:`verify`."""
     n_layers, width = comp.diff.shape[1:]
     valid = torch.zeros(n_layers, width, dtype=torch.bool)
     for layer in range(n_layers):
@@ -371,12 +560,15 @@ def verify_heldout(view: ModelView, test_enc: Sequence[Encoded], comp: Compariso
     for k in track(list(ks), "held-out verification", show=progress):
         mask = frequency_set(comp, k, by, layers)
         rand = [random_like(mask[None], gen, valid[None])[0] for _ in range(seeds)]
-        drops = [_drop(base, run_with_row_masks(view, test_enc, ones.masked_fill(m, 0.0),
-                                                batch_size)[metric]) for m in [mask, *rand]]
+        got = [run_with_row_masks(view, test_enc, ones.masked_fill(m, 0.0), batch_size,
+                                  positions=positions)[metric] for m in [mask, *rand]]
+        drops = [_drop(base, g) for g in got]
+        lo, hi = _interval(metric, base, got[0])
         rows.append({"experiment": "heldout_zero_topk", "k": k, "value": drops[0],
+                     "lo": lo, "hi": hi,
                      "random_mean": float(np.mean(drops[1:])) if seeds else float("nan"),
                      "random_std": float(np.std(drops[1:])) if seeds else float("nan"),
-                     "n": len(test_enc)})
+                     "n": len(test_enc), "positions": positions})
     return pd.DataFrame(rows)
 
 
@@ -570,7 +762,7 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
             "layers": layer_list, "scoring": "certified" if certified else "exhaustive",
             "model": view.summary()}
     keep = {"view": view, "cases": _with_answer(enc, tg), "by": by, "layers": layer_list,
-            "deep_layers": deep}
+            "deep_layers": deep, "interventions": tuple(ivs) if kind is None else ()}
     if certified:
         frame, stats = certified_cna(view, a, b, k, target=tg, layers=layer_list, by=by,
                                      progress=progress)

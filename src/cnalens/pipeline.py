@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 PROFILES = {
     "quick": Profile("quick", (1, 2), tuple(TEMPLATES), {1: None, 2: 20}, cna_n=None),
     "full": Profile("full", (1, 2, 3), tuple(TEMPLATES), {1: None, 2: 500, 3: 500},
-                    heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=100,
-                    cna_ks=(10, 20, 30, 50, 100), cna_seeds=5),
+                    heads_digits=(1, 2), heads_n=None, cna_ops=OPS, cna_n=None,
+                    cna_ks=(10, 20, 30, 50, 100), cna_seeds=5, cna_split="all",
+                    cna_negative=True, cna_positions=("all", "last")),
     # for tests: seconds, not minutes
     "smoke": Profile("smoke", (1,), ("eq",), {1: 8}, heads_n=6, cna_ops=("+",), cna_n=8,
-                     cna_ks=(5,), cna_seeds=1),
+                     cna_ks=(5,), cna_seeds=1, cna_positions=("all", "last")),
 }
 
 
@@ -93,7 +94,9 @@ def run_arithmetic(view: ModelView, out: Path, profile: str = "quick",
                 "eval_pairs_per_op_digits": {str(k): v for k, v in prof.eval_n.items()},
                 "heads_digits": list(prof.heads_digits), "heads_template": "eq",
                 "cna_ops": [o for o in prof.cna_ops if o in ops], "cna_cases_per_op": prof.cna_n,
-                "cna_ks": list(prof.cna_ks), "cna_seeds": prof.cna_seeds}
+                "cna_ks": list(prof.cna_ks), "cna_seeds": prof.cna_seeds,
+                "cna_split": prof.cna_split, "cna_negative": prof.cna_negative,
+                "cna_positions": list(prof.cna_positions), "cna_mediation": prof.cna_mediation}
     run = start_run(out, view, command, profile, settings, list(stages))
     if "eval" in stages:
         console.print(f"[bold]eval[/]: {len(cases)} cases")
@@ -107,10 +110,12 @@ def run_arithmetic(view: ModelView, out: Path, profile: str = "quick",
                             progress=progress)
     if "cna" in stages:
         cna_ops = [o for o in prof.cna_ops if o in ops]
-        by_op, heldout = cna_cases(cna_ops, prof.cna_n, seed)
+        by_op, heldout = cna_cases(cna_ops, prof.cna_n, seed, prof.cna_split,
+                                   prof.cna_negative)
         cna_stage(view, out, by_op, top_head_per_op(heads, cna_ops), list(prof.cna_ks),
                   prof.cna_seeds, batch_size=min(batch_size, 32), progress=progress,
-                  settings=settings, require=False, heldout_by_op=heldout)
+                  settings=settings, require=False, heldout_by_op=heldout,
+                  positions=prof.cna_positions, mediate=prof.cna_mediation)
     ctx = StageContext(view, out, prof, tuple(ops), seed, batch_size, progress, settings, heads,
                        top_head_per_op(heads, ops) if heads is not None else {})
     for name in stages:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cnalens.stats import wilson
+from cnalens.stats import verdict, wilson
 
 # the heads table's result columns (the rest are group labels such as op and digits)
 RESULTS = frozenset({"layer", "head", "n", "acc_orig", "acc_ablated", "drop", "drop_rel",
@@ -109,3 +109,30 @@ def prune_summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = ["OP_RANK", "PRUNE_VARIANTS", "RESULTS", "frequency", "group_columns", "group_order",
            "panel_columns", "pooled", "prune_summary", "top_heads"]
+
+
+# the paper's direction per verification experiment: True when its effect is above the
+# random control (a larger drop, a larger share), False when below (keep-only loses less)
+PAPER_DIRECTION = {
+    "zero_topk": True, "keep_topk": False, "coef_drop_head": True, "coef_drop_lowest": True,
+    "heldout_zero_topk": True, "mediation_restore_acc": True, "mediation_restore_logp": True,
+    "mediation_reproduce_acc": True, "mediation_reproduce_logp": True,
+}
+
+
+def add_verdicts(ver: pd.DataFrame) -> pd.DataFrame:
+    """``ver`` (verification rows with value, lo, hi, random_mean, n, base_accuracy) with a
+    ``verdict`` column: ``stats.verdict`` against the random control, in the paper's
+    direction (``PAPER_DIRECTION``); experiments the paper has no direction for, and rows
+    without an interval, get "cannot be judged"."""
+    out = ver.copy()
+
+    def one(r) -> str:
+        higher = PAPER_DIRECTION.get(r["experiment"])
+        if higher is None or "lo" not in r or "base_accuracy" not in r:
+            return "cannot be judged"
+        return verdict(r["value"], r["lo"], r["hi"], r["random_mean"], int(r["n"]),
+                       r["base_accuracy"], higher)
+
+    out["verdict"] = [one(r) for _, r in out.iterrows()] if len(out) else []
+    return out

@@ -261,31 +261,104 @@ def _above(sub: pd.DataFrame) -> str:
     return f"clear of random at K = {', '.join(map(str, sorted(above)))} only"
 
 
+def _at(sub: pd.DataFrame, exp: str, where: str = "all") -> pd.DataFrame:
+    """The rows of one experiment with interventions at ``where`` (files without a
+    positions column: every position)."""
+    rows = sub[sub["experiment"] == exp]
+    if "positions" not in rows.columns:
+        return rows if where == "all" else rows.iloc[0:0]
+    return rows[rows["positions"].fillna("all") == where]
+
+
+VERDICT_NAMES = {"zero_topk": "zeroing the top-K", "keep_topk": "keep-only",
+                 "coef_drop_head": "the head's coefficient drop",
+                 "coef_drop_lowest": "prediction enhancing",
+                 "heldout_zero_topk": "held-out zeroing",
+                 "mediation_restore_logp": "mediation (restored log-prob effect)",
+                 "mediation_reproduce_logp": "mediation (reproduced log-prob effect)"}
+
+
+def verdict_line(sub: pd.DataFrame) -> str | None:
+    """Each experiment's verdicts over K (``tables.add_verdicts``, one rule), in words."""
+    if "verdict" not in sub.columns:
+        return None
+    parts = []
+    for exp, name in VERDICT_NAMES.items():
+        for where in ("all", "last"):
+            rows = (sub[sub["experiment"] == exp] if exp.startswith("mediation")
+                    else _at(sub, exp, where))
+            if rows.empty or (exp.startswith("mediation") and where == "last"):
+                continue
+            label = name + (" at the scored positions" if where == "last"
+                            and not exp.startswith("mediation") else "")
+            found = rows.groupby("verdict", sort=False)["k"].apply(
+                lambda k: ", ".join(str(int(x)) for x in sorted(k)))
+            parts.append(f"{label}: " + "; ".join(f"{v} (K = {ks})" for v, ks in
+                                                  found.items()))
+    return ("Verdicts (the effect's 95% interval against the random control, in the "
+            "paper's direction; too few cases or a weak model cannot be judged): "
+            + " · ".join(parts) + ".") if parts else None
+
+
 def verification_findings(df: pd.DataFrame, group_by: Sequence[str]) -> list[str]:
     """Per group (op on arithmetic) and head: zeroing each case's top-K CNA neurons, and
-    the K most frequent on held-out cases, against random neurons of the same layers."""
+    the K most frequent on held-out cases, against random neurons of the same layers;
+    the mediation shares; the verdicts."""
     out = []
     keys = [c for c in group_by if c in df.columns]
     for _, sub in df.groupby([*keys, "head"], sort=False, dropna=False):
         r0 = sub.iloc[0]
-        zero = sub[sub["experiment"] == "zero_topk"]
+        zero = _at(sub, "zero_topk")
         name = group_text(keys, r0)
         if len(zero):
             out.append(f"Verification, {name} (head {r0['head']}; n = {int(zero['n'].max())} "
                        f"correctly answered cases): zeroing each case's top-K CNA neurons "
                        f"drops accuracy by {_vs_random(zero)}; {_above(zero)}.")
-        held = sub[sub["experiment"] == "heldout_zero_topk"]
+        last = _at(sub, "zero_topk", "last")
+        if len(last):
+            out.append(f"The same at the scored positions only, {name}: "
+                       f"{_vs_random(last)}; {_above(last)}.")
+        held = _at(sub, "heldout_zero_topk")
         if len(held):
             out.append(f"Held-out, {name} (n = {int(held['n'].max())} new cases): zeroing the "
                        f"K neurons most often in the CNA top-K drops accuracy by "
                        f"{_vs_random(held)}; "
                        f"{_above(held)}.")
+        med = mediation_line(sub, name)
+        if med:
+            out.append(med)
     return out
+
+
+def mediation_line(sub: pd.DataFrame, name: str) -> str | None:
+    """What the mediation rows say at the largest K: the shares of the head's log-prob and
+    accuracy effects the top-K restore and reproduce, beside random sets."""
+    med = sub[sub["experiment"].astype(str).str.startswith("mediation")]
+    if med.empty:
+        return None
+    k = int(med["k"].max())
+    at = med[med["k"] == k].set_index("experiment")
+
+    def share(exp: str) -> str:
+        if exp not in at.index:
+            return "—"
+        r = at.loc[exp]
+        lo, hi = r.get("lo"), r.get("hi")
+        rand = "" if is_missing(r["random_mean"]) else f" (random sets {pct(r['random_mean'])})"
+        return f"{fmt_acc(r['value'], lo, hi)}{rand}"
+
+    return (f"Mediation, {name} (K = {k}, scored positions): with the head zeroed, setting "
+            f"each case's top-K back to their values in the intact model restores "
+            f"{share('mediation_restore_logp')} of the head's log-prob effect and "
+            f"{share('mediation_restore_acc')} of its accuracy effect; in the intact model, "
+            f"setting them to their head-zeroed values reproduces "
+            f"{share('mediation_reproduce_logp')} and {share('mediation_reproduce_acc')} "
+            f"of them.")
 
 
 def keep_meaning(sub: pd.DataFrame) -> str | None:
     """What the keep-only numbers (every other deep neuron zeroed) say, for one head."""
-    keep = sub[sub["experiment"] == "keep_topk"].sort_values("k")
+    keep = _at(sub, "keep_topk").sort_values("k")
     if keep.empty:
         return None
     ks = [int(k) for k in keep["k"]]
@@ -316,7 +389,7 @@ def keep_meaning(sub: pd.DataFrame) -> str | None:
 
 def coef_meaning(sub: pd.DataFrame) -> str | None:
     """What the coefficient-sum drops (head zeroed; lowest neuron zeroed) say."""
-    head = sub[sub["experiment"] == "coef_drop_head"].sort_values("k")
+    head = _at(sub, "coef_drop_head").sort_values("k")
     if head.empty:
         return None
     above = (head["value"] > head["random_mean"] + 2 * head["random_std"].fillna(0)).sum()
@@ -325,7 +398,7 @@ def coef_meaning(sub: pd.DataFrame) -> str | None:
             f"{pct(hi, 0)} (random neurons: {pct(head['random_mean'].min(), 0)}–"
             f"{pct(head['random_mean'].max(), 0)}; the paper: 49–77% on Llama-7B); above "
             f"random by 2 std at {above} of {len(head)} K.")
-    low = sub[sub["experiment"] == "coef_drop_lowest"]
+    low = _at(sub, "coef_drop_lowest")
     if len(low):
         pos = (low["value"] > low["random_mean"]).sum()
         text += (f" Zeroing the lowest top-K neuron lowers the others' sum by "
@@ -353,7 +426,8 @@ def shallow_findings(meta: dict[str, Any]) -> list[str]:
         cells.append(f"M ≥ {r['m']}: {r['n_neurons']:,} neurons, drop {pct(r['drop'])} vs "
                      f"random {pct(rm)} ± {pct(rs)}")
         n = int(r.get("n_cases") or 0)
-        noise = Z95 * math.sqrt(r["drop"] * (1 - r["drop"]) / n) if n else 0.0
+        p = min(max(float(r["drop"]), 0.0), 1.0)  # a drop can be negative (answers gained)
+        noise = Z95 * math.sqrt(p * (1 - p) / n) if n else 0.0
         if r["drop"] - rm > max(2 * rs, noise, 1 / max(n, 1)):
             beats.append(r["m"])
         exp = (null.get(int(r["m"])) or {}).get("null_expected")

@@ -42,6 +42,10 @@ class Profile:
     cna_n: int | None = 20  # training-split cases per op (None: all); the correct ones are kept
     cna_ks: tuple[int, ...] = (10, 20, 50)
     cna_seeds: int = 2
+    cna_split: str = "train"  # the pairs CNA runs on: "train" (half), "all"
+    cna_negative: bool = False  # subtraction with negative differences too
+    cna_positions: tuple[str, ...] = ("all",)  # where verification's interventions act
+    cna_mediation: bool = True
 
 
 @dataclass

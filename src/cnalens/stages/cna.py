@@ -26,14 +26,18 @@ if TYPE_CHECKING:
 HELDOUT_FRACTION = 0.5  # of each op's 1-digit operand pairs, kept for held-out verification
 
 
-def cna_cases(ops: Sequence[str], n: int | None, seed: int = 0
-              ) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
-    """Per op: ``n`` sampled 1-digit ``eq`` cases of the training split (CNA is run on them)
-    and every case of the disjoint held-out split (held-out verification)."""
-    train = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed, split="train",
-                                  test_fraction=HELDOUT_FRACTION) for op in ops}
+def cna_cases(ops: Sequence[str], n: int | None, seed: int = 0, split: str = "train",
+              negative: bool = False) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
+    """Per op: ``n`` sampled 1-digit ``eq`` cases of ``split`` (CNA is run on them: "train",
+    or "all" the pairs) and every case of the held-out split ("test", the other half of the
+    pairs: held-out verification chooses its neurons on the CNA cases outside it).
+    ``negative``: subtraction pairs with negative differences too (100 pairs, not 55)."""
+    train = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed, split=split,
+                                  test_fraction=HELDOUT_FRACTION, negative=negative)
+             for op in ops}
     test = {op: arithmetic_cases([op], (1,), ("eq",), split="test",
-                                 test_fraction=HELDOUT_FRACTION) for op in ops}
+                                 test_fraction=HELDOUT_FRACTION, negative=negative)
+            for op in ops}
     return train, test
 
 
@@ -43,7 +47,8 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
               settings: dict | None = None, require: bool = True,
               heldout_by_op: dict[str, list[Case]] | None = None,
               group_cols: tuple[str, ...] = ("op",),
-              label_cols: tuple[str, ...] = ()) -> pd.DataFrame | None:
+              label_cols: tuple[str, ...] = (), positions: Sequence[str] = ("all",),
+              mediate: bool = True) -> pd.DataFrame | None:
     """CNA of the original model (A) against each op's head zeroed (B), then verification.
 
     Groups other than operations: the keys of ``cases_by_op`` are values of the
@@ -61,13 +66,19 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
     from the shallowest head up). Writes
     cna_neurons.csv (each case's top-K), verification.csv and cna.json. With
     ``heldout_by_op``, verification adds ``heldout_zero_topk``: the K neurons most frequent
-    in the cases' top-K, zeroed on the held-out cases the model answers correctly.
+    in the top-K of the CNA cases outside the held-out set, zeroed on the held-out cases
+    the model answers correctly. ``positions``: where verification's neuron interventions
+    act, "all" and/or "last" (the scored positions), each reported. ``mediate``: the
+    mediation rows (``cna.mediation``: the share of the head's effect its top-K neurons
+    restore and reproduce). Every row has a 95% interval, the unablated accuracy of the
+    cases behind it and its verdict (``tables.add_verdicts``).
     """
     from scipy.stats import pearsonr, spearmanr
 
     from cnalens.certified import certified_topk
-    from cnalens.cna import compare_runs, lens_faithfulness, verify, verify_heldout
+    from cnalens.cna import compare_runs, lens_faithfulness, mediation, verify, verify_heldout
     from cnalens.interventions import ZeroHeads
+    from cnalens.tables import add_verdicts
 
     t0 = time.perf_counter()
     group_cols = tuple(group_cols)
@@ -141,15 +152,28 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
             "the real log-prob drop when each is zeroed alone",
             "spearman": float(spearmanr(faith["importance"], faith["real"]).statistic),
             "pearson": float(pearsonr(faith["importance"], faith["real"]).statistic)}
-        ver = verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
-                     progress=progress)
+        accuracy = len(enc) / (len(enc) + per_op[name]["skipped_wrong"])
+        parts = [verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
+                        progress=progress, positions=where) for where in positions]
+        if mediate:
+            parts.append(mediation(view, enc, comp, ks, comp.interventions, by, deep,
+                                   seeds=seeds, batch_size=batch_size, progress=progress))
+        for part in parts:
+            part["base_accuracy"] = accuracy
         if heldout_by_op and heldout_by_op.get(op):
             test_enc, test_wrong = correct_cases(view, heldout_by_op[op], batch_size, progress)
-            per_op[name]["heldout"] = {"n": len(test_enc), "skipped_wrong": test_wrong}
-            if test_enc:
-                ver = pd.concat([ver, verify_heldout(view, test_enc, comp, ks, by, seeds=seeds,
-                                                     batch_size=batch_size, progress=progress)],
-                                ignore_index=True)
+            held_ids = {c.case_id for c in heldout_by_op[op]}
+            fit = [i for i, c in enumerate(comp.case_ids) if c not in held_ids]
+            per_op[name]["heldout"] = {"n": len(test_enc), "skipped_wrong": test_wrong,
+                                       "chosen_on": len(fit)}
+            if test_enc and fit:
+                for where in positions:
+                    held = verify_heldout(view, test_enc, comp.subset(fit), ks, by,
+                                          seeds=seeds, batch_size=batch_size,
+                                          progress=progress, positions=where)
+                    held["base_accuracy"] = len(test_enc) / len(heldout_by_op[op])
+                    parts.append(held)
+        ver = add_verdicts(pd.concat(parts, ignore_index=True))
         for c, v in reversed(group.items()):
             ver.insert(0, c, v)
         ver.insert(0, "head", per_op[name]["head"])
@@ -160,7 +184,8 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
     ver_df = pd.concat(vers, ignore_index=True)
     write_csv(out / "verification.csv", ver_df)
     meta = {"stage": "cna", "model": view.summary(), "settings": settings or {}, "ks": ks,
-            "seeds": seeds, "ranking": by, "lens": "frozen",
+            "seeds": seeds, "ranking": by, "lens": "frozen", "positions": list(positions),
+            "mediation": mediate,
             "scoring": "/".join(sorted(methods)),
             "target": "run A's prediction", "group_by": list(group_cols), "per_op": per_op,
             "runs": {"a": "original model", "b": "the op's head zeroed (o_proj input)"},

@@ -1,10 +1,11 @@
 """The ``verification`` section: do the CNA neurons carry the head's effect?
 
 Reads ``DIR/verification.csv`` (model, head, the group columns: op, experiment, k, value,
-random_mean, random_std, n; see ``cnalens.cna.verify``) and ``DIR/verification.json``. One
+random_mean, random_std, n; newer files also lo, hi, positions, base_accuracy, verdict; see
+``cnalens.cna.verify`` and ``cnalens.cna.mediation``) and ``DIR/verification.json``. One
 table per group (operation) laid out like the paper's (experiments x K, each cell ``value``
-beside the random baseline; the paper's numbers beside arithmetic) and a plot of value
-against K with the random baseline dashed.
+with its interval beside the random baseline and the verdict; the paper's numbers beside
+arithmetic) and a plot of value against K with the random baseline dashed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cnalens.report import findings as F
 from cnalens.report import html as h
 from cnalens.report import plots
 from cnalens.report.sections import Section, case_file, read_csv, read_meta
+from cnalens.stats import VERDICT_RULE
 
 STAGE = "verification"
 REQUIRED = ("head", "experiment", "k", "value", "random_mean", "random_std", "n")
@@ -28,7 +30,14 @@ EXPERIMENTS = {
     "coef_drop_head": "coefficient-sum drop of the top-K, head zeroed",
     "coef_drop_lowest": "others' coefficient-sum drop, lowest top-K neuron zeroed",
     "heldout_zero_topk": "held-out accuracy drop, the K most frequent neurons zeroed",
+    "mediation_restore_acc": "mediation: share of the head's accuracy effect restored "
+                             "(head zeroed, top-K set to their run-A values)",
+    "mediation_restore_logp": "mediation: share of the head's log-prob effect restored",
+    "mediation_reproduce_acc": "mediation: share of the head's accuracy effect reproduced "
+                               "(top-K set to their head-zeroed values)",
+    "mediation_reproduce_logp": "mediation: share of the head's log-prob effect reproduced",
 }
+WHERE = {"all": "", "last": " [scored positions only]"}
 PAPER = {  # Llama-7B, 1D +/-, head 17_22, K = 99, 50, 30, 20, 10 (method.md)
     "zero_topk": {100: 100, 50: 96.0, 30: 89.5, 20: 86.8, 10: 68.4},
     "keep_topk": {100: 3.9, 50: 7.8, 30: 13.2, 20: 18.4, 10: 38.2},
@@ -38,12 +47,20 @@ PAPER = {  # Llama-7B, 1D +/-, head 17_22, K = 99, 50, 30, 20, 10 (method.md)
 
 
 def _cell(r, exp: str) -> h.Html:
-    """The value (with its interval for accuracy drops) over the random baseline."""
-    value = F.fmt_drop(r.value, r.n) if exp in F.ACC_DROPS else h.fmt_pct(r.value)
+    """The value with its 95% interval over the random baseline, and the verdict."""
+    lo, hi = getattr(r, "lo", float("nan")), getattr(r, "hi", float("nan"))
+    if exp in F.ACC_DROPS and pd.isna(lo):
+        value = F.fmt_drop(r.value, r.n)
+    elif pd.isna(lo):
+        value = h.fmt_pct(r.value)
+    else:
+        value = h.fmt_acc(r.value, lo, hi)
     rand = "" if pd.isna(r.random_mean) else h.tag(
         "span", f"random {h.fmt_pct(r.random_mean)} ± {h.fmt_pct(r.random_std)}",
         class_="rand")
-    return h.Html(h.esc(value) + "<br>" + rand if rand else h.esc(value))
+    verdict = getattr(r, "verdict", None)
+    tail = h.tag("span", str(verdict), class_="rand") if isinstance(verdict, str) else ""
+    return h.Html("<br>".join(x for x in (h.esc(value), rand, tail) if x))
 
 
 def op_table(df: pd.DataFrame, paper: bool = True) -> str:
@@ -51,27 +68,39 @@ def op_table(df: pd.DataFrame, paper: bool = True) -> str:
     ks = sorted(df["k"].unique())
     head = ["experiment", *[f"K={k}" for k in ks], *(["paper (Llama-7B)"] if paper else [])]
     rows = []
+    where = df["positions"] if "positions" in df.columns else pd.Series("all", df.index)
     for exp, label in EXPERIMENTS.items():
-        sub = df[df["experiment"] == exp].set_index("k")
-        if sub.empty:
-            continue
-        ref = PAPER.get(exp, {})
-        rows.append([(label, {"class_": "exp"}),
-                     *[_cell(sub.loc[k], exp) if k in sub.index else "—" for k in ks],
-                     *([", ".join(f"{k}: {v}" for k, v in sorted(ref.items()) if k in ks)
-                        or "—"] if paper else [])])
+        for pos, suffix in WHERE.items():
+            sub = df[(df["experiment"] == exp) & (where.fillna("all") == pos)]
+            sub = sub.drop_duplicates("k").set_index("k")
+            if sub.empty:
+                continue
+            if exp.startswith("mediation"):
+                suffix = ""  # mediation acts at the scored positions by definition
+            ref = PAPER.get(exp, {}) if pos == "all" else {}
+            rows.append([(label + suffix, {"class_": "exp"}),
+                         *[_cell(next(sub.loc[[k]].itertuples()), exp) if k in sub.index
+                           else "—" for k in ks],
+                         *([", ".join(f"{k}: {v}" for k, v in sorted(ref.items()) if k in ks)
+                            or "—"] if paper else [])])
     cap = ("Accuracy drops with their Wilson 95% interval (all cases were answered correctly "
-           "before, so a drop is the share of them lost); random: mean ± std over seeds.")
+           "before, so a drop is the share of them lost), coefficient drops and mediation "
+           "shares with a bootstrap 95% interval over cases; random: mean ± std over seeds; "
+           "then the verdict. " + VERDICT_RULE)
     return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1), caption=cap),
                  class_="scroll")
 
 
-YLABELS = {"coef_drop_head": "Σ|m| drop (%)", "coef_drop_lowest": "others' Σ|m| drop (%)"}
+YLABELS = {"coef_drop_head": "Σ|m| drop (%)", "coef_drop_lowest": "others' Σ|m| drop (%)",
+           **{e: "share of the effect (%)" for e in EXPERIMENTS if e.startswith("mediation")}}
 
 
 def chart(df: pd.DataFrame, by: list[str] | tuple[str, ...] = ("op",)):
     """One panel per experiment run, two per row, each with its own y label; the legend
     in a panel of its own (never over a line)."""
+    if "positions" in df.columns:  # plot every-position runs; mediation is at scored ones
+        df = df[(df["positions"].fillna("all") == "all")
+                | df["experiment"].str.startswith("mediation")]
     groups = plots.groups_of(df, by)
     exps = [(e, lab) for e, lab in EXPERIMENTS.items() if (df["experiment"] == e).any()]
     cols = 2
@@ -114,8 +143,9 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
     df = read_csv(dir, STAGE, required=(*REQUIRED, *by), text=(*by, "head", "experiment"))
     if df is None:
         return None
-    for c in ("k", "value", "random_mean", "random_std", "n"):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in ("k", "value", "random_mean", "random_std", "n", "lo", "hi"):
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
     source = case_file(dir, STAGE)
     held = (" Held-out: one set per K, the neurons most often in the CNA cases' top-K, "
             "zeroed on disjoint held-out operand pairs."
@@ -135,14 +165,15 @@ def render(dir: Path, meta: dict[str, Any]) -> str | None:
         return "".join(parts + [h.note("verification.csv has no rows.")])
     for group, rows in plots.groups_of(df, by):
         for head, sub in rows.groupby("head", sort=False):
-            held = sub["experiment"] == "heldout_zero_topk"
+            held = sub["experiment"] == "heldout_zero_topk"  # its own n
             n = int(sub.loc[~held, "n"].max()) if (~held).any() else 0
             n_held = f", held-out n = {int(sub.loc[held, 'n'].max())}" if held.any() else ""
             parts.append(h.tag("h3", f"{plots.group_label(group)}: head {head} zeroed, "
                                      f"n = {n}{n_held}"))
             parts.append(op_table(sub, paper=source is None))
             lines = F.verification_findings(sub, by)
-            lines += [x for x in (F.keep_meaning(sub), F.coef_meaning(sub)) if x]
+            lines += [x for x in (F.keep_meaning(sub), F.coef_meaning(sub),
+                                  F.verdict_line(sub)) if x]
             parts.append(h.join(h.interp(x) for x in lines))
     uri = plots.embed(chart(df, by), dir, "verification")
     parts.append(h.figure(uri, "verification by K", "Solid: the CNA top-K neurons; dashed: "
