@@ -24,8 +24,12 @@ def _named(view, neurons, inputs):
     """Names and index sets of every weight entry the edit may touch."""
     hit = {}
     for layer, n in neurons:
-        for t, axis in D._columns(view, layer) + (D._input_rows(view, layer) if inputs else []):
+        for t, axis in D._columns(view, layer):
             hit.setdefault(id(t), (t, axis, set()))[2].add(n)
+        for t, axis in D._input_rows(view, layer) if inputs else []:
+            # a fused gate | up projection (Phi-3): the neuron owns rows n and d_ffn + n
+            rows = view.ffn_in_rows(layer, [n]).tolist()
+            hit.setdefault(id(t), (t, axis, set()))[2].update(rows)
     return hit
 
 
@@ -148,7 +152,7 @@ def test_selection_rule_equals_brute_force():
         D.select_neurons(frame, 31)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma2", "gpt2", "phi3", "olmo2"])
 def test_input_topk_equals_exhaustive(family, one_thread):
     view = ModelView(tiny_model(family), TinyTokenizer())
     pairs = _tiny_pairs()[:3]

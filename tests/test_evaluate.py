@@ -32,7 +32,7 @@ def brute_force(view, enc):
     return rows
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox", "phi3", "olmo2"])
 def test_batched_equals_brute_force_tiny(family):
     view = ModelView(tiny_model(family), TinyTokenizer())
     cases = [Case("3+5=", "8"), Case("12+30=", "42"), Case("7*8=", "56"),

@@ -47,7 +47,7 @@ def _brute(view, ids, target, zero, watch):
     return torch.log_softmax(logits.double(), -1)[target], m.double()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "phi3", "olmo2"])
 def test_effects_equal_brute_force(family, one_thread):
     view = _view(family)
     ch = explain_case(view, CASE, HEAD, top=4, n_shallow=3)
@@ -112,7 +112,7 @@ def test_deep_ranking_equals_exhaustive(one_thread):
                           atol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox", "phi3", "olmo2"])
 def test_adjoint_is_the_transpose_of_transform(family):
     view = _view(family)
     ids = [1] + TinyTokenizer()(CASE.prompt, add_special_tokens=False).input_ids

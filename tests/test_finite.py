@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
 import torch
 
 from cnalens.cli import main
 from cnalens.errors import CnaError
 from cnalens.models import ModelView, load_model
-from tiny import TinyTokenizer, tiny_model
+from tiny import TinyTokenizer, char_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -19,16 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
-
-
-def _char_tokenizer():
-    """One token per character (BPE without merges), enough for arithmetic prompts."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["<unk>", "</s>", *string.printable]
-    tk = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
 
 
 def _llama(vocab: int):
@@ -45,7 +33,7 @@ def _llama(vocab: int):
 def _model_dir(path, edit):
     """A random 3-layer Llama (float32) plus a character tokenizer, ``edit(model)`` applied
     before ``save_pretrained``."""
-    tok = _char_tokenizer()
+    tok = char_tokenizer()
     model = _llama(len(tok))
     with torch.no_grad():
         edit(model)
@@ -173,7 +161,7 @@ def test_pruned_model_loads_and_scores(tmp_path):
     from cnalens.models.pruned import prune_ffn, save_pruned
     from cnalens.scores import score_neurons
 
-    tok = _char_tokenizer()
+    tok = char_tokenizer()
     view = ModelView(_llama(len(tok)).double(), tok)
     prune_ffn(view, {1: torch.arange(0, 48, 2), 2: torch.arange(10)})
     d = save_pruned(view, tmp_path / "pruned")

@@ -32,7 +32,8 @@ from tiny import TinyTokenizer, tiny_model
 
 EXACT = ("correct", "correct_first", "pred")
 # GQA llama, Gemma 3 (post-norms, sliding window 4 < prompt length), GPT-2, NeoX, ...
-FAMILIES = ["llama", "gemma3", "gpt2", "neox", "qwen3", "gptj", "gemma"]
+FAMILIES = ["llama", "gemma3", "gpt2", "neox", "qwen3", "gptj", "gemma", "phi3",
+            "olmo2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest

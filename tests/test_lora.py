@@ -65,6 +65,8 @@ def test_cases_disjoint_all_ops_negative():
 @pytest.mark.parametrize("family, expect", [
     ("gpt2", ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"]),
     ("llama", [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]),
+    ("phi3", ["model.layers.1.self_attn.qkv_proj", "model.layers.1.self_attn.o_proj"]),
+    ("olmo2", [f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"]),  # not q/k_norm
 ])
 def test_targets(family, expect):
     view = _view(family)
@@ -77,7 +79,7 @@ def test_targets(family, expect):
         target_names(view, [9], ["attn"])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "phi3", "olmo2"])
 def test_trains_reproducibly_and_disables_exactly(family, data, one_thread):
     view = _view(family)
     train, test = data
@@ -352,7 +354,8 @@ def _assert_weights(have, want, differ=()):
             torch.testing.assert_close(have[k], want[k], rtol=1e-12, atol=1e-12, msg=str(k))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])  # separate, Conv1D, fused qkv
+# separate, Conv1D, fused per head, fused q|k|v with GQA sizes
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox", "phi3"])
 def test_view_reads_adapted_weights(family):
     view = _view(family)
     base = _weights(view)
@@ -376,7 +379,7 @@ def test_view_reads_adapted_weights(family):
     _assert_weights(_weights(view), base)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "phi3", "olmo2"])
 def test_residual_decomposition_with_adapter(family):
     from test_view import test_residual_decomposition as decomposition
 
@@ -408,7 +411,7 @@ def test_lora_cna_scores_the_adapted_model(family, data, one_thread):
     pm.unload()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_pruning_refuses_a_lora_ffn_and_works_once_merged(family):
     from cnalens.interventions import KeepOnlyNeurons
     from cnalens.models.pruned import prune_ffn

@@ -80,7 +80,7 @@ def _fast_tokenizer():
                                    pad_token="t0")
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "neox"])
+@pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "neox", "phi3", "olmo2"])
 def test_saved_pruned_model_reloads(name, tmp_path, one_thread):
     """Saved and reloaded with load_model(DIR): the same outputs as the reloaded original
     with the same neurons masked; a smaller file."""

@@ -15,7 +15,7 @@ from cnalens.interventions import ZeroHeads
 from cnalens.models import ModelView
 from tiny import TinyTokenizer, tiny_model
 
-FAMILIES = ["llama", "gemma3", "gpt2", "gemma2", "neox", "gptj"]
+FAMILIES = ["llama", "gemma3", "gpt2", "gemma2", "neox", "gptj", "phi3", "olmo2"]
 # equal lengths: Gemma 2's eager attention gives NaN on left-pad rows in float64
 SEQS = [[1, 5, 9, 13, 7, 22], [1, 40, 3, 3, 17, 9], [1, 8, 8, 30, 31, 4]]
 

@@ -22,8 +22,9 @@ def _hook_count(model):
 def test_residual_decomposition(tiny_view):
     """final residual = embeddings + sum of per-head outputs + sum of m_k v_k (+ biases)."""
     v = tiny_view
-    # Gemma's norms compute in float32 even in a float64 model
-    tol = 1e-5 if v.family.norm_kind == "rms1p" else 1e-9
+    # Gemma's norms, and the post-sublayer norms (whose outputs enter the residual) of
+    # OLMo-2, compute in float32 even in a float64 model
+    tol = 1e-5 if v.family.norm_kind == "rms1p" or v.family.ln_attn_post else 1e-9
     b = v.batch(SEQS)
     with torch.no_grad(), v.capture() as c:
         hidden = v.hidden(b)

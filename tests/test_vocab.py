@@ -20,6 +20,7 @@ from cnalens.locator import (
     transform_layers,
 )
 from cnalens.models import ModelView
+from cnalens.models.view import NO_NORM
 from cnalens.stages.shallow import run_shallow
 from cnalens.vocab import (
     case_scales,
@@ -48,6 +49,8 @@ def _hand_final_logits(view, x):
 
 
 def _own_scale(view, fn, x):
+    if fn is NO_NORM:  # no norm before the sublayer (OLMo-2): the identity, scale 1
+        return torch.ones_like(x[..., 0])
     eps = getattr(fn, "eps", None) or getattr(fn, "variance_epsilon", 1e-6)
     if view.family.norm_kind == "layer":
         return torch.sqrt(x.var(-1, unbiased=False) + eps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import torch
 import transformers as tf
 
@@ -33,16 +35,22 @@ def _configs() -> dict:
                                      num_hidden_layers=3, num_attention_heads=4,
                                      max_position_embeddings=64, use_parallel_residual=False,
                                      bos_token_id=1, eos_token_id=2),
+        # fused q|k|v (grouped-query sizes) and gate|up; partial rotary as in Phi-4-mini
+        "phi3": tf.Phi3Config(**common_llama, partial_rotary_factor=0.5),
+        # norms after the sublayers only, q/k norms over all heads together
+        "olmo2": tf.Olmo2Config(**common_llama),
     }
 
 
 FAMILY_NAMES = list(_configs())
 
 
-def tiny_model(name: str, dtype=torch.float64, seed: int = 0):
-    """A random causal LM with every weight, norms included, perturbed away from init."""
+def tiny_model(name: str, dtype=torch.float64, seed: int = 0, vocab: int = VOCAB):
+    """A random causal LM with every weight, norms included, perturbed away from init
+    (``vocab``: another vocabulary size, e.g. a real tokenizer's)."""
     torch.manual_seed(seed)
     cfg = _configs()[name]
+    cfg.vocab_size = vocab
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model = model.to(dtype).eval()
     with torch.no_grad():
@@ -68,3 +76,14 @@ class TinyTokenizer:
 
     def decode(self, ids):
         return "".join(chr(i - 3) if 3 <= i < VOCAB else "?" for i in ids)
+
+
+def char_tokenizer():
+    """A real (fast) tokenizer, one token per printable character (BPE without merges),
+    enough for arithmetic prompts; for models saved to a folder and run by the CLI."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "</s>", *string.printable]
+    tk = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")

@@ -107,8 +107,9 @@ def prune_summary(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["OP_RANK", "PRUNE_VARIANTS", "RESULTS", "frequency", "group_columns", "group_order",
-           "panel_columns", "pooled", "prune_summary", "top_heads"]
+__all__ = ["OP_RANK", "PAPER_DIRECTION", "PRUNE_VARIANTS", "RESULTS", "add_verdicts",
+           "frequency", "group_columns", "group_order", "panel_columns", "pooled",
+           "prune_summary", "top_heads"]
 
 
 # the paper's direction per verification experiment: True when its effect is above the

@@ -350,7 +350,7 @@ def _columns(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
 
 def _input_rows(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
     """(tensor, neuron axis) of the FFN's input projections (gate, up: one output per
-    neuron) and their biases."""
+    neuron, or two in a fused gate | up: ``ModelView.ffn_in_rows``) and their biases."""
     out = []
     for mod in view.ffn_in(layer):
         out.append((mod.weight, 1 if _stores_in_out(mod) else 0))
@@ -370,9 +370,12 @@ def zero_edit(view: ModelView, neurons: Sequence[Neuron], inputs: bool = False) 
     with torch.no_grad():
         for layer, ns in by_layer.items():
             idx = torch.tensor(sorted(set(ns)), dtype=torch.long)
-            targets = _columns(view, layer) + (_input_rows(view, layer) if inputs else [])
-            for t, axis in targets:
-                i = idx.to(t.device)
+            targets = [(t, axis, idx) for t, axis in _columns(view, layer)]
+            if inputs:  # every row of the input projections a neuron owns
+                rows = view.ffn_in_rows(layer, idx)
+                targets += [(t, axis, rows) for t, axis in _input_rows(view, layer)]
+            for t, axis, where in targets:
+                i = where.to(t.device)
                 saved.append((t, axis, i, t.index_select(axis, i).clone()))
                 t.index_fill_(axis, i, 0.0)
     return saved

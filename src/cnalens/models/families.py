@@ -10,18 +10,24 @@ Uniform names:
   ``o_proj``      attention output projection; its INPUT is the concatenation of the
                   heads' outputs (``z``), split by head
   ``v_proj``      the projection holding the value weights W_V; ``qkv`` says how: "split"
-                  (its own module, KV heads stacked), "gpt2" (fused q|k|v blocks of
-                  d_model each) or "neox" (fused, per head q|k|v)
+                  (its own module, KV heads stacked), "fused" (q | k | v blocks of
+                  n_heads, n_kv_heads and n_kv_heads heads: GPT-2, Phi-3) or "neox"
+                  (fused, per head q|k|v)
   ``down_proj``   FFN down projection; its INPUT holds the FFN coefficients ``m``, its
                   weight the value vectors
   ``ffn_in``      the FFN's input projections (gate and up, or the single up
-                  projection): one output row per neuron (what pruning shrinks)
+                  projection): one output row per neuron (what pruning shrinks), or
+                  ``ffn_in_blocks`` stacked blocks of one row per neuron (Phi-3's fused
+                  gate | up projection: neuron i owns rows i and d_ffn + i)
   ``attn_out``    module whose output is what attention adds to the residual stream
   ``mlp_out``     module whose output is what the FFN adds to the residual stream
-  ``ln_attn``     norm before attention
-  ``ln_attn_post`` norm applied to the attention output before it is added (Gemma 2/3)
+  ``ln_attn``     norm before attention (``None``: no norm before either sublayer, as in
+                  OLMo-2; ``ModelView.norm`` then gives the identity for ``ln_attn`` and
+                  ``ln_ffn``)
+  ``ln_attn_post`` norm applied to the attention output before it is added (Gemma 2/3,
+                  OLMo-2)
   ``ln_ffn``      norm before the FFN (``None`` for parallel blocks sharing ``ln_attn``)
-  ``ln_ffn_post`` norm applied to the FFN output before it is added (Gemma 2/3)
+  ``ln_ffn_post`` norm applied to the FFN output before it is added (Gemma 2/3, OLMo-2)
 """
 
 from __future__ import annotations
@@ -49,14 +55,15 @@ class Family:
     down_proj: str
     attn_out: str
     mlp_out: str
-    ln_attn: str
+    ln_attn: str | None  # None: no pre-sublayer norms at all (OLMo-2)
     ln_ffn: str | None
     ffn_in: tuple[str, ...] = ()  # FFN input projections, one output per neuron
+    ffn_in_blocks: int = 1  # stacked per-neuron blocks in each ffn_in (Phi-3 gate|up: 2)
     ln_attn_post: str | None = None
     ln_ffn_post: str | None = None
     pos_embed: str | None = None
     v_proj: str | None = None
-    qkv: str = "split"  # how v_proj holds W_V: "split", "gpt2" (q|k|v), "neox" (per head)
+    qkv: str = "split"  # how v_proj holds W_V: "split", "fused" (q|k|v), "neox" (per head)
     norm_kind: str = "rms"  # "rms": x/rms*w, "rms1p": x/rms*(1+w) (Gemma), "layer": LayerNorm
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     parallel: bool = False  # attention and FFN both read the block input (GPT-J, NeoX)
@@ -127,7 +134,7 @@ GPT2 = Family(
     attn="attn",
     o_proj="attn.c_proj",
     v_proj="attn.c_attn",
-    qkv="gpt2",
+    qkv="fused",
     down_proj="mlp.c_proj",
     ffn_in=("mlp.c_fc",),
     attn_out="attn",
@@ -177,7 +184,45 @@ NEOX = Family(
     parallel=True,  # overridden by config.use_parallel_residual
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA2, GPT2, GPTJ, NEOX)
+PHI3 = Family(
+    name="phi3",
+    model_types=("phi3",),  # Phi-3, Phi-3.5 and Phi-4 (dense)
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    v_proj="self_attn.qkv_proj",
+    qkv="fused",  # q | k | v with grouped-query sizes
+    down_proj="mlp.down_proj",
+    ffn_in=("mlp.gate_up_proj",),
+    ffn_in_blocks=2,  # gate | up halves
+    attn_out="self_attn",
+    mlp_out="mlp",
+    ln_attn="input_layernorm",
+    ln_ffn="post_attention_layernorm",  # as in Llama: the norm BEFORE the FFN
+)
+
+OLMO2 = Family(
+    name="olmo2",
+    model_types=("olmo2",),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    o_proj="self_attn.o_proj",
+    v_proj="self_attn.v_proj",
+    down_proj="mlp.down_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    ln_attn=None,  # no norm before the sublayers: only after (and q/k norms inside)
+    ln_ffn=None,
+    ln_attn_post="post_attention_layernorm",  # here applied to the attention OUTPUT
+    ln_ffn_post="post_feedforward_layernorm",
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA2, GPT2, GPTJ, NEOX, PHI3, OLMO2)
 
 
 def supported_model_types() -> list[str]:

@@ -2,9 +2,11 @@
 
 ``prune_ffn(view, {layer: kept neuron indices})`` keeps those neurons of each layer: the
 rows of the FFN input projections (gate and up, or the single up projection, with their
-biases) and the columns of the down projection (its bias, which no neuron owns, stays).
-It is architecture-neutral through the family table (``Family.ffn_in``, ``down_proj``;
-GPT-2's Conv1D stores weights transposed). The model is edited in place: no copies.
+biases; in a fused gate | up projection, as Phi-3's, both rows ``i`` and ``d_ffn + i``:
+``ModelView.ffn_in_rows``) and the columns of the down projection (its bias, which no
+neuron owns, stays). It is architecture-neutral through the family table
+(``Family.ffn_in``, ``ffn_in_blocks``, ``down_proj``; GPT-2's Conv1D stores weights
+transposed). The model is edited in place: no copies.
 
 Transformers' configs hold one FFN width, so a pruned model is saved as a normal
 ``save_pretrained`` folder plus ``cnalens_pruning.json`` (``ffn_widths``: one width per
@@ -42,7 +44,8 @@ def _take(p: nn.Parameter | None, idx: torch.Tensor, dim: int) -> nn.Parameter |
 
 
 def _shrink_out(mod: nn.Module, idx: torch.Tensor, conv1d: bool) -> None:
-    """Keep output features ``idx`` of an FFN input projection (and its bias)."""
+    """Keep output features ``idx`` (rows, ``ModelView.ffn_in_rows``) of an FFN input
+    projection (and its bias)."""
     mod.weight = _take(mod.weight, idx, 1 if conv1d else 0)
     if getattr(mod, "bias", None) is not None:
         mod.bias = _take(mod.bias, idx, 0)
@@ -101,8 +104,9 @@ def prune_ffn(view: ModelView, keep: Mapping[int, torch.Tensor]) -> dict:
         for layer, idx in keep.items():
             if len(idx) == view.ffn_width(layer):
                 continue
+            rows = view.ffn_in_rows(layer, idx)
             for mod in view.ffn_in(layer):
-                _shrink_out(mod, idx, conv)
+                _shrink_out(mod, rows, conv)
             _shrink_in(view.module(layer, "down_proj"), idx, conv)
             view.ffn_widths[layer] = len(idx)
     view.d_ffn = max(view.ffn_widths)

@@ -7,8 +7,9 @@ Everything above this module speaks uniform names (layers, heads ``L.H``, FFN ne
 Residual-stream decomposition (what the invariant tests check, for every family):
 ``resid_post[l] = resid_pre[l] + attn_out[l] + mlp_out[l]`` where
 ``attn_out = P_attn(sum_h W_O[h] z_h + b_O)`` and ``mlp_out = P_ffn(sum_k m_k v_k + b_down)``,
-``P`` being the identity, or for Gemma 2/3 the post-sublayer RMS norm, which is linear
-once its scale (the RMS of the real sum) is frozen: ``frozen_norm`` applies it so.
+``P`` being the identity, or for Gemma 2/3 and OLMo-2 the post-sublayer RMS norm, which is
+linear once its scale (the RMS of the real sum) is frozen: ``frozen_norm`` applies it so.
+A family without norms before its sublayers (OLMo-2) has ``NO_NORM`` there: the identity.
 ``resid_pre[0]`` is the embedding output (Gemma's sqrt(d) scale and GPT-2's position
 embeddings included), and the final residual is ``resid_post[n_layers - 1]``.
 """
@@ -49,6 +50,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype scores, lenses and norms compute in for weights or states of ``dtype``:
     float32 for half precision, float64 stays float64 (the one definition)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+class NoNorm(nn.Module):
+    """The norm before a sublayer of a family that has none there (OLMo-2): the identity,
+    with gain 1 and frozen scale 1, so ``frozen_norm``, ``norm_affine`` and ``norm_eps``
+    treat it as any other norm (``ModelView.norm`` gives it for ``ln_attn`` and ``ln_ffn``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+NO_NORM = NoNorm()
 
 
 def _get(root: nn.Module, path: str | None) -> nn.Module | None:
@@ -203,8 +216,8 @@ class ModelView:
         ``h // (n_heads // n_kv_heads)``. Biases (constant in the input) are left out."""
         w = self._weight_out_in(self.module(layer, "v_proj"))
         kv, hd, d = self.n_kv_heads, self.head_dim, w.shape[1]
-        if self.family.qkv == "gpt2":  # fused (q | k | v), d_model rows each
-            w = w[2 * self.n_heads * hd:]
+        if self.family.qkv == "fused":  # q | k | v: n_heads, n_kv_heads, n_kv_heads heads
+            w = w[(self.n_heads + kv) * hd:]
         elif self.family.qkv == "neox":  # fused per head: (heads, q | k | v, head_dim)
             return w.reshape(self.n_heads, 3, hd, d)[:, 2]
         return w.reshape(kv, hd, d)
@@ -217,16 +230,30 @@ class ModelView:
         return effective_bias(self.module(layer, "down_proj"))
 
     def ffn_in(self, layer: int) -> list[nn.Module]:
-        """The FFN's input projections (gate and up, or up alone): one output per neuron."""
+        """The FFN's input projections (gate and up, or up alone): one output per neuron,
+        or per neuron and block of a fused projection (``ffn_in_rows``)."""
         return [_get(self.layers[layer], path) for path in self.family.ffn_in]
+
+    def ffn_in_rows(self, layer: int, neurons: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The output rows of each FFN input projection that ``neurons`` own, in order: the
+        neurons themselves, or for a fused gate | up projection (Phi-3) the gate rows
+        ``i`` then the up rows ``d_ffn + i`` (so the kept rows stay gate | up)."""
+        idx = torch.as_tensor(neurons, dtype=torch.long).flatten()
+        blocks = torch.arange(self.family.ffn_in_blocks, dtype=torch.long, device=idx.device)
+        return (blocks[:, None] * self.ffn_width(layer) + idx[None]).flatten()
 
     def ffn_module(self, layer: int) -> nn.Module:
         """The FFN module of a layer (its down projection's parent): called on the FFN's
-        normed input it returns the FFN output (before Gemma 2/3's post-FFN norm)."""
+        normed input it returns the FFN output (before the post-FFN norm of Gemma 2/3
+        and OLMo-2)."""
         return _get(self.layers[layer], self.family.down_proj.rsplit(".", 1)[0])
 
     def norm(self, layer: int, which: str) -> nn.Module | None:
-        """``which`` in ln_attn, ln_attn_post, ln_ffn, ln_ffn_post."""
+        """``which`` in ln_attn, ln_attn_post, ln_ffn, ln_ffn_post; None where the family has
+        none (a post norm, or ``ln_ffn`` of parallel blocks, which share ``ln_attn``), and
+        ``NO_NORM`` (the identity) for the pre-norms of a family without them (OLMo-2)."""
+        if self.family.ln_attn is None and which in ("ln_attn", "ln_ffn"):
+            return NO_NORM
         return self.module(layer, which)
 
     @property
@@ -257,6 +284,7 @@ class ModelView:
             "vocab_size": self.vocab_size,
             "n_params": sum(p.numel() for p in self.model.parameters()),
             "norm": self.family.norm_kind,
+            "pre_sublayer_norms": self.family.ln_attn is not None,
             "post_sublayer_norms": self.family.ln_attn_post is not None,
             "parallel_blocks": self.family.parallel,
             "tied_embeddings": self.unembed.weight is self.embed.weight,
@@ -291,8 +319,10 @@ class ModelView:
         with ``bias=False``), so contributions that sum to ``ref`` map to parts that sum
         to ``mod(ref)``. ``ref`` broadcasts against ``x`` over the last dimension.
         """
-        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
         dt = compute_dtype(x.dtype)
+        if isinstance(mod, NoNorm):
+            return x.to(dt)
+        eps = self.norm_eps(mod)
         x, ref = x.to(dt), ref.to(dt)
         w = mod.weight.to(dt)
         if self.family.norm_kind == "layer":
@@ -648,9 +678,12 @@ class ModelView:
         mean when ``centred`` (LayerNorm) and is the identity otherwise; ``scale`` has
         ``ref``'s shape with last dimension 1; ``bias`` is None for RMS norms.
         """
-        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6)
         dt = compute_dtype(ref.dtype)
         ref = ref.to(dt)
+        if isinstance(mod, NoNorm):
+            return (torch.ones(ref.shape[-1], dtype=dt, device=ref.device),
+                    torch.ones_like(ref[..., :1]), None, False)
+        eps = self.norm_eps(mod)
         w = mod.weight.to(dt)
         if self.family.norm_kind == "layer":
             scale = torch.sqrt(ref.var(-1, keepdim=True, unbiased=False) + eps)
@@ -660,7 +693,9 @@ class ModelView:
         return ((1.0 + w) if self.family.norm_kind == "rms1p" else w), scale, None, False
 
     def norm_eps(self, mod: nn.Module) -> float:
-        """The epsilon a norm adds to its variance / mean square."""
+        """The epsilon a norm adds to its variance / mean square (0 for ``NO_NORM``)."""
+        if isinstance(mod, NoNorm):
+            return 0.0
         return float(getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", 1e-6))
 
     @contextmanager
