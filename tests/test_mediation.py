@@ -211,3 +211,23 @@ def test_verify_rows_carry_intervals_and_positions(setup):
     assert isinstance(df, pd.DataFrame) and (df["positions"] == "last").all()
     acc = df[df.experiment == "zero_topk"].iloc[0]
     assert acc["lo"] <= acc["value"] <= acc["hi"]
+
+
+def test_comparison_methods_on_the_models_own_answers(setup):
+    from cnalens.cna import cna
+
+    _, view, enc = setup
+    with torch.no_grad():  # each prompt's own greedy answer: cases the model gets right
+        own = [int(view.last_logits(view.batch([list(e.prompt_ids)]))[0, -1].argmax())
+               for e in enc]
+    cases = [e.case for e in enc]
+    comp = cna(view, cases, intervention=ZeroHeads([HEAD]), target=own, k=4)
+    med = comp.mediation(ks=[2], seeds=1)
+    assert len(med) == 4 and (med["n"] == len(own)).all()
+    ver = comp.verify(ks=[2], seeds=1, positions="last")
+    assert (ver["positions"] == "last").all()
+    with pytest.raises(CnaError, match="K 5 exceeds"):
+        comp.mediation(ks=[5])
+    other = cna(view, cases, cases, target=own, k=4)  # an input comparison: no interventions
+    with pytest.raises(CnaError, match="intervention="):
+        other.mediation(ks=[2])
