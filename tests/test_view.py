@@ -7,12 +7,18 @@ import transformers as tf
 from cnalens.errors import CnaError
 from cnalens.interventions import KeepOnlyNeurons, ReplaceHeads, ZeroHeads, ZeroNeurons
 from cnalens.models import ModelView
-from tiny import tiny_model
+from tiny import FAMILY_NAMES, MOE_NAMES, TinyTokenizer, tiny_model, zero_value_vectors
 
 # Equal lengths: transformers' eager attention (Gemma 2) turns fully masked left-pad rows
 # into NaN in float64; padding has its own test below.
 SEQS = [[1, 5, 9, 13, 7, 22], [1, 40, 3, 3, 17, 9], [1, 8, 8, 30, 31, 4]]
 PADDED = [[1, 5, 9, 13, 7, 22], [1, 40, 3], [1, 8, 8, 30, 31]]
+
+
+@pytest.fixture(params=FAMILY_NAMES + MOE_NAMES)
+def tiny_view(request):
+    """Every family, the mixtures of experts included."""
+    return ModelView(tiny_model(request.param), TinyTokenizer(), {"spec": request.param})
 
 
 def _hook_count(model):
@@ -90,39 +96,27 @@ def test_zero_head_equals_weight_edit(tiny_view):
 def test_zero_and_keep_neurons_equal_weight_edit(tiny_view):
     v = tiny_view
     b = v.batch(SEQS)
-    neurons = [(0, 3), (1, 0), (1, 7)]
+    last = v.ffn_width(0) - 1  # a mixture's last neuron: the shared expert's, if any
+    neurons = [(0, 3), (0, 30), (0, last), (1, 0), (1, 7)]
     with torch.no_grad():
+        plain = v.hidden(b)
         with v.intervene(ZeroNeurons(neurons)):
             zeroed = v.hidden(b)
         with v.intervene(KeepOnlyNeurons(layers=[1], keep=[(1, 0), (1, 7)])):
             kept = v.hidden(b)
-        w = v.module(0, "down_proj").weight
-        w1 = v.module(1, "down_proj").weight
-        s0, s1 = w.detach().clone(), w1.detach().clone()
-
-        def cols(weight, idx):
-            return weight[idx, :] if v.family.conv1d else weight[:, idx]
-
-        if v.family.conv1d:
-            w[3, :] = 0
-            w1[[0, 7], :] = 0
-        else:
-            w[:, 3] = 0
-            w1[:, [0, 7]] = 0
+        restore = [zero_value_vectors(v, 0, [3, 30, last]), zero_value_vectors(v, 1, [0, 7])]
         zero_hand = v.hidden(b)
-        w.copy_(s0)
+        for r in restore:
+            r()
         keep = torch.ones(v.ffn_width(1), dtype=torch.bool)
         keep[[0, 7]] = False
-        if v.family.conv1d:
-            w1.copy_(s1)
-            w1[keep, :] = 0
-        else:
-            w1.copy_(s1)
-            w1[:, keep] = 0
+        restore = zero_value_vectors(v, 1, keep.nonzero()[:, 0].tolist())
         keep_hand = v.hidden(b)
-        w1.copy_(s1)
+        restore()
+        assert torch.equal(v.hidden(b), plain)
     assert torch.allclose(zeroed, zero_hand, atol=1e-12)
     assert torch.allclose(kept, keep_hand, atol=1e-12)
+    assert not torch.allclose(zeroed, plain)
 
 
 def test_replace_heads_and_last_position(tiny_view):
@@ -135,10 +129,18 @@ def test_replace_heads_and_last_position(tiny_view):
         z = c[("z", 0)].reshape(len(SEQS), -1, v.n_heads, v.head_dim)
         assert torch.equal(z[:, :, 1], vals[0].expand_as(z[:, :, 1]))
         assert torch.equal(z[:, :, 2], vals[1].expand_as(z[:, :, 2]))
-        with v.intervene(ZeroNeurons([(0, 1)], position=-1)), v.capture(["coef"], [0]) as c:
+        with v.capture(["coef"], [0]) as c:
+            v.hidden(b)
+        plain = c[("coef", 0)]
+        j = v.ffn_width(0) - 1  # a mixture's: the shared expert's, which every token uses
+        with v.intervene(ZeroNeurons([(0, 1), (0, j)], position=-1)), \
+                v.capture(["coef"], [0]) as c:
             v.hidden(b)
         coef = c[("coef", 0)]
-        assert torch.all(coef[:, -1, 1] == 0) and torch.all(coef[:, :-1, 1] != 0)
+        assert torch.all(coef[:, -1, [1, j]] == 0)
+        if v.layout(0) is None or v.layout(0).shared:
+            assert torch.all(coef[:, :-1, j] != 0)
+        assert torch.equal(coef[:, :-1], plain[:, :-1])
 
 
 def test_hooks_removed_on_exception(tiny_view):

@@ -39,10 +39,25 @@ def _configs() -> dict:
         "phi3": tf.Phi3Config(**common_llama, partial_rotary_factor=0.5),
         # norms after the sublayers only, q/k norms over all heads together
         "olmo2": tf.Olmo2Config(**common_llama),
+        # mixtures of 6 experts, 2 per token: renormalised top-2 (Mixtral, Qwen3-MoE with
+        # norm_topk_prob) or raw softmax weights (Qwen2-MoE, OLMoE); Qwen2-MoE adds a gated
+        # shared expert and has a dense layer 1 (mlp_only_layers)
+        "mixtral": tf.MixtralConfig(**{**common_llama, "intermediate_size": 12},
+                                    num_local_experts=6, num_experts_per_tok=2),
+        "qwen2_moe": tf.Qwen2MoeConfig(**common_llama, num_experts=6, num_experts_per_tok=2,
+                                       moe_intermediate_size=12,
+                                       shared_expert_intermediate_size=20,
+                                       mlp_only_layers=[1]),
+        "qwen3_moe": tf.Qwen3MoeConfig(**common_llama, head_dim=12, num_experts=6,
+                                       num_experts_per_tok=2, moe_intermediate_size=12,
+                                       norm_topk_prob=True),
+        "olmoe": tf.OlmoeConfig(**{**common_llama, "intermediate_size": 12}, num_experts=6,
+                                num_experts_per_tok=2),
     }
 
 
-FAMILY_NAMES = list(_configs())
+MOE_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILY_NAMES = [n for n in _configs() if n not in MOE_NAMES]
 
 
 def tiny_model(name: str, dtype=torch.float64, seed: int = 0, vocab: int = VOCAB):
@@ -53,6 +68,8 @@ def tiny_model(name: str, dtype=torch.float64, seed: int = 0, vocab: int = VOCAB
     cfg.vocab_size = vocab
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model = model.to(dtype).eval()
+    if name in MOE_NAMES and dtype == torch.float64:  # grouped_mm has no float64 kernel
+        model.set_experts_implementation("eager")
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.dim() == 1:
@@ -87,3 +104,36 @@ def char_tokenizer():
     chars = ["<unk>", "</s>", *string.printable]
     tk = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+
+
+def zero_value_vectors(v, layer, neurons, factor: float = 0.0):
+    """Zero (or scale by ``factor``) flat neurons' value vectors in the weights themselves (a
+    dense down projection's columns, or an expert's ``down_proj[e][:, n]`` and the shared
+    expert's columns); returns a function that restores them."""
+    lay = v.layout(layer)
+    if lay is None:
+        w = v.module(layer, "down_proj").weight
+        saved = w.detach().clone()
+        with torch.no_grad():
+            if v.family.conv1d:
+                w[neurons, :] *= factor
+            else:
+                w[:, neurons] *= factor
+        return lambda: w.data.copy_(saved)
+    down = v.moe_module(layer, "experts").down_proj
+    shared = v.moe_module(layer, "shared_expert")
+    ws = None if shared is None else shared.down_proj.weight
+    saved = [down.detach().clone(), None if ws is None else ws.detach().clone()]
+    with torch.no_grad():
+        for j in neurons:
+            e, n = lay.split(int(j))
+            if e == "S":
+                ws[:, n] *= factor
+            else:
+                down[e, :, n] *= factor
+
+    def restore():
+        down.data.copy_(saved[0])
+        if ws is not None:
+            ws.data.copy_(saved[1])
+    return restore

@@ -1,10 +1,22 @@
 """Interventions as data: small frozen dataclasses applied by ``ModelView.intervene``.
 
-Each intervention edits one of two points of a layer, identified by uniform names:
-``z`` (the input of the attention output projection, i.e. the heads' outputs, split by
-head) and ``coef`` (the input of the FFN down projection, i.e. the FFN coefficients).
+Each intervention edits points of a layer, identified by uniform names: ``z`` (the input
+of the attention output projection, i.e. the heads' outputs, split by head), ``coef`` (the
+input of the FFN down projection, i.e. the FFN coefficients; in a mixture-of-experts layer
+the weighted coefficients of all experts, flat: ``ModelView``) and ``router`` (a
+mixture-of-experts layer's router logits, before its top-k).
 An edit sets ``x[..., idx] = x[..., idx] * factor + value`` at the chosen positions.
-``describe()`` gives a JSON-able record that results carry in their metadata.
+``describe(shape)`` gives a JSON-able record that results carry in their metadata (neurons
+of mixture-of-experts layers named ``L.E.N``/``L.S.N`` when the model's shape is given).
+
+Neurons are ``(layer, index)`` pairs, the index flat in a mixture-of-experts layer
+(``ModelShape.neuron_index`` turns ``L.E.N`` into it): zeroing or scaling an expert's
+neurons scales their weighted coefficients, the same as scaling those columns of the
+expert's ``down_proj``. ``ZeroExperts`` zeroes whole routed experts, either keeping the
+routing (the expert's output is dropped, the other experts' weights unchanged: as zeroing
+its ``down_proj``) or re-routing (the router's logit of the expert set to -inf before
+its softmax and top-k: the token goes to the next best expert, as if the model had been
+built without it).
 """
 
 from __future__ import annotations
@@ -16,8 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cnalens.errors import CnaError
+from cnalens.models.shape import SHARED
+
 if TYPE_CHECKING:
     from cnalens.models import ModelView
+    from cnalens.models.shape import ModelShape
 
 Head = tuple[int, int]
 Neuron = tuple[int, int]
@@ -27,7 +43,7 @@ Neuron = tuple[int, int]
 class Edit:
     """One low-level edit of a layer's ``z`` or ``coef`` vector."""
 
-    point: str  # "z" or "coef"
+    point: str  # "z", "coef" or "router"
     layer: int
     idx: torch.Tensor  # coordinates of the point's last dimension
     factor: float = 0.0
@@ -44,6 +60,12 @@ def _group(units) -> dict[int, list[int]]:
     for layer, index in units:
         by_layer[layer].append(index)
     return by_layer
+
+
+def _neuron_names(neurons, shape: ModelShape | None) -> list[str]:
+    if shape is None:
+        return [f"{a}.{b}" for a, b in neurons]
+    return [shape.neuron_name(a, b) for a, b in neurons]
 
 
 def _head_coords(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -69,7 +91,7 @@ class ScaleHeads:
             for layer, hs in _group(self.heads).items()
         ]
 
-    def describe(self) -> dict:
+    def describe(self, shape: ModelShape | None = None) -> dict:
         kind = "zero_heads" if self.factor == 0 else "scale_heads"
         return {"kind": kind, "heads": [f"{a}.{b}" for a, b in self.heads],
                 "factor": self.factor, "position": self.position}
@@ -101,7 +123,7 @@ class ReplaceHeads:
             out.append(Edit("z", layer, _head_coords(hs, view.head_dim), 0.0, vals, self.position))
         return out
 
-    def describe(self) -> dict:
+    def describe(self, shape: ModelShape | None = None) -> dict:
         return {"kind": self.label, "heads": [f"{a}.{b}" for a, b in self.heads],
                 "position": self.position}
 
@@ -125,10 +147,10 @@ class ScaleNeurons:
             for layer, ns in _group(self.neurons).items()
         ]
 
-    def describe(self) -> dict:
+    def describe(self, shape: ModelShape | None = None) -> dict:
         kind = "zero_neurons" if self.factor == 0 else "scale_neurons"
         return {"kind": kind, "n": len(self.neurons),
-                "neurons": [f"{a}.{b}" for a, b in self.neurons],
+                "neurons": _neuron_names(self.neurons, shape),
                 "factor": self.factor, "position": self.position}
 
 
@@ -161,9 +183,9 @@ class KeepOnlyNeurons:
             out.append(Edit("coef", layer, mask.nonzero().flatten(), 0.0, None, self.position))
         return out
 
-    def describe(self) -> dict:
+    def describe(self, shape: ModelShape | None = None) -> dict:
         return {"kind": "keep_only_neurons", "layers": list(self.layers),
-                "n_keep": len(self.keep), "keep": [f"{a}.{b}" for a, b in self.keep],
+                "n_keep": len(self.keep), "keep": _neuron_names(self.keep, shape),
                 "position": self.position}
 
 
@@ -187,13 +209,63 @@ class ReplaceNeurons:
             for layer, rows in by_layer.items()
         ]
 
-    def describe(self) -> dict:
+    def describe(self, shape: ModelShape | None = None) -> dict:
         return {"kind": self.label, "n": len(self.neurons),
-                "neurons": [f"{a}.{b}" for a, b in self.neurons], "position": self.position}
+                "neurons": _neuron_names(self.neurons, shape), "position": self.position}
 
 
-Intervention = ScaleHeads | ReplaceHeads | ScaleNeurons | KeepOnlyNeurons | ReplaceNeurons
+def _expert_key(unit: tuple[int, int | str]) -> tuple[int, int, int]:
+    layer, e = unit
+    return (layer, 1, 0) if e == SHARED else (layer, 0, int(e))
 
 
-def describe_all(interventions: Iterable[Intervention]) -> list[dict]:
-    return [i.describe() for i in interventions]
+@dataclass(frozen=True)
+class ZeroExperts:
+    """Zero whole experts ``(layer, expert)`` of mixture-of-experts layers (``"S"``: the
+    shared expert). ``reroute=False``: their output is dropped and the other experts keep
+    their router weights (the same as zeroing the experts' ``down_proj``); ``reroute=True``
+    (routed experts only): the router never picks them, and each token goes to its next
+    best experts, weighted as the router weights them (as in a model built without them).
+    """
+
+    experts: tuple[tuple[int, int | str], ...]
+    reroute: bool = False
+    position: int | None = None
+
+    def __post_init__(self):
+        units = {(int(a), SHARED if b == SHARED else int(b)) for a, b in self.experts}
+        object.__setattr__(self, "experts", tuple(sorted(units, key=_expert_key)))
+
+    def edits(self, view: ModelView) -> list[Edit]:
+        view.check_experts(self.experts)
+        out = []
+        for layer, es in _group(self.experts).items():
+            lay = view.layout(layer)
+            if self.reroute:
+                if SHARED in es:
+                    raise CnaError(f"expert {layer}.S: the shared expert is not routed, so "
+                                   "it cannot be re-routed (zero it with reroute=False)")
+                if len(es) > lay.n_experts - lay.top_k:
+                    raise CnaError(f"cannot re-route around {len(es)} experts of layer "
+                                   f"{layer}: each token needs {lay.top_k} of its "
+                                   f"{lay.n_experts}")
+                idx = torch.tensor(es, dtype=torch.long)
+                out.append(Edit("router", layer, idx, 0.0,
+                                torch.full((len(es),), float("-inf")), self.position))
+            else:
+                idx = torch.cat([lay.expert_neurons(e) for e in es])
+                out.append(Edit("coef", layer, idx, 0.0, None, self.position))
+        return out
+
+    def describe(self, shape: ModelShape | None = None) -> dict:
+        return {"kind": "zero_experts", "experts": [f"{a}.{b}" for a, b in self.experts],
+                "reroute": self.reroute, "position": self.position}
+
+
+Intervention = (ScaleHeads | ReplaceHeads | ScaleNeurons | KeepOnlyNeurons | ReplaceNeurons
+                | ZeroExperts)
+
+
+def describe_all(interventions: Iterable[Intervention],
+                 shape: ModelShape | None = None) -> list[dict]:
+    return [i.describe(shape) for i in interventions]

@@ -241,6 +241,7 @@ def neuron_vectors(view: ModelView, layer: int) -> torch.Tensor:
 class _HasCoefficients(Protocol):
     coef: torch.Tensor  # (n, n_layers, d_ffn)
     ffn_raw: torch.Tensor | None  # (n, n_layers, d): the post-FFN norm's inputs
+    route: torch.Tensor | None  # (n, n_layers, routes): router weights (mixtures of experts)
 
 
 class FFNVectors:
@@ -261,6 +262,15 @@ class FFNVectors:
         if post is not None:
             A = A / self.view.norm_affine(post, states.ffn_raw[:, layer])[1]
         return A
+
+    def routed(self, states: _HasCoefficients, layer: int) -> torch.Tensor | None:
+        """(n, width) whether each case was routed to each neuron's expert (a neuron of an
+        expert that was not contributes exactly 0 and is not scored); None for a dense
+        layer, whose neurons always contribute."""
+        lay = self.view.layout(layer)
+        if lay is None:
+            return None
+        return states.route[:, layer, lay.route_of()] != 0
 
 
 __all__ = ["LENSES", "Base", "FFNVectors", "Lens", "LogSumExp", "center", "final_gain",

@@ -6,7 +6,10 @@ For a vector ``u`` added to a residual state ``s`` and a target token ``w``::
 
 FFN neuron ``k`` of layer ``l``: ``u = m_k v'_k`` added to ``resid_mid`` (``v'_k`` the value
 vector, through Gemma's post-FFN norm with its scale frozen at the real FFN output). Heads
-and attention neurons: their contribution added to ``resid_pre`` of their layer.
+and attention neurons: their contribution added to ``resid_pre`` of their layer. A neuron
+``L.E.N`` of a mixture-of-experts layer: ``u = r_E m_{E,N} v_{E,N}`` (router weight times
+coefficient times value vector, the weighted coefficient ``ModelView`` captures); where the
+case was not routed to expert ``E`` it contributes exactly zero and is not scored (NaN).
 
 Lenses: ``frozen`` (the notebooks') fixes the final norm's scale ``c`` (RMS, or LayerNorm's
 sigma) at the real final residual of the run (or at ``scale=``), so the lens is affine:
@@ -42,6 +45,7 @@ from cnalens.states import (
     case_states,
     check_targets,
     describe_run,
+    neuron_routes,
     resolve_layers,
     scales_for,
     targets_for,
@@ -50,6 +54,7 @@ from cnalens.states import (
 if TYPE_CHECKING:
     from cnalens.interventions import Intervention
     from cnalens.models import ModelView
+    from cnalens.models.shape import ModelShape
 
 RANKINGS = ("decrease", "increase", "abs")  # CNA orders: imp_a - imp_b, its negative, |.|
 
@@ -68,27 +73,42 @@ class NeuronScores:
     """FFN neuron importance and coefficients at the last position of each case."""
 
     imp: torch.Tensor  # (n_cases, n_layers, d_ffn) float32 (float64 for float64 models);
-    # NaN where a layer was not scored or is narrower (pruned models)
-    coef: torch.Tensor  # (n_cases, n_layers, d_ffn)
+    # NaN where a layer was not scored or is narrower (pruned models), and for the neurons
+    # of experts a case was not routed to
+    coef: torch.Tensor  # (n_cases, n_layers, d_ffn); mixtures of experts: weighted
     target: torch.Tensor  # (n_cases,)
     scale: torch.Tensor  # (n_cases,)
     case_ids: list[str]
     meta: dict
+    route: torch.Tensor | None = None  # (n_cases, n_layers, d_ffn) each neuron's router
+    # weight (NaN for dense layers); mixture-of-experts models only
+    shape: ModelShape | None = None
 
     def frame(self, top: int | None = None) -> pd.DataFrame:
         """Tidy rows: case, layer, kind="ffn", neuron, coef, importance (+ rank with ``top``).
 
         ``top`` keeps each case's best neurons (importance descending, ties by layer then
-        neuron)."""
+        neuron). Mixture-of-experts models add ``expert`` (empty for dense layers, ``S`` for
+        the shared expert), ``index`` (the neuron inside its expert: ``L.E.N``; ``neuron``
+        stays the flat index interventions take) and ``route`` (the router weight), and
+        ``coef`` is the neuron's own coefficient (the weighted one over ``route``)."""
         n, L, D = self.imp.shape
         imp = self.imp.numpy().reshape(-1)
         ok = np.isfinite(imp)
         idx = np.nonzero(ok)[0]
         case, rest = np.divmod(idx, L * D)
         layer, index = np.divmod(rest, D)
+        coef = self.coef.numpy().reshape(-1)[idx]
         df = pd.DataFrame({"case": np.asarray(self.case_ids, dtype=object)[case],
                            "layer": layer, "kind": "ffn", "neuron": index,
-                           "coef": self.coef.numpy().reshape(-1)[idx], "importance": imp[idx]})
+                           "coef": coef, "importance": imp[idx]})
+        if self.route is not None and self.shape is not None:
+            expert, inner = self.shape.expert_labels(layer, index)
+            route = self.route.numpy().reshape(-1)[idx]
+            df.insert(3, "expert", expert)
+            df.insert(5, "index", inner)
+            df["coef"] = np.where(np.isnan(route), coef, coef / route)
+            df.insert(7, "route", route)
         if top is None:
             return df
         order = np.lexsort((index, layer, -imp[idx], case))
@@ -133,14 +153,26 @@ def score_neurons(view: ModelView, cases_or_encoded: Cases, *interventions: Inte
             rows = slice(g0, g0 + group)
             vec = FFNVectors(view, lz, [layer])
             X, Cv, A = vec.X[layer], vec.Cv[layer], vec.coef(st, layer)[rows]
+            routed = vec.routed(st, layer)
+            cols = torch.arange(X.shape[0])
+            if routed is not None:  # only the experts some case of the group was routed to
+                routed = routed[rows]
+                cols = routed.any(0).nonzero()[:, 0]
+                X, Cv, A = X[cols], Cv[cols], A[:, cols]
             base = lz.base(st.resid_mid[rows, layer], c[rows], tg[rows])
-            nb, vb = lz.block_sizes(X.shape[0], max_memory_gb)
+            nb, vb = lz.block_sizes(max(1, X.shape[0]), max_memory_gb)
+            out = imp[rows, layer]  # a view: written in place
             for k0 in range(0, X.shape[0], nb):
                 ks = slice(k0, k0 + nb)
-                imp[rows, layer, ks] = lz.score(X[ks], Cv[ks], A[:, ks], base, vb).to(out_dt)
+                val = lz.score(X[ks], Cv[ks], A[:, ks], base, vb).to(out_dt)
+                if routed is not None:
+                    val = val.masked_fill(~routed[:, cols[ks]], float("nan"))
+                out[:, cols[ks]] = val
     meta = describe_run(view, lens, target, st, layer_list,
                      {"seconds": time.perf_counter() - t0, "kind": "ffn"})
-    return NeuronScores(imp, st.coef.to(out_dt), tg, c.to(out_dt), list(st.case_ids), meta)
+    route = None if st.route is None else neuron_routes(view, st.route).to(out_dt)
+    return NeuronScores(imp, st.coef.to(out_dt), tg, c.to(out_dt), list(st.case_ids), meta,
+                        route, view.shape if route is not None else None)
 
 
 # --------------------------------------------------------------------------- heads
@@ -271,11 +303,19 @@ def rank_order(key: torch.Tensor) -> torch.Tensor:
 def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
                 coef_a: torch.Tensor, coef_b: torch.Tensor, case_ids: Sequence[str],
                 top: int | None = None, by: str = "decrease",
-                layers: Sequence[int] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+                layers: Sequence[int] | None = None, *, shape: ModelShape | None = None,
+                route_a: torch.Tensor | None = None, route_b: torch.Tensor | None = None
+                ) -> tuple[pd.DataFrame, np.ndarray]:
     """Two runs' scores (each (n_cases, n_layers, d_ffn)) as ranked rows per case: case,
     rank, layer, neuron, imp_a, imp_b, coef_a, coef_b, diff; ``rank_order`` of
     ``rank_key(diff, by)``, only finite keys, only ``layers`` (default all), ``top`` best
-    per case. Also returns each row's case position."""
+    per case. Also returns each row's case position.
+
+    A mixture-of-experts model's ``shape`` adds ``expert`` (empty for dense layers, ``S``
+    for the shared expert) and ``index`` (the neuron inside its expert, ``L.E.N``; ``neuron``
+    stays the flat index); with the runs' per-neuron router weights (``NeuronScores.route``)
+    ``route_a``/``route_b`` columns follow, and ``coef_a``/``coef_b`` become the neurons' own
+    coefficients (the weighted ones over the router weight; NaN where not routed)."""
     n, L, D = diff.shape
     key = rank_key(diff, by).flatten(1)
     if layers is not None:
@@ -295,6 +335,17 @@ def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
                            ("imp_a", imp_a), ("imp_b", imp_b), ("coef_a", coef_a),
                            ("coef_b", coef_b), ("diff", diff))}})
     df.insert(1, "rank", df.groupby(case, sort=False).cumcount().to_numpy() + 1)
+    if shape is not None and shape.is_moe:
+        expert, inner = shape.expert_labels(layer, neuron)
+        df.insert(3, "expert", expert)
+        df.insert(5, "index", inner)
+        for run, route in (("a", route_a), ("b", route_b)):
+            if route is not None:
+                r = as_numpy(route)[pos]
+                with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: not routed
+                    df[f"coef_{run}"] = np.where(np.isnan(r), df[f"coef_{run}"],
+                                                 df[f"coef_{run}"] / r)
+                df.insert(df.columns.get_loc("diff"), f"route_{run}", r)
     return df, case
 
 
@@ -304,7 +355,9 @@ def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
     by ``ranked_rows`` (ties by layer, neuron); ``top`` keeps each case's best."""
     if a.imp.shape != b.imp.shape or a.case_ids != b.case_ids:
         raise CnaError("runs A and B differ in shape or cases: cannot compare them")
-    return ranked_rows(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef, a.case_ids, top, by)[0]
+    return ranked_rows(a.imp - b.imp, a.imp, b.imp, a.coef, b.coef, a.case_ids, top, by,
+                       shape=getattr(a, "shape", None), route_a=getattr(a, "route", None),
+                       route_b=getattr(b, "route", None))[0]
 
 
 __all__ = ["RANKINGS", "NeuronScores", "diff_frame", "position_scores", "rank_key", "rank_order",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 
 from cnalens.data.cases import Cases, as_encoded
@@ -33,6 +34,10 @@ class CaseStates:
 
     ``coef`` is NaN beyond a layer's FFN width (pruned models). ``attn_raw``/``ffn_raw`` are
     the inputs of the post-attention / post-FFN norms (None if the family has none).
+    Mixture-of-experts models: ``coef`` holds the weighted coefficients (router weight times
+    coefficient, 0 for experts a case was not routed to: ``ModelView``'s ``coef`` point) and
+    ``route`` (n, L, routes) the router weights of each layer's experts (then the shared
+    expert's gate), 0 where not routed, NaN for dense layers and beyond a layer's routes.
     """
 
     case_ids: list[str]
@@ -46,6 +51,7 @@ class CaseStates:
     attn_raw: torch.Tensor | None = None
     ffn_raw: torch.Tensor | None = None
     interventions: list[dict] = field(default_factory=list)
+    route: torch.Tensor | None = None  # (n, L, routes): mixture-of-experts models only
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -84,11 +90,13 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
     """One batched forward (interventions applied) capturing the last prompt position."""
     enc = as_encoded(view.tokenizer, encoded)
     cd = view.compute_dtype
-    points = ["resid_pre", "resid_mid", "coef", "z", "resid_post"]
+    moe = [layer for layer in range(view.n_layers) if view.is_moe(layer)]
+    points = ["resid_pre", "resid_mid", "coef", "z", "resid_post"] + (["route"] if moe else [])
+    n_routes = max((view.layout(layer).n_routes for layer in moe), default=0)
     post = view.norm(0, "ln_attn_post") is not None
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in
                                              (*points, "logits", "attn_raw", "ffn_raw")}
-    desc: list[dict] = [iv.describe() for iv in interventions]
+    desc: list[dict] = [iv.describe(view.shape) for iv in interventions]
     L = view.n_layers
     for start in range(0, len(enc), batch_size):
         chunk = enc[start:start + batch_size]
@@ -104,6 +112,12 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
         for layer in range(L):
             coef[:, layer, :view.ffn_width(layer)] = cache[("coef", layer)][:, 0]
         parts["coef"].append(coef)
+        if moe:
+            route = torch.full((len(chunk), L, n_routes), float("nan"), dtype=cd)
+            for layer in moe:
+                r = cache[("route", layer)][:, 0]
+                route[:, layer, :r.shape[-1]] = r
+            parts["route"].append(route)
         if post:
             with torch.no_grad():
                 parts["attn_raw"].append(torch.stack(
@@ -123,7 +137,55 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
                           dtype=torch.long),
         resid_pre=cat("resid_pre"), resid_mid=cat("resid_mid"), coef=cat("coef"), z=cat("z"),
         final=resid_post[:, -1], logits=torch.cat(parts["logits"]),
-        attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc))
+        attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc),
+        route=cat("route") if moe else None)
+
+
+def neuron_routes(view: ModelView, route: torch.Tensor) -> torch.Tensor:
+    """Per-layer router weights ``route`` (..., n_layers, routes) spread over the layers'
+    flat neurons: (..., n_layers, d_ffn), each neuron its expert's weight (the shared
+    expert's gate for its neurons), NaN for dense layers and beyond a layer's width."""
+    out = torch.full((*route.shape[:-1], view.d_ffn), float("nan"), dtype=route.dtype)
+    for layer in range(view.n_layers):
+        lay = view.layout(layer)
+        if lay is not None:
+            out[..., layer, :lay.n_neurons] = route[..., layer, lay.route_of()]
+    return out
+
+
+def routing_frame(view: ModelView, states_a: CaseStates, states_b: CaseStates,
+                  changed_only: bool = True) -> pd.DataFrame:
+    """Per case, mixture-of-experts layer and expert routed in run A or B: ``weight_a``,
+    ``weight_b`` (0: not routed in that run; the shared expert, ``S``, always is: its gate).
+    ``changed``: whether the case's routed experts of that layer differ between the runs;
+    ``changed_only`` keeps only those layers. Empty for a dense model."""
+    cols = ["case", "layer", "expert", "weight_a", "weight_b", "changed"]
+    if states_a.route is None or states_b.route is None:
+        return pd.DataFrame(columns=cols)
+    if states_a.case_ids != states_b.case_ids:
+        raise CnaError("runs A and B cover different cases: cannot compare their routing")
+    rows = []
+    ids = np.asarray(states_a.case_ids, dtype=object)
+    for layer in range(view.n_layers):
+        lay = view.layout(layer)
+        if lay is None:
+            continue
+        wa = states_a.route[:, layer, :lay.n_routes]
+        wb = states_b.route[:, layer, :lay.n_routes]
+        changed = ((wa[:, :lay.n_experts] != 0) != (wb[:, :lay.n_experts] != 0)).any(-1)
+        keep = (wa != 0) | (wb != 0)
+        if changed_only:
+            keep &= changed[:, None]
+        case, expert = keep.nonzero(as_tuple=True)
+        names = np.asarray([str(e) for e in range(lay.n_experts)] + ["S"] * (lay.n_routes
+                                                                           - lay.n_experts),
+                           dtype=object)
+        rows.append(pd.DataFrame({"case": ids[case.numpy()], "layer": layer,
+                                  "expert": names[expert.numpy()],
+                                  "weight_a": as_numpy(wa[case, expert]),
+                                  "weight_b": as_numpy(wb[case, expert]),
+                                  "changed": changed[case].numpy()}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -188,4 +250,5 @@ def describe_run(view: ModelView, lens: str, target: Target, states: CaseStates,
 
 
 __all__ = ["TARGETS", "CaseStates", "Target", "as_numpy", "case_states", "check_targets",
-           "concat_states", "describe_run", "frozen_scale", "scales_for", "targets_for"]
+           "concat_states", "describe_run", "frozen_scale", "neuron_routes", "routing_frame",
+           "scales_for", "targets_for"]

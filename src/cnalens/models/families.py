@@ -28,11 +28,24 @@ Uniform names:
                   OLMo-2)
   ``ln_ffn``      norm before the FFN (``None`` for parallel blocks sharing ``ln_attn``)
   ``ln_ffn_post`` norm applied to the FFN output before it is added (Gemma 2/3, OLMo-2)
+
+Mixture-of-experts families (transformers >= 5) add, relative to one decoder layer:
+  ``experts``     the experts module: fused 3-D weights ``gate_up_proj`` (E, 2F, d) and
+                  ``down_proj`` (E, d, F), called as ``experts(x, top_k_index,
+                  top_k_weights)`` on the (tokens, d) FFN input. A layer whose module at
+                  this path is missing is dense (Qwen MoE's ``mlp_only_layers``) and uses
+                  ``down_proj``/``ffn_in`` as in Llama.
+  ``router``      the top-k router: returns ``(logits, top_k_weights, top_k_index)``
+  ``shared_expert`` a dense FFN every token goes through (Qwen2-MoE), its output scaled by
+  ``shared_gate``  ``sigmoid(shared_gate(x))`` (d -> 1)
+The FFN module (``down_proj``'s parent) is then the sparse MoE block; its output is what the
+FFN adds to the residual stream (the sum of the routed experts' weighted outputs, plus the
+gated shared expert's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from cnalens.errors import CnaError
@@ -67,6 +80,10 @@ class Family:
     norm_kind: str = "rms"  # "rms": x/rms*w, "rms1p": x/rms*(1+w) (Gemma), "layer": LayerNorm
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     parallel: bool = False  # attention and FFN both read the block input (GPT-J, NeoX)
+    experts: str | None = None  # mixture of experts: the fused experts module
+    router: str | None = None  # its top-k router
+    shared_expert: str | None = None  # a dense expert every token uses (Qwen2-MoE)
+    shared_gate: str | None = None  # the shared expert's sigmoid gate (d -> 1)
 
 
 LLAMA = Family(
@@ -222,7 +239,18 @@ OLMO2 = Family(
     ln_ffn_post="post_feedforward_layernorm",
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA2, GPT2, GPTJ, NEOX, PHI3, OLMO2)
+# Mixture of experts: Llama's attention, norms and (for Qwen's dense layers) FFN paths, and
+# a sparse MoE block at ``mlp``. Router: softmax over all experts (in float32), top-k, the
+# k weights renormalised to sum 1 (Mixtral always; the others if ``norm_topk_prob``).
+MIXTRAL = replace(LLAMA, name="mixtral", model_types=("mixtral",), experts="mlp.experts",
+                  router="mlp.gate")
+QWEN3_MOE = replace(MIXTRAL, name="qwen3_moe", model_types=("qwen3_moe",))
+OLMOE = replace(MIXTRAL, name="olmoe", model_types=("olmoe",))  # q/k norms over all heads
+QWEN2_MOE = replace(MIXTRAL, name="qwen2_moe", model_types=("qwen2_moe",),
+                    shared_expert="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, GEMMA2, GPT2, GPTJ, NEOX, PHI3, OLMO2, MIXTRAL,
+                                QWEN2_MOE, QWEN3_MOE, OLMOE)
 
 
 def supported_model_types() -> list[str]:
@@ -235,7 +263,7 @@ def family_for(config: PretrainedConfig) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             if fam is NEOX and not getattr(config, "use_parallel_residual", True):
-                return Family(**{**fam.__dict__, "parallel": False})
+                return replace(fam, parallel=False)
             return fam
     raise CnaError(
         f"unsupported model family '{model_type}': supported are "

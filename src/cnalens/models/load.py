@@ -23,7 +23,7 @@ from cnalens.errors import CnaError
 from cnalens.errors import first_line as _why
 from cnalens.io import read_json, sha256_file, write_json
 from cnalens.models.aliases import ALIASES
-from cnalens.models.pruned import is_pruned, load_pruned, pruned_widths
+from cnalens.models.pruned import is_pruned, load_pruned, pruned_experts, pruned_widths
 from cnalens.models.shape import ModelShape
 from cnalens.progress import notice
 
@@ -117,7 +117,10 @@ def model_shape(spec: str) -> ModelShape:
         what = f"GGUF file {res['path']}" if kw else f"the config of '{spec}'"
         raise CnaError(f"cannot read {what}: {_why(e)}") from None
     pruned = res["kind"] == "dir" and is_pruned(res["path"])
-    return ModelShape.from_config(config, pruned_widths(res["path"]) if pruned else None)
+    if not pruned:
+        return ModelShape.from_config(config)
+    return ModelShape.from_config(config, pruned_widths(res["path"]),
+                                  pruned_experts(res["path"]))
 
 
 def resolve_device(device: str) -> str:
@@ -305,6 +308,9 @@ def load_pretrained(
     if device_map is None:
         model.to(device)
     model.eval()
+    if (model.dtype == torch.float64
+            and getattr(model.config, "_experts_implementation", "eager") not in (None, "eager")):
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     tok = _finish_tokenizer(tok)
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:

@@ -12,6 +12,24 @@ linear once its scale (the RMS of the real sum) is frozen: ``frozen_norm`` appli
 A family without norms before its sublayers (OLMo-2) has ``NO_NORM`` there: the identity.
 ``resid_pre[0]`` is the embedding output (Gemma's sqrt(d) scale and GPT-2's position
 embeddings included), and the final residual is ``resid_post[n_layers - 1]``.
+
+Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; ``layout(layer)``) number
+their neurons flat, expert by expert, then the shared expert (``shape.ExpertLayout``).
+With ``x`` the FFN input of a token, ``r_e`` the router weight of expert ``e`` (0 where the
+token is not routed to it) and ``g = sigmoid(W_g x)`` the shared expert's gate::
+
+    mlp_out = sum_e r_e sum_n m_{e,n} v_{e,n} + g sum_n m_{S,n} v_{S,n},
+    m_e = act(x W_gate[e]^T) * (x W_up[e]^T)   (gate_up_proj[e] = W_gate[e] | W_up[e])
+
+``v_{e,n} = down_proj[e][:, n]``. The ``coef`` point of such a layer holds the weighted
+coefficients ``r_e m_{e,n}`` and ``g m_{S,n}`` (exactly 0 for experts the token was not
+routed to), the factor of each value vector in ``mlp_out``, so every sum over neurons
+reads the same as in a dense layer; ``route`` holds the weights ``r_e`` (and ``g`` last).
+There is no module per expert, so both are computed inside the MoE block from the inputs
+its experts module receives (whatever experts implementation runs), and an edit of
+``coef`` adds ``sum_n (m'_n - m_n) v_n`` to the block's output. Editing ``router`` edits
+the router's logits (tokens, experts) before its softmax and top-k, which then run again:
+a logit of -inf takes an expert out and the token is re-routed to the next best.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ from torch import nn
 from cnalens.errors import CnaError
 from cnalens.models.families import Family, family_for
 from cnalens.models.finite import check_finite, check_finite_weights, finite_flag, nonfinite_error
-from cnalens.models.shape import ModelShape
+from cnalens.models.shape import ExpertLayout, ModelShape
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -41,9 +59,11 @@ if TYPE_CHECKING:
 
         def edits(self, view: ModelView) -> Sequence[Any]: ...
 
-        def describe(self) -> dict: ...
+        def describe(self, shape: ModelShape | None = None) -> dict: ...
 
-CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef")
+CAPTURE_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "coef",
+                  "route")
+EDIT_POINTS = ("z", "coef", "router")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +91,14 @@ def _get(root: nn.Module, path: str | None) -> nn.Module | None:
     for part in path.split("."):
         mod = getattr(mod, part)
     return mod
+
+
+def _find(root: nn.Module, path: str | None) -> nn.Module | None:
+    """The module at ``path``, or None where the path is None or leads nowhere."""
+    try:
+        return _get(root, path)
+    except AttributeError:
+        return None
 
 
 def _first(x):
@@ -132,9 +160,12 @@ class ActivationCache(dict):
     """Captured activations keyed by ``(point, layer)``; tensors are detached."""
 
     def stack(self, point: str) -> torch.Tensor:
-        """All captured layers of one point stacked on a new first dimension."""
-        layers = sorted(k[1] for k in self if k[0] == point)
-        return torch.stack([self[(point, layer)] for layer in layers])
+        """All captured layers of one point stacked on a new first dimension; layers of
+        unequal widths (``coef`` of pruned or mixture-of-experts layers) padded with NaN."""
+        ts = [self[k] for k in sorted((k for k in self if k[0] == point), key=lambda k: k[1])]
+        width = max(t.shape[-1] for t in ts)
+        return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1]),
+                                                    value=float("nan")) for t in ts])
 
 
 @dataclass
@@ -169,8 +200,9 @@ class ModelView:
                            f"{self.n_heads} heads")
         self.head_dim = o_in // self.n_heads
         self.d_model = self._out_features(self.module(0, "o_proj"))
-        self.ffn_widths = [self._in_features(self.module(layer, "down_proj"))
-                           for layer in range(self.n_layers)]
+        self.experts = [self._expert_layout(layer) for layer in range(self.n_layers)]
+        self.ffn_widths = [self._in_features(self.module(layer, "down_proj")) if lay is None
+                           else lay.n_neurons for layer, lay in enumerate(self.experts)]
         self.d_ffn = max(self.ffn_widths)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.final_norm = _get(model, fam.final_norm)
@@ -178,13 +210,47 @@ class ModelView:
         self.embed = _get(model, fam.embed)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._hooks: list = []
+        self._moe: dict[int, _MoeHooks] = {}
         if check_weights:
             check_finite_weights(model, self)
 
     # ----------------------------------------------------------------- structure
     def module(self, layer: int, role: str) -> nn.Module | None:
-        """A layer's module by uniform name (see ``families``); None if the family lacks it."""
+        """A layer's module by uniform name (see ``families``); None if the family lacks it,
+        and for ``down_proj`` of a mixture-of-experts layer (its experts' are 3-D
+        parameters: ``moe_module``, ``value_vectors``, ``neuron_weights``)."""
+        if self.family.experts is not None:  # dense and MoE layers in one model
+            return _find(self.layers[layer], getattr(self.family, role))
         return _get(self.layers[layer], getattr(self.family, role))
+
+    def _expert_layout(self, layer: int) -> ExpertLayout | None:
+        """The experts of a mixture-of-experts layer as its modules hold them; None if dense."""
+        blk = self.layers[layer]
+        ex = _find(blk, self.family.experts)
+        if ex is None:
+            return None
+        if (getattr(ex, "is_transposed", False) or getattr(ex, "has_bias", False)
+                or not getattr(ex, "has_gate", True) or ex.gate_up_proj.dim() != 3):
+            raise CnaError(f"{self.family.name}: layer {layer}'s experts are not stored as "
+                           "gate_up_proj (E, 2F, d) and down_proj (E, d, F) without biases")
+        n, width = int(ex.down_proj.shape[0]), int(ex.down_proj.shape[2])
+        shared = _find(blk, self.family.shared_expert)
+        return ExpertLayout(n, width, 0 if shared is None else
+                            self._in_features(shared.down_proj),
+                            int(_get(blk, self.family.router).top_k))
+
+    def layout(self, layer: int) -> ExpertLayout | None:
+        """The experts of a mixture-of-experts layer (``shape.ExpertLayout``: how its flat
+        neuron index splits into expert and index), None for a dense layer."""
+        return self.experts[layer]
+
+    def is_moe(self, layer: int) -> bool:
+        return self.experts[layer] is not None
+
+    def moe_module(self, layer: int, role: str) -> nn.Module | None:
+        """A mixture-of-experts layer's ``experts``, ``router``, ``shared_expert`` or
+        ``shared_gate`` module (None where the layer or family has none)."""
+        return _find(self.layers[layer], getattr(self.family, role))
 
     def _in_features(self, mod: nn.Module) -> int:
         w = mod.weight
@@ -222,16 +288,42 @@ class ModelView:
             return w.reshape(self.n_heads, 3, hd, d)[:, 2]
         return w.reshape(kv, hd, d)
 
-    def value_vectors(self, layer: int) -> torch.Tensor:
-        """FFN value vectors (columns of the down projection) as rows: (d_ffn, d_model)."""
-        return self._weight_out_in(self.module(layer, "down_proj")).t()
+    def value_vectors(self, layer: int, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN value vectors (columns of the down projection) as rows: (d_ffn, d_model), or
+        those of ``neurons`` (flat indices) only. In a mixture-of-experts layer, flat: each
+        expert's ``down_proj[e]`` columns, expert by expert, then the shared expert's (a
+        subset is gathered without copying the rest)."""
+        lay = self.layout(layer)
+        if lay is None:
+            v = self._weight_out_in(self.module(layer, "down_proj")).t()
+            return v if neurons is None else v[neurons]
+        down = self.moe_module(layer, "experts").down_proj  # (E, d, F)
+        shared = (self._weight_out_in(self.moe_module(layer, "shared_expert").down_proj).t()
+                  if lay.shared else None)
+        if neurons is None:
+            parts = [down.permute(0, 2, 1).reshape(lay.n_experts * lay.width, self.d_model)]
+            return torch.cat(parts + ([shared] if lay.shared else []))
+        idx = torch.as_tensor(neurons, dtype=torch.long, device=down.device)
+        routed = idx < lay.n_experts * lay.width
+        r = idx.clamp(max=lay.n_experts * lay.width - 1)
+        out = down[r // lay.width, :, r % lay.width]  # (len, d)
+        if lay.shared:
+            s = (idx - lay.n_experts * lay.width).clamp(min=0)
+            out = torch.where(routed[:, None], out, shared[s])
+        return out
 
     def down_bias(self, layer: int) -> torch.Tensor | None:
+        if self.is_moe(layer):  # no biases in the supported experts (checked at load)
+            return None
         return effective_bias(self.module(layer, "down_proj"))
 
     def ffn_in(self, layer: int) -> list[nn.Module]:
         """The FFN's input projections (gate and up, or up alone): one output per neuron,
-        or per neuron and block of a fused projection (``ffn_in_rows``)."""
+        or per neuron and block of a fused projection (``ffn_in_rows``). None in a
+        mixture-of-experts layer (its experts' are 3-D parameters)."""
+        if self.is_moe(layer):
+            raise CnaError(f"layer {layer} is a mixture of experts: its FFN input "
+                           "projections are the experts' fused 3-D gate_up_proj")
         return [_get(self.layers[layer], path) for path in self.family.ffn_in]
 
     def ffn_in_rows(self, layer: int, neurons: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -241,6 +333,54 @@ class ModelView:
         idx = torch.as_tensor(neurons, dtype=torch.long).flatten()
         blocks = torch.arange(self.family.ffn_in_blocks, dtype=torch.long, device=idx.device)
         return (blocks[:, None] * self.ffn_width(layer) + idx[None]).flatten()
+
+    def ffn_parameters(self, layer: int) -> list[nn.Parameter]:
+        """A layer's FFN parameters: the input projections and the down projection (with
+        their biases), or a mixture's router, fused experts and shared expert with its gate
+        (what pruning shrinks and its parameter counts count)."""
+        if not self.is_moe(layer):
+            mods = [*self.ffn_in(layer), self.module(layer, "down_proj")]
+        else:
+            mods = [self.moe_module(layer, r) for r in ("router", "experts", "shared_gate")]
+            se = self.moe_module(layer, "shared_expert")
+            mods += [] if se is None else [se.gate_proj, se.up_proj, se.down_proj]
+        return [p for m in mods if m is not None for p in m.parameters(recurse=False)]
+
+    def neuron_weights(self, layer: int, neurons: torch.Tensor | Sequence[int],
+                       inputs: bool = False) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """Where the weights hold FFN neurons (flat indices of one layer): ``(tensor, axis,
+        index)`` triples, each tensor a parameter or a view of one, in its storage layout,
+        so that ``tensor.index_fill_(axis, index, 0)`` zeroes those neurons' value vectors
+        (the down projection's columns; an expert's ``down_proj[e][:, n]``), and with
+        ``inputs`` also the rows that compute them (gate and up, and their biases; an
+        expert's ``gate_up_proj[e]`` rows ``n`` and ``F + n``)."""
+        idx = torch.as_tensor(neurons, dtype=torch.long).flatten()
+        lay = self.layout(layer)
+        if lay is None:
+            down = self.module(layer, "down_proj")
+            out = [(down.weight, 0 if self.family.conv1d else 1, idx)]
+            if inputs:
+                rows = self.ffn_in_rows(layer, idx)
+                for mod in self.ffn_in(layer):
+                    out.append((mod.weight, 1 if self.family.conv1d else 0, rows))
+                    if getattr(mod, "bias", None) is not None:
+                        out.append((mod.bias, 0, rows))
+            return out
+        ex = self.moe_module(layer, "experts")
+        route = lay.route_of()[idx]
+        out = []
+        for e in torch.unique(route).tolist():
+            ns = idx[route == e] - e * lay.width
+            if e == lay.n_experts:  # the shared expert: a dense FFN
+                se = self.moe_module(layer, "shared_expert")
+                out.append((se.down_proj.weight, 1, ns))
+                if inputs:
+                    out += [(se.gate_proj.weight, 0, ns), (se.up_proj.weight, 0, ns)]
+                continue
+            out.append((ex.down_proj[e], 1, ns))
+            if inputs:
+                out.append((ex.gate_up_proj[e], 0, torch.cat([ns, ns + lay.width])))
+        return out
 
     def ffn_module(self, layer: int) -> nn.Module:
         """The FFN module of a layer (its down projection's parent): called on the FFN's
@@ -270,6 +410,11 @@ class ModelView:
         return self.unembed.weight.dtype
 
     def summary(self) -> dict:
+        moe = [x for x in range(self.n_layers) if self.is_moe(x)]
+        lay = self.layout(moe[0]) if moe else None
+        experts = {} if lay is None else {
+            "moe_layers": moe, "n_experts": lay.n_experts, "expert_width": lay.width,
+            "shared_expert_width": lay.shared, "experts_per_token": lay.top_k}
         return {
             "spec": self.info.get("spec"),
             "family": self.family.name,
@@ -293,13 +438,16 @@ class ModelView:
             "device": str(self.device),
             "source": self.info.get("source"),
             "gguf_sha256": self.info.get("gguf_sha256"),
+            **experts,
         }
 
     # ----------------------------------------------------------------- checks
     @property
     def shape(self) -> ModelShape:
         """Layer, head and per-layer FFN sizes (the live widths, after any pruning)."""
-        return ModelShape(self.n_layers, self.n_heads, tuple(self.ffn_widths))
+        moe = any(e is not None for e in self.experts)
+        return ModelShape(self.n_layers, self.n_heads, tuple(self.ffn_widths),
+                          tuple(self.experts) if moe else ())
 
     def check_layers(self, layers: Iterable[int]) -> None:
         self.shape.check_layers(layers)
@@ -309,6 +457,9 @@ class ModelView:
 
     def check_neurons(self, neurons: Iterable[tuple[int, int]]) -> None:
         self.shape.check_neurons(neurons)
+
+    def check_experts(self, experts: Iterable[tuple[int, int | str]]) -> None:
+        self.shape.check_experts(experts)
 
     # ----------------------------------------------------------------- norms and lens
     def frozen_norm(self, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
@@ -430,24 +581,38 @@ class ModelView:
     # ----------------------------------------------------------------- hooks
     @contextmanager
     def _hooked(self, registrations: list) -> Iterator[None]:
+        """Hooks ``(module, "pre" | "fwd", hook)`` and taps of mixture-of-experts layers
+        ``(layer, "tap", (role, point, fn, positions))``, all removed on exit."""
         handles = []
         try:
             for mod, kind, fn in registrations:
                 if kind == "pre":
                     handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
-                else:
+                elif kind == "fwd":
                     handles.append(mod.register_forward_hook(fn, with_kwargs=True))
+                else:
+                    if mod not in self._moe:
+                        self._moe[mod] = _MoeHooks(self, mod)
+                    handles.append(self._moe[mod].add(fn))
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _point_module(self, point: str, layer: int) -> tuple[nn.Module, str]:
+    def _editor(self, point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple:
+        """The registration that replaces the input of ``point`` of ``layer`` by ``fn`` of it."""
         if point == "z":
-            return self.module(layer, "o_proj"), "pre"
+            return self.module(layer, "o_proj"), "pre", _input_editor(fn)
+        if point == "coef" and self.is_moe(layer):
+            return layer, "tap", ("edit", "coef", fn, None)
         if point == "coef":
-            return self.module(layer, "down_proj"), "pre"
-        raise CnaError(f"cannot intervene at '{point}'")
+            return self.module(layer, "down_proj"), "pre", _input_editor(fn)
+        if point == "router":
+            if not self.is_moe(layer):
+                raise CnaError(f"layer {layer} is dense: it has no router to edit")
+            return layer, "tap", ("edit", "router", fn, None)
+        raise CnaError(f"cannot intervene at '{point}': use {', '.join(EDIT_POINTS)}")
 
     @contextmanager
     def intervene(self, *interventions: Intervening) -> Iterator[list[dict]]:
@@ -455,13 +620,10 @@ class ModelView:
 
         Yields their JSON-able descriptions. Hooks come off on exit, also on exceptions.
         """
-        regs = []
-        for iv in interventions:
-            for edit in iv.edits(self):
-                mod, kind = self._point_module(edit.point, edit.layer)
-                regs.append((mod, kind, _edit_hook(edit)))
+        regs = [self._editor(edit.point, edit.layer, _edit_fn(edit))
+                for iv in interventions for edit in iv.edits(self)]
         with self._hooked(regs):
-            yield [iv.describe() for iv in interventions]
+            yield [iv.describe(self.shape) for iv in interventions]
 
     @contextmanager
     def capture(self, points: Iterable[str] = CAPTURE_POINTS,
@@ -471,7 +633,9 @@ class ModelView:
 
         ``position``: None keeps every position, an int or slice selects positions
         (left padding puts every prompt's last token at -1). ``resid_mid`` is
-        ``resid_pre + attn_out`` (the FFN's residual input in sequential blocks).
+        ``resid_pre + attn_out`` (the FFN's residual input in sequential blocks). ``route``
+        (mixture-of-experts layers only): (batch, positions, experts [+ 1 shared]) router
+        weights, 0 where a token is not routed to an expert.
         """
         points = tuple(points)
         for p in points:
@@ -509,9 +673,15 @@ class ModelView:
             if "z" in need:
                 regs.append((self.module(layer, "o_proj"), "pre",
                              _pre_reader(store(("z", layer)))))
-            if "coef" in need:
+            if "coef" in need and self.is_moe(layer):  # computed at ``sel`` only
+                regs.append((layer, "tap", ("read", "coef", _putter(cache, ("coef", layer)),
+                                            sel)))
+            elif "coef" in need:
                 regs.append((self.module(layer, "down_proj"), "pre",
                              _pre_reader(store(("coef", layer)))))
+            if "route" in need and self.is_moe(layer):
+                regs.append((layer, "tap", ("read", "route", _putter(cache, ("route", layer)),
+                                            sel)))
         with self._hooked(regs):
             yield cache
         if "resid_mid" in points:
@@ -657,16 +827,10 @@ class ModelView:
     @contextmanager
     def edit(self, point: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]
              ) -> Iterator[None]:
-        """Replace the input of ``point`` (``z`` or ``coef``) of one layer by ``fn(input)``."""
+        """Replace the input of ``point`` (``z``, ``coef`` or, in a mixture-of-experts layer,
+        ``router``: its logits) of one layer by ``fn(input)`` ((batch, positions, width))."""
         self.check_layers([layer])
-        mod, kind = self._point_module(point, layer)
-
-        def hook(m, args, kwargs):
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-        with self._hooked([(mod, kind, hook)]):
+        with self._hooked([self._editor(point, layer, fn)]):
             yield
 
     # --- lens (scores): helpers for cnalens.scores -------------------------------------
@@ -759,9 +923,18 @@ def _out_reader(put):
     return hook
 
 
-def _edit_hook(edit):
+def _input_editor(fn):
+    """A forward pre-hook replacing a module's input by ``fn(input)``."""
     def hook(mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
+
+
+def _edit_fn(edit):
+    """``x[..., idx] = x[..., idx] * factor + value`` at the edit's positions, on a copy."""
+    def fn(x):
         x = x.clone()
         idx = edit.idx.to(x.device)
         at = (Ellipsis, idx) if edit.position is None else (slice(None), edit.position, idx)
@@ -769,9 +942,173 @@ def _edit_hook(edit):
         if edit.value is not None:
             new = new + edit.value.to(device=x.device, dtype=x.dtype)
         x[at] = new
-        if args:
-            return (x, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = x
-        return args, kwargs
-    return hook
+        return x
+    return fn
+
+
+def _putter(cache: ActivationCache, key: tuple[str, int]):
+    def put(t):
+        cache[key] = t.detach()
+    return put
+
+
+def _sel_key(sel: slice) -> tuple:
+    return (sel.start, sel.stop, sel.step)
+
+
+class _Tap:
+    """A handle that takes one tap off a mixture-of-experts layer."""
+
+    def __init__(self, owner: _MoeHooks, key: int):
+        self.owner, self.key = owner, key
+
+    def remove(self) -> None:
+        self.owner.remove(self.key)
+
+
+class _MoeHooks:
+    """The hooks of one mixture-of-experts layer, on while any tap is: taps run in the order
+    they were added (so a capture inside an intervention sees the edited coefficients).
+
+    Taps ``(role, point, fn, positions)``: ``("read", "coef" | "route", put, sel)`` gets
+    the (batch, positions ``sel``, width) weighted coefficients or router weights (computed
+    at those positions only when nothing edits them); ``("edit", "coef", fn, None)``
+    replaces the weighted coefficients by ``fn`` of them, which adds ``sum_n (m'_n - m_n)
+    v_n`` to the block's output; ``("edit", "router", fn)`` replaces the router's logits
+    (batch, positions, experts) and routes again (softmax, top-k, renormalised where the
+    router does)."""
+
+    def __init__(self, view: ModelView, layer: int):
+        self.view, self.layer = view, layer
+        self.lay: ExpertLayout = view.layout(layer)
+        self.taps: dict[int, tuple] = {}
+        self.handles: list = []
+        self.state: dict[str, Any] = {}
+        self.count = 0
+
+    def add(self, tap: tuple) -> _Tap:
+        if not self.taps:
+            self._install()
+        self.count += 1
+        self.taps[self.count] = tap
+        return _Tap(self, self.count)
+
+    def remove(self, key: int) -> None:
+        self.taps.pop(key, None)
+        if not self.taps:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+            self.state.clear()
+
+    def _install(self) -> None:
+        v, layer = self.view, self.layer
+        regs = [(v.ffn_module(layer), "pre", self._start),
+                (v.moe_module(layer, "router"), "fwd", self._route),
+                (v.moe_module(layer, "experts"), "pre", self._experts_in),
+                (v.ffn_module(layer), "fwd", self._finish)]
+        shared, gate = v.moe_module(layer, "shared_expert"), v.moe_module(layer, "shared_gate")
+        if shared is not None:
+            regs.append((shared.down_proj, "pre", self._shared_in))
+        if gate is not None:
+            regs.append((gate, "fwd", self._shared_gate))
+        for mod, kind, fn in regs:
+            self.handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True)
+                                if kind == "pre" else
+                                mod.register_forward_hook(fn, with_kwargs=True))
+
+    # ---- the hooks, in the order a forward pass calls them
+    def _start(self, mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        self.state.clear()
+        self.state["shape"] = tuple(x.shape[:-1])
+
+    def _route(self, mod, args, kwargs, output):
+        edits = [fn for role, point, fn, _ in self.taps.values()
+                 if role == "edit" and point == "router"]
+        if not edits:
+            return None
+        logits, weights, index = output
+        new = logits.reshape(*self.state["shape"], -1)
+        for fn in edits:
+            new = fn(new)
+        new = new.reshape(logits.shape)
+        changed = (new != logits).any(-1, keepdim=True)
+        probs = torch.softmax(new, dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, index.shape[-1], dim=-1)
+        if getattr(mod, "norm_topk_prob", True):  # Mixtral's router always renormalises
+            top = top / top.sum(-1, keepdim=True)
+        return (new, torch.where(changed, top.to(weights.dtype), weights),
+                torch.where(changed, idx, index))
+
+    def _experts_in(self, mod, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[k] for k in names[len(args):]]
+        self.state.update(zip(("x", "index", "weights"), vals, strict=False))
+
+    def _shared_in(self, mod, args, kwargs):
+        self.state["shared"] = args[0] if args else kwargs["input"]
+
+    def _shared_gate(self, mod, args, kwargs, output):
+        self.state["gate"] = torch.sigmoid(output)
+
+    def _finish(self, mod, args, kwargs, output):
+        taps = [t for t in self.taps.values() if t[1] != "router"]
+        if not taps:
+            return None
+        sels = {_sel_key(sel) for role, _, _, sel in taps if role == "read"}
+        if all(role == "read" for role, *_ in taps) and len(sels) == 1:
+            coef, route = self._coefficients(taps[0][3])  # the read positions only
+            for _, point, put, _ in taps:
+                put(coef if point == "coef" else route)
+            return None
+        coef, route = self._coefficients()
+        new = coef
+        for role, point, fn, sel in taps:
+            if role == "read":
+                fn((new if point == "coef" else route)[:, sel])
+            else:
+                new = fn(new)
+        if new is coef:
+            return None
+        diff = (new - coef).reshape(-1, coef.shape[-1])
+        cols = diff.ne(0).any(0).nonzero()[:, 0]
+        if not len(cols):
+            return None
+        vecs = self.view.value_vectors(self.layer, cols)
+        return output + (diff[:, cols].to(vecs.dtype) @ vecs).reshape(output.shape).to(
+            output.dtype)
+
+    def _coefficients(self, sel: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted coefficients (batch, positions, n_neurons) and router weights
+        (batch, positions, n_routes) of this forward pass (at positions ``sel`` only, if
+        given): per routed expert (a loop over experts, vectorised over its tokens and
+        neurons) ``r_e * act(gate) * up``."""
+        st, lay = self.state, self.lay
+        ex = self.view.moe_module(self.layer, "experts")
+        x, index, weights = st["x"], st["index"], st["weights"]
+        shape, shared, gate = st["shape"], st.get("shared"), st.get("gate")
+        if sel is not None:  # the tokens at those positions (tokens are batch-major)
+            tokens = torch.arange(x.shape[0], device=x.device).reshape(shape)[:, sel]
+            shape, tokens = tuple(tokens.shape), tokens.reshape(-1)
+            x, index, weights = x[tokens], index[tokens], weights[tokens]
+            shared = None if shared is None else shared[tokens]
+            gate = None if gate is None else gate[tokens]
+        T, dt = x.shape[0], x.dtype
+        rdt = compute_dtype(dt)
+        coef = x.new_zeros(T, lay.n_experts, lay.width)
+        for e in torch.unique(index).tolist():
+            if not 0 <= e < lay.n_experts:  # expert-parallel sentinels
+                continue
+            tok, slot = (index == e).nonzero(as_tuple=True)
+            m = ex._apply_gate(nn.functional.linear(x[tok], ex.gate_up_proj[e]))
+            coef[tok, e] = (m * weights[tok, slot, None]).to(dt)
+        route = torch.zeros(T, lay.n_experts, dtype=rdt, device=x.device)
+        route.scatter_(1, index.clamp(max=lay.n_experts - 1),
+                       weights.to(rdt) * (index < lay.n_experts))
+        coef = coef.reshape(T, -1)
+        if lay.shared:
+            gate = torch.ones(T, 1, dtype=dt, device=x.device) if gate is None else gate
+            coef = torch.cat([coef, (gate * shared).to(dt)], -1)
+            route = torch.cat([route, gate.to(rdt)], -1)
+        return coef.reshape(*shape, -1), route.reshape(*shape, -1)
