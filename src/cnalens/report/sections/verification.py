@@ -86,7 +86,7 @@ def op_table(df: pd.DataFrame, paper: bool = True) -> str:
     cap = ("Accuracy drops with their Wilson 95% interval (all cases were answered correctly "
            "before, so a drop is the share of them lost), coefficient drops and mediation "
            "shares with a bootstrap 95% interval over cases; random: mean ± std over seeds; "
-           "then the verdict. " + VERDICT_RULE)
+           "then the verdict. " + VERDICT_RULE.replace("*", ""))
     return h.tag("div", h.table(head, rows, num_cols=range(1, len(ks) + 1), caption=cap),
                  class_="scroll")
 
