@@ -33,7 +33,8 @@ def setup():
     model = tiny_model("llama")
     view = ModelView(model, TinyTokenizer())
     # one- and two-token answers (the tiny tokenizer has one token per character)
-    cases = [Case("3+5=", "8"), Case("12+30=", "42"), Case("7*8=", "56"), Case("9-4=", "5")]
+    cases = [Case(p, t, case_id=p) for p, t in
+             (("3+5=", "8"), ("12+30=", "42"), ("7*8=", "56"), ("9-4=", "5"))]
     enc = encode_all(view.tokenizer, cases)
     return model, view, enc
 
@@ -141,11 +142,12 @@ def test_tail_coefficients_and_replacement_equal_brute_force(setup):
         assert abs(logp_b - logp) > 1e-6
 
 
-def fake_comparison(view, n, seed=0):
+def fake_comparison(view, enc, seed=0):
+    """Random scores of ``enc``'s cases, in order."""
     g = torch.Generator().manual_seed(seed)
-    shape = (n, view.n_layers, view.d_ffn)
+    shape = (len(enc), view.n_layers, view.d_ffn)
     imp_a, imp_b = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
-    ids = [f"c{i}" for i in range(n)]
+    ids = [e.case.case_id for e in enc]
     return compare(SimpleNamespace(imp=imp_a, coef=torch.randn(*shape, generator=g),
                                    case_ids=ids, meta={}),
                    SimpleNamespace(imp=imp_b, coef=torch.randn(*shape, generator=g),
@@ -154,7 +156,7 @@ def fake_comparison(view, n, seed=0):
 
 def test_mediation_equals_brute_force(setup):
     model, view, enc = setup
-    comp = fake_comparison(view, len(enc))
+    comp = fake_comparison(view, enc)
     layers = [1, 2]
     df = mediation(view, enc, comp, [3], [ZeroHeads([HEAD])], rank_layers=layers, seeds=2,
                    batch_size=3, progress=False)
@@ -205,7 +207,7 @@ def test_verdict_rule():
 
 def test_verify_rows_carry_intervals_and_positions(setup):
     _, view, enc = setup
-    comp = fake_comparison(view, len(enc), seed=1)
+    comp = fake_comparison(view, enc, seed=1)
     df = verify(view, enc, comp, [2], [1, 2], seeds=1, batch_size=4, progress=False,
                 positions="last")
     assert isinstance(df, pd.DataFrame) and (df["positions"] == "last").all()
@@ -231,3 +233,109 @@ def test_comparison_methods_on_the_models_own_answers(setup):
     other = cna(view, cases, cases, target=own, k=4)  # an input comparison: no interventions
     with pytest.raises(CnaError, match="intervention="):
         other.mediation(ks=[2])
+
+
+def test_mediation_accuracy_shares_equal_brute_force(setup):
+    """On the model's own greedy answers run A is right everywhere and run B (a head
+    zeroed) flips some: the accuracy shares are checked, not only the log-prob ones."""
+    from cnalens.data.cases import as_encoded
+
+    model, view, enc = setup
+    prompts = [Case(p, "0", case_id=p) for p in
+               ("3+5=", "1+2=", "7*8=", "9-4=", "2+2=", "6+1=", "8-3=", "4*4=", "5+5=", "9+9=")]
+    base = encode_all(view.tokenizer, prompts)
+    with torch.no_grad():
+        own = [int(view.last_logits(view.batch([list(e.prompt_ids)]))[0, -1].argmax())
+               for e in base]
+    enc1 = as_encoded(view.tokenizer, base, own)
+    head = (0, 1)
+    flips = [brute(model, e, head=head)[0] for e in enc1]
+    assert not all(flips), "run B flips no case: pick another head"
+    comp = fake_comparison(view, enc1, seed=2)
+    df = mediation(view, enc1, comp, [4], [ZeroHeads([head])], rank_layers=[0, 1, 2],
+                   seeds=1, batch_size=4, progress=False).set_index("experiment")
+    mask = topk_mask(comp.topk(4, layers=[0, 1, 2]), view.n_layers, view.d_ffn)
+    a, b, rest, repro = [], [], [], []
+    for i, e in enumerate(enc1):
+        ok_a, _, seen_a = brute(model, e)
+        ok_b, _, seen_b = brute(model, e, head=head)
+        pick = {la: mask[i, la].nonzero().flatten().tolist() for la in range(3)}
+        rep_a = {la: (ns, seen_a[la][-1:][:, ns]) for la, ns in pick.items() if ns}
+        rep_b = {la: (ns, seen_b[la][-1:][:, ns]) for la, ns in pick.items() if ns}
+        a.append(ok_a)
+        b.append(ok_b)
+        rest.append(brute(model, e, head=head, replace=rep_a)[0])
+        repro.append(brute(model, e, replace=rep_b)[0])
+    a, b, rest, repro = (np.array(v, dtype=float) for v in (a, b, rest, repro))
+    assert a.all()
+    want_rest = (rest.mean() - b.mean()) / (a.mean() - b.mean())
+    want_repro = (a.mean() - repro.mean()) / (a.mean() - b.mean())
+    assert df.loc["mediation_restore_acc", "value"] == pytest.approx(want_rest)
+    assert df.loc["mediation_reproduce_acc", "value"] == pytest.approx(want_repro)
+
+
+def test_replacement_in_a_batch_shorter_than_the_longest_answer(setup):
+    """Values are end-aligned to the longest answer of all cases; a batch of short
+    prompts with short answers takes only its own tail."""
+    model, view, _ = setup
+    enc = encode_all(view.tokenizer, [Case("3", "4"), Case("1+1=", "2345")])
+    vals = tail_coefficients(view, enc, (), batch_size=1)
+    assert vals.shape[1] == 4
+    mask = torch.zeros(2, view.n_layers, view.d_ffn, dtype=torch.bool)
+    mask[:, 1, :3] = True
+    got = run_with_row_masks(view, enc, None, batch_size=1, interventions=[ZeroHeads([HEAD])],
+                             replace=(mask, vals))
+    for i, e in enumerate(enc):
+        n_ans = len(e.answer_ids)
+        _, _, seen_a = brute(model, e)
+        rep = {1: ([0, 1, 2], seen_a[1][-n_ans:][:, :3])}
+        assert got["logp"][i].item() == pytest.approx(brute(model, e, head=HEAD,
+                                                           replace=rep)[1], abs=1e-6)
+
+
+def test_topk_refuses_more_neurons_than_ranked(setup):
+    _, view, enc = setup
+    comp = fake_comparison(view, enc)
+    with pytest.raises(CnaError, match="neurons ranked"):
+        comp.topk(view.d_ffn + 1, layers=[1])
+    assert comp.topk(view.d_ffn, layers=[1]).shape == (len(enc), view.d_ffn)
+
+
+def test_verification_refuses_bad_calls_before_any_forward(setup):
+    _, view, enc = setup
+    comp = fake_comparison(view, enc)
+    with pytest.raises(CnaError, match="metric takes"):
+        verify(view, enc, comp, [2], [1, 2], metric="logp")
+    with pytest.raises(CnaError, match="unknown positions"):
+        verify(view, enc, comp, [2], [1, 2], positions="first")
+    with pytest.raises(CnaError, match="not the comparison's cases"):
+        verify(view, enc[::-1], comp, [2], [1, 2])
+
+
+def test_add_verdicts_follow_the_papers_direction():
+    from cnalens.report.findings import mediation_line, verdict_line
+    from cnalens.tables import add_verdicts
+
+    rows = [  # experiment, value, lo, hi, random control, n
+        ("zero_topk", 0.6, 0.45, 0.73, 0.02, 40),      # above random: reproduces
+        ("keep_topk", 0.2, 0.1, 0.35, 0.9, 40),        # below random: reproduces
+        ("keep_topk", 1.0, 0.91, 1.0, 1.0, 40),        # both saturated: does not
+        ("coef_drop_head", 0.05, -0.02, 0.1, 0.2, 40),  # reversed: does not
+        ("mediation_restore_logp", 0.9, 0.8, 0.97, 0.01, 40),
+        ("mediation_restore_acc", 0.5, float("nan"), float("nan"), 0.0, 40),  # unclear
+        ("heldout_zero_topk", 0.6, 0.45, 0.73, 0.02, 12),  # too few cases
+    ]
+    df = pd.DataFrame(rows, columns=["experiment", "value", "lo", "hi", "random_mean", "n"])
+    df = df.assign(k=10, random_std=0.01, positions="all", base_accuracy=0.9, op="+",
+                   head="7.0")
+    got = add_verdicts(df)["verdict"].tolist()
+    assert got == ["reproduces", "reproduces", "does not", "does not", "reproduces",
+                   "cannot be judged", "cannot be judged"]
+    weak = add_verdicts(df.assign(base_accuracy=0.3))["verdict"]
+    assert set(weak) == {"cannot be judged"}
+    ver = add_verdicts(df)
+    line = verdict_line(ver)
+    assert "zeroing the top-K: reproduces (K = 10)" in line and "keep-only:" in line
+    assert "mediation (restored log-prob effect): reproduces" in line
+    med = mediation_line(ver, "+")
+    assert "restores 90.0% [80.0, 97.0]" in med

@@ -289,8 +289,8 @@ def cna(
     cases: CasesOpt = None,
     group_by: GroupByOpt = None,
     n: Annotated[int, typer.Option(help=(
-        "sampled 1-digit cases per op (training half of the pairs; the other half is held "
-        "out for held-out verification)"))] = 20,
+        "sampled 1-digit cases per op (of the pairs --split names; the held-out half of "
+        "the pairs feeds held-out verification)"))] = 20,
     top_k: Annotated[str, typer.Option("--top-k", help="K values")] = "10,20,30,50,100",
     seeds: Annotated[int, typer.Option(help="random baselines")] = 3,
     by: Annotated[Literal["decrease", "increase", "abs"], typer.Option(
@@ -307,10 +307,10 @@ def cna(
     split: Annotated[Literal["train", "all"], typer.Option(help=(
         "the 1-digit pairs CNA runs on: train (half; the other half is held out) or all "
         "(held-out verification then chooses its neurons on the cases outside the held-out "
-        "half)"))] = "train",
+        "half); not with --cases"))] = "train",
     negative: Annotated[bool, typer.Option(help=(
-        "subtraction pairs with negative differences too (100 pairs instead of 55)"))
-    ] = False,
+        "subtraction pairs with negative differences too (100 pairs instead of 55); not "
+        "with --cases"))] = False,
     seed: int = 0,
     out: OutOpt = Path("results/cna"),
     batch_size: BatchOpt = 32,
@@ -331,16 +331,20 @@ def cna(
     )
 
     op_list, ks = parse_list(ops, "ops"), parse_ints(top_k, "top-k")
+    from cnalens.cna import POSITIONS
+
     where = parse_list(positions, "positions")
-    bad = [w for w in where if w not in ("all", "last")]
-    if bad or len(set(where)) != len(where):
-        raise CnaError(f"--positions takes all, last or all,last (got {positions})")
+    if any(w not in POSITIONS for w in where) or len(set(where)) != len(where):
+        raise CnaError(f"--positions takes {', '.join(POSITIONS)} or {','.join(POSITIONS)} "
+                       f"(got {positions})")
     cols, labels = ("op",), ()
     settings = {"ops": op_list, "n": n, "seed": seed, "split": split, "negative": negative}
     if cases is not None:
         from cnalens.data import load_cases
         from cnalens.evaluate import group_keys, label_columns
 
+        if split != "train" or negative:
+            raise CnaError("--split and --negative choose arithmetic pairs: not with --cases")
         custom = load_cases(cases)
         keys = group_keys(custom, group_by, ("op",))  # bad columns before loading the model
         labels = tuple(label_columns(custom))

@@ -44,9 +44,16 @@ from cnalens.scores import (
     ranked_rows,
     score_neurons,
 )
-from cnalens.states import CaseStates, case_states, concat_states, frozen_scale
+from cnalens.states import (
+    CaseStates,
+    case_states,
+    concat_states,
+    frozen_scale,
+    neuron_routes,
+    route_table,
+)
 from cnalens.stats import bootstrap_mean, share_of_effect, wilson
-from cnalens.tables import frequency
+from cnalens.tables import add_verdicts, frequency
 
 if TYPE_CHECKING:
     from cnalens.models import ModelView
@@ -78,6 +85,10 @@ class Comparison:
     layers: list[int] | None = None  # the layers ranked (None: all)
     deep_layers: list[int] | None = None  # verification's deep layers (None: ``layers``)
     interventions: tuple = ()  # run B's, for a comparison by interventions (mediation)
+    # mixtures of experts: each run's router weights (n_cases, n_layers, routes), as
+    # ``CaseStates.route`` (None for dense models): ``frame()`` names experts, ``routing()``
+    route_a: torch.Tensor | None = field(default=None, repr=False)
+    route_b: torch.Tensor | None = field(default=None, repr=False)
 
     def key(self, by: str = "decrease", layers: Sequence[int] | None = None) -> torch.Tensor:
         """Ranking key per neuron (``scores.rank_key``; higher ranks first); -inf outside
@@ -98,6 +109,10 @@ class Comparison:
         key = self.key(by, layers).flatten(1)
         if k > key.shape[1]:
             raise CnaError(f"top-K {k} exceeds the {key.shape[1]} neurons compared")
+        ranked = int(torch.isfinite(key).sum(1).min()) if len(key) else k
+        if k > ranked:
+            raise CnaError(f"top-K {k} exceeds the {ranked} neurons ranked (in the layers "
+                           "asked for) for some case")
         return rank_order(key)[:, :k]
 
     def frame(self, k: int | None = None, by: str | None = None,
@@ -107,7 +122,9 @@ class Comparison:
         (``scores.ranked_rows``: the rows ``diff_frame`` gives, without its diff column;
         neurons never scored or outside ``layers`` are left out); ``labels``: one dict of
         extra columns per case. Defaults: ``k`` the comparison's K (else 20), ``by`` and
-        ``layers`` its ranking's."""
+        ``layers`` its ranking's. A mixture of experts adds ``expert`` and ``index`` (the
+        neuron ``L.E.N``; ``neuron`` stays flat) and the runs' router weights ``route_a``,
+        ``route_b``; ``coef_a``/``coef_b`` are then the neurons' own coefficients."""
         k = k if k is not None else self.k or DEFAULT_K
         by = by or self.by
         layers = self.layers if layers is None else layers
@@ -115,13 +132,28 @@ class Comparison:
             raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
         if k > self.diff[0].numel():
             raise CnaError(f"top-K {k} exceeds the {self.diff[0].numel()} neurons compared")
+        moe = self.view is not None and self.view.shape.is_moe
+        routes = [None if r is None or not moe else neuron_routes(self.view, r)
+                  for r in (self.route_a, self.route_b)]
         df, case = ranked_rows(self.diff, self.imp_a, self.imp_b, self.coef_a, self.coef_b,
-                               self.case_ids, k, by, layers)
+                               self.case_ids, k, by, layers,
+                               shape=self.view.shape if moe else None,
+                               route_a=routes[0], route_b=routes[1])
         df = df.drop(columns="diff")
         if labels is not None:
             extra = pd.DataFrame(list(labels)).iloc[case]
             df = pd.concat([df, extra.reset_index(drop=True)], axis=1)
         return df
+
+    def routing(self, changed_only: bool = True) -> pd.DataFrame:
+        """A mixture of experts' routing in the two runs (``states.route_table``): per case,
+        layer and expert routed in run A or B, its router weights ``weight_a``,
+        ``weight_b`` (0: not routed) and whether the case's routed experts of that layer
+        differ (``changed``; ``changed_only`` keeps only those). Empty for dense models."""
+        if self.view is None:
+            raise CnaError("this Comparison keeps no model: make it with cnalens.cna(...)")
+        return route_table(self.view, self.case_ids, self.route_a, self.route_b,
+                           changed_only)
 
     def frequency(self, k: int | None = None) -> pd.DataFrame:
         """How often each neuron is in a case's top-``k`` (default the comparison's K, else
@@ -138,7 +170,8 @@ class Comparison:
                           [self.case_ids[i] for i in idx.tolist()], dict(self.meta),
                           self.view, *([c[i] for i in idx.tolist()] if c is not None else None
                                        for c in pick),
-                          self.by, self.k, self.layers, self.deep_layers, self.interventions)
+                          self.by, self.k, self.layers, self.deep_layers, self.interventions,
+                          *(None if r is None else r[idx] for r in (self.route_a, self.route_b)))
 
     def _correct(self, batch_size: int, metric: str = "correct") -> Comparison:
         """This comparison on the cases the kept model answers correctly."""
@@ -164,14 +197,19 @@ class Comparison:
         run A's cases, those the model answers correctly (``n`` says how many; the rest are
         left out, as the CNA stage does). ``deep_layers``: default the comparison's (from
         the lowest intervened layer up), else its ranked layers, else all. ``positions``:
-        "all" or "last" (the scored positions only)."""
+        "all" or "last" (the scored positions only). Rows carry ``base_accuracy`` (the
+        share of the cases answered correctly) and their ``verdict``
+        (``tables.add_verdicts``)."""
+        if metric not in METRICS or positions not in POSITIONS:
+            _check_run([], self, metric, positions)
         self._check_k(ks)
         comp = self._correct(batch_size, metric)
         deep = list(deep_layers if deep_layers is not None else self.deep_layers
                     or self.layers or range(self.view.n_layers))
-        return verify(self.view, comp.cases, comp, ks, deep, self.by, metric=metric,
-                      seeds=seeds, batch_size=batch_size, progress=progress,
-                      rank_layers=self.layers, positions=positions)
+        ver = verify(self.view, comp.cases, comp, ks, deep, self.by, metric=metric,
+                     seeds=seeds, batch_size=batch_size, progress=progress,
+                     rank_layers=self.layers, positions=positions)
+        return add_verdicts(ver.assign(base_accuracy=len(comp.case_ids) / len(self.case_ids)))
 
     def mediation(self, ks: Sequence[int] = (10, 20, 50), *, seeds: int = 3,
                   batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
@@ -182,8 +220,9 @@ class Comparison:
                            "interventions)")
         self._check_k(ks)
         comp = self._correct(batch_size)
-        return mediation(self.view, comp.cases, comp, ks, self.interventions, self.by,
-                         self.layers, seeds=seeds, batch_size=batch_size, progress=progress)
+        med = mediation(self.view, comp.cases, comp, ks, self.interventions, self.by,
+                        self.layers, seeds=seeds, batch_size=batch_size, progress=progress)
+        return add_verdicts(med.assign(base_accuracy=len(comp.case_ids) / len(self.case_ids)))
 
 
 def compare(a: NeuronScores, b: NeuronScores, meta: dict | None = None) -> Comparison:
@@ -258,13 +297,14 @@ def _row_hook(scale: torch.Tensor | None, where: dict, values: torch.Tensor | No
         if scale is not None:
             s = scale.to(x.device, x.dtype)[:, None, :]
             x = x * s if pos is None else torch.where(pos[..., None], x * s, x)
-        if values is not None:
-            t = values.shape[1]
+        if values is not None:  # the batch's own longest answer (values are end-aligned)
+            t = min(int(where["answer_tails"].max()), values.shape[1], x.shape[1])
+            vals = values[:, -t:].to(x.device, x.dtype)
             rows = torch.arange(x.shape[1] - t, x.shape[1], device=x.device)
             tail_pos = scored_positions(where["answer_tails"], x.shape[1]).to(x.device)[:, -t:]
             sel = mask.to(x.device)[:, None, :] & tail_pos[..., None]
             x = x.clone()
-            x[:, rows] = torch.where(sel, values.to(x.device, x.dtype), x[:, rows])
+            x[:, rows] = torch.where(sel, vals, x[:, rows])
         return x
     return fn
 
@@ -379,19 +419,42 @@ def _coef_drop(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) ->
     return float(d.mean()) if len(d) else float("nan")
 
 
-def _interval(metric: str, base: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
-    """95% interval of a drop: Wilson for accuracy (the cases all right before), else a
-    bootstrap of the per-case drops."""
-    d = base.float() - after.float()
-    if metric in ("correct", "correct_first"):
-        return wilson(float(d.sum()), len(d))
-    return bootstrap_mean(d.double().numpy())
+METRICS = ("correct", "correct_first")  # verification's accuracy drops
+
+
+def _interval(base: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
+    """Wilson 95% interval of an accuracy drop over cases all answered right before."""
+    return wilson(float((base.float() - after.float()).sum()), len(base))
+
+
+def _check_run(enc: Sequence[Encoded], comp: Comparison, metric: str = "correct",
+               positions: str = "all") -> None:
+    """One line for a bad call of the verification experiments, before any forward."""
+    if metric not in METRICS:
+        raise CnaError(f"metric takes {' or '.join(METRICS)} (accuracy drops), not {metric!r}")
+    if positions not in POSITIONS:
+        raise CnaError(f"unknown positions '{positions}': use {', '.join(POSITIONS)}")
+    if not enc:
+        raise CnaError("no cases to verify")
+    if len(enc) != len(comp.case_ids) or any(
+            e.case.case_id and e.case.case_id != c
+            for e, c in zip(enc, comp.case_ids, strict=True)):
+        raise CnaError("the cases given are not the comparison's cases in its order")
+
+
+def valid_neurons(view: ModelView) -> torch.Tensor:
+    """(n_layers, d_ffn) bool: the neurons that exist (pruned layers are narrower)."""
+    valid = torch.zeros(view.n_layers, view.d_ffn, dtype=torch.bool)
+    for layer in range(view.n_layers):
+        valid[layer, :view.ffn_width(layer)] = True
+    return valid
 
 
 def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
            deep_layers: Sequence[int], by: str = "decrease", metric: str = "correct",
            seeds: int = 3, batch_size: int = 32, progress: bool = True,
-           rank_layers: Sequence[int] | None = None, positions: str = "all") -> pd.DataFrame:
+           rank_layers: Sequence[int] | None = None, positions: str = "all",
+           coef_head: bool = True) -> pd.DataFrame:
     """The four verification experiments (module docstring) for each K.
 
     ``enc`` and ``comp`` must hold the same cases in the same order, all answered
@@ -399,12 +462,13 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
     restricts the ranking (default: every layer). ``positions``: where the neuron
     interventions act, "all" or "last" (the scored positions; ``run_with_row_masks``).
     Each row has the value's 95% interval (``lo``, ``hi``: Wilson for accuracy drops, a
-    bootstrap over cases for coefficient drops).
+    bootstrap over cases for coefficient drops). ``coef_head``: the head's coefficient
+    drop, which no intervention position changes (False: left out, e.g. when another
+    call gave it). ``metric``: "correct" or "correct_first".
     """
+    _check_run(enc, comp, metric, positions)
     n_layers, width = view.n_layers, view.d_ffn
-    valid = torch.zeros(n_layers, width, dtype=torch.bool)
-    for layer in range(n_layers):
-        valid[layer, :view.ffn_width(layer)] = True
+    valid = valid_neurons(view)
     deep = torch.zeros(n_layers, dtype=torch.bool)
     deep[list(deep_layers)] = True
     gen = torch.Generator().manual_seed(0)
@@ -433,15 +497,16 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
         # 1. zero the top-K
         zero = run(ones.masked_fill(mask, 0.0))[metric]
         r1 = [_drop(base, run(ones.masked_fill(m, 0.0))[metric]) for m in rand_masks]
-        add("zero_topk", k, _drop(base, zero), r1, _interval(metric, base, zero))
+        add("zero_topk", k, _drop(base, zero), r1, _interval(base, zero))
         # 2. keep only the top-K in the deep layers
         keep = run(ones.masked_fill(deep[None, :, None] & ~mask, 0.0))[metric]
         r2 = [_drop(base, run(ones.masked_fill(deep[None, :, None] & ~m, 0.0))[metric])
               for m in rand_masks]
-        add("keep_topk", k, _drop(base, keep), r2, _interval(metric, base, keep))
+        add("keep_topk", k, _drop(base, keep), r2, _interval(base, keep))
         # 3. coefficient-sum drop of the top-K between the runs
-        coef_row("coef_drop_head", k, comp.coef_b, mask,
-                 [_coef_drop(coef_a, comp.coef_b, m) for m in rand_masks])
+        if coef_head:
+            coef_row("coef_drop_head", k, comp.coef_b, mask,
+                     [_coef_drop(coef_a, comp.coef_b, m) for m in rand_masks])
         # 4. prediction enhancing: zero the lowest-layer top-K neuron
         lowest = mask.any(-1).float().argmax(-1)  # first layer holding a top-K neuron
         first = mask[torch.arange(len(enc)), lowest].float().argmax(-1)
@@ -486,10 +551,9 @@ def mediation(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Seq
     ivs = list(interventions)
     if not ivs:
         raise CnaError("mediation needs run B's interventions (e.g. ZeroHeads([(7, 0)]))")
+    _check_run(enc, comp)
     n_layers, width = view.n_layers, view.d_ffn
-    valid = torch.zeros(n_layers, width, dtype=torch.bool)
-    for layer in range(n_layers):
-        valid[layer, :view.ffn_width(layer)] = True
+    valid = valid_neurons(view)
     layers = sorted({int(x) for x in rank_layers}) if rank_layers is not None else None
     val_a = tail_coefficients(view, enc, (), layers, batch_size)
     val_b = tail_coefficients(view, enc, ivs, layers, batch_size)
@@ -549,10 +613,12 @@ def verify_heldout(view: ModelView, test_enc: Sequence[Encoded], comp: Compariso
     :func:`frequency_set`, zeroed on ``test_enc`` (held-out cases the original model answers
     correctly): the accuracy drop (with its Wilson interval) beside random sets with the
     same per-layer counts. ``positions`` as :func:`verify`."""
+    if metric not in METRICS:
+        raise CnaError(f"metric takes {' or '.join(METRICS)} (accuracy drops), not {metric!r}")
+    if positions not in POSITIONS:
+        raise CnaError(f"unknown positions '{positions}': use {', '.join(POSITIONS)}")
     n_layers, width = comp.diff.shape[1:]
-    valid = torch.zeros(n_layers, width, dtype=torch.bool)
-    for layer in range(n_layers):
-        valid[layer, :view.ffn_width(layer)] = True
+    valid = valid_neurons(view)
     gen = torch.Generator().manual_seed(0)
     ones = torch.ones(len(test_enc), n_layers, width)
     base = torch.ones(len(test_enc), dtype=torch.bool)
@@ -563,7 +629,7 @@ def verify_heldout(view: ModelView, test_enc: Sequence[Encoded], comp: Compariso
         got = [run_with_row_masks(view, test_enc, ones.masked_fill(m, 0.0), batch_size,
                                   positions=positions)[metric] for m in [mask, *rand]]
         drops = [_drop(base, g) for g in got]
-        lo, hi = _interval(metric, base, got[0])
+        lo, hi = _interval(base, got[0])
         rows.append({"experiment": "heldout_zero_topk", "k": k, "value": drops[0],
                      "lo": lo, "hi": hi,
                      "random_mean": float(np.mean(drops[1:])) if seeds else float("nan"),
@@ -762,7 +828,8 @@ def compare_runs(view: ModelView, cases: Cases, interventions: Sequence = (), *,
             "layers": layer_list, "scoring": "certified" if certified else "exhaustive",
             "model": view.summary()}
     keep = {"view": view, "cases": _with_answer(enc, tg), "by": by, "layers": layer_list,
-            "deep_layers": deep, "interventions": tuple(ivs) if kind is None else ()}
+            "deep_layers": deep, "interventions": tuple(ivs) if kind is None else (),
+            "route_a": a.route, "route_b": b.route}
     if certified:
         frame, stats = certified_cna(view, a, b, k, target=tg, layers=layer_list, by=by,
                                      progress=progress)
@@ -820,7 +887,7 @@ def compare_inputs(view: ModelView, cases_a: Cases, cases_b: Cases, *,
             "lens": f"{lens} (each run its own scale)", "ranking": by, "layers": layer_list,
             "scoring": scoring, "model": view.summary()}
     keep = {"view": view, "cases": _with_answer(enc_a, tg), "cases_b": _with_answer(enc_b, tg),
-            "by": by, "layers": layer_list}
+            "by": by, "layers": layer_list, "route_a": sa.route, "route_b": sb.route}
     if screen is not None:
         frame, stats = screened_cna(view, sa, sb, k, target=tg, layers=layer_list,
                                     screen=screen, progress=progress)

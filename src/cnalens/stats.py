@@ -50,17 +50,19 @@ def share_of_effect(a: np.ndarray, b: np.ndarray, x: np.ndarray, n_boot: int = 2
     """How far ``x`` moves from run B back to run A, as a ratio of means over the same
     cases: ``(mean(x) - mean(b)) / (mean(a) - mean(b))`` (1: all of A's advantage, 0: none),
     with a paired 95% percentile bootstrap interval over cases. NaN when the runs' means
-    are equal (no effect to share)."""
+    are equal (no effect to share); NaN bounds when the effect itself is not clear (more
+    than 2.5% of the resamples have no effect or the opposite one), where a ratio's
+    interval means nothing."""
     a, b, x = (np.asarray(v, dtype=float) for v in (a, b, x))
     if len(a) == 0 or a.mean() == b.mean():
         return float("nan"), float("nan"), float("nan")
     value = float((x.mean() - b.mean()) / (a.mean() - b.mean()))
     idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
     den = a[idx].mean(1) - b[idx].mean(1)
-    ok = den != 0
-    boot = (x[idx].mean(1) - b[idx].mean(1))[ok] / den[ok]
-    if len(boot) == 0:
+    clear = np.sign(den) == np.sign(a.mean() - b.mean())
+    if clear.mean() < 0.975:
         return value, float("nan"), float("nan")
+    boot = (x[idx].mean(1) - b[idx].mean(1))[clear] / den[clear]
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return value, float(lo), float(hi)
 
@@ -74,7 +76,8 @@ VERDICT_RULE = (
     "excludes the random control; it *does not* when the interval includes the control or "
     "the direction is reversed; it *cannot be judged* when fewer than "
     f"{MIN_CASES} cases stand behind it or the unablated accuracy is under "
-    f"{MIN_ACCURACY:.0%}.")
+    f"{MIN_ACCURACY:.0%} (and when a value or its interval is missing, e.g. a share of an "
+    "effect that is not itself clear).")
 
 
 def verdict(value: float, lo: float, hi: float, control: float, n: int, accuracy: float,

@@ -76,10 +76,22 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
     from scipy.stats import pearsonr, spearmanr
 
     from cnalens.certified import certified_topk
-    from cnalens.cna import compare_runs, lens_faithfulness, mediation, verify, verify_heldout
+    from cnalens.cna import (
+        POSITIONS,
+        compare_runs,
+        lens_faithfulness,
+        mediation,
+        verify,
+        verify_heldout,
+    )
     from cnalens.interventions import ZeroHeads
     from cnalens.tables import add_verdicts
 
+    positions = tuple(positions)
+    if not positions or len(set(positions)) != len(positions) or \
+            any(p not in POSITIONS for p in positions):
+        raise CnaError(f"positions take {' and/or '.join(POSITIONS)}, each once "
+                       f"(got {', '.join(positions) or 'none'})")
     t0 = time.perf_counter()
     group_cols = tuple(group_cols)
     per_op: dict[str, dict] = {}
@@ -154,7 +166,8 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
             "pearson": float(pearsonr(faith["importance"], faith["real"]).statistic)}
         accuracy = len(enc) / (len(enc) + per_op[name]["skipped_wrong"])
         parts = [verify(view, enc, comp, ks, deep, by, seeds=seeds, batch_size=batch_size,
-                        progress=progress, positions=where) for where in positions]
+                        progress=progress, positions=where, coef_head=i == 0)
+                 for i, where in enumerate(positions)]
         if mediate:
             parts.append(mediation(view, enc, comp, ks, comp.interventions, by, deep,
                                    seeds=seeds, batch_size=batch_size, progress=progress))
