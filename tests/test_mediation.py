@@ -339,3 +339,34 @@ def test_add_verdicts_follow_the_papers_direction():
     assert "mediation (restored log-prob effect): reproduces" in line
     med = mediation_line(ver, "+")
     assert "restores 90.0% [80.0, 97.0]" in med
+
+
+def test_random_controls_draw_routed_neurons_only_in_experts_layers():
+    from cnalens.cna import random_like, random_pool
+    from tiny import MOE_NAMES
+
+    view = ModelView(tiny_model(MOE_NAMES[0]), TinyTokenizer())
+    enc = encode_all(view.tokenizer, [Case("3+5=", "8", case_id="a")])
+    comp = fake_comparison(view, enc)
+    with torch.no_grad(), view.capture(["coef"], position=-1) as cache:
+        view.hidden(view.batch([list(enc[0].prompt_ids)]))
+    coef = torch.zeros(1, view.n_layers, view.d_ffn)
+    for layer in range(view.n_layers):
+        c = cache[("coef", layer)][0, 0].float()
+        coef[0, layer, :len(c)] = c
+    comp.coef_a = coef
+    pool = random_pool(view, comp)
+    moe = [view.shape.layout(x) is not None for x in range(view.n_layers)]
+    assert any(moe)
+    for layer, is_moe in enumerate(moe):
+        w = view.ffn_width(layer)
+        if is_moe:  # exactly the routed experts' neurons
+            assert torch.equal(pool[0, layer, :w], coef[0, layer, :w] != 0)
+            assert 0 < int(pool[0, layer].sum()) < w
+        else:
+            assert pool[0, layer, :w].all()
+    mask = torch.zeros_like(pool)
+    mask[0, :, :2] = True
+    for seed in range(5):
+        r = random_like(mask, torch.Generator().manual_seed(seed), pool)
+        assert not (r & ~pool).any()

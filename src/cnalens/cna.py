@@ -450,6 +450,20 @@ def valid_neurons(view: ModelView) -> torch.Tensor:
     return valid
 
 
+def random_pool(view: ModelView, comp: Comparison) -> torch.Tensor:
+    """(n_cases, n_layers, d_ffn) bool: where the random controls draw from, per case:
+    every existing neuron, and in a mixture-of-experts layer only those of the experts
+    routed at the case's scored position in run A (an unrouted neuron does nothing, so
+    drawing it would make the control too easy to beat)."""
+    pool = valid_neurons(view)[None].expand(len(comp.case_ids), -1, -1).clone()
+    shape = view.shape
+    if shape.is_moe:
+        moe = torch.tensor([shape.layout(x) is not None for x in range(view.n_layers)])
+        routed = comp.coef_a.nan_to_num() != 0
+        pool &= routed | ~moe[None, :, None]
+    return pool
+
+
 def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequence[int],
            deep_layers: Sequence[int], by: str = "decrease", metric: str = "correct",
            seeds: int = 3, batch_size: int = 32, progress: bool = True,
@@ -468,7 +482,7 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
     """
     _check_run(enc, comp, metric, positions)
     n_layers, width = view.n_layers, view.d_ffn
-    valid = valid_neurons(view)
+    pool = random_pool(view, comp)
     deep = torch.zeros(n_layers, dtype=torch.bool)
     deep[list(deep_layers)] = True
     gen = torch.Generator().manual_seed(0)
@@ -493,7 +507,7 @@ def verify(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Sequen
 
     for k in track(list(ks), "verifying", show=progress):
         mask = topk_mask(comp.topk(k, by, rank_layers), n_layers, width)
-        rand_masks = [random_like(mask, gen, valid[None]) for _ in range(seeds)]
+        rand_masks = [random_like(mask, gen, pool) for _ in range(seeds)]
         # 1. zero the top-K
         zero = run(ones.masked_fill(mask, 0.0))[metric]
         r1 = [_drop(base, run(ones.masked_fill(m, 0.0))[metric]) for m in rand_masks]
@@ -553,7 +567,7 @@ def mediation(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Seq
         raise CnaError("mediation needs run B's interventions (e.g. ZeroHeads([(7, 0)]))")
     _check_run(enc, comp)
     n_layers, width = view.n_layers, view.d_ffn
-    valid = valid_neurons(view)
+    pool = random_pool(view, comp)
     layers = sorted({int(x) for x in rank_layers}) if rank_layers is not None else None
     val_a = tail_coefficients(view, enc, (), layers, batch_size)
     val_b = tail_coefficients(view, enc, ivs, layers, batch_size)
@@ -563,7 +577,7 @@ def mediation(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Seq
     rows = []
     for k in track(list(ks), "mediation", show=progress):
         mask = topk_mask(comp.topk(k, by, rank_layers), n_layers, width)
-        masks = [mask, *(random_like(mask, gen, valid[None]) for _ in range(seeds))]
+        masks = [mask, *(random_like(mask, gen, pool) for _ in range(seeds))]
         for exp in MEDIATION:
             restore = exp == "mediation_restore"
             got = [run_with_row_masks(view, enc, None, batch_size,
