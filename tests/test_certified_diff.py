@@ -1,6 +1,7 @@
 """Certified CNA top-K (``certified.certified_cna``): the two-sided bounds really bound, and the
-certified top-K equals the exhaustive one (tiny float64 models; gemma3-270m and the 0.5B Qwen
-on a few cases, float32, with design.md's 1e-4 tie rule)."""
+certified top-K equals the exhaustive one (tiny float64 models of every family, mixtures of
+experts included; gemma3-270m and the 0.5B Qwen on a few cases, float32, with design.md's
+1e-4 tie rule)."""
 
 import dataclasses
 
@@ -14,10 +15,11 @@ from cnalens import states as ST
 from cnalens.data.cases import Case, Encoded
 from cnalens.interventions import ZeroHeads
 from cnalens.models import ModelView
-from tiny import FAMILY_NAMES, TinyTokenizer, tiny_model
+from tiny import FAMILY_NAMES, MOE_NAMES, TinyTokenizer, tiny_model
 
-# every tiny family without final-logit soft-capping (Gemma 2 falls back: tested below)
-FAMILIES = [f for f in FAMILY_NAMES if f != "gemma2"]
+# every tiny family without final-logit soft-capping (Gemma 2 falls back: tested below),
+# mixtures of experts too (only neurons routed in both runs are ranked, and bounded)
+FAMILIES = [f for f in FAMILY_NAMES + MOE_NAMES if f != "gemma2"]
 SEQS = [[1, 5, 9, 13, 7, 22], [1, 40, 3, 3, 17, 9], [1, 8, 8, 30, 31, 4],
         [1, 11, 52, 6, 6, 19]]
 HEADS = {"one": [(1, 2)], "layer0": [(0, 0), (0, 1), (0, 3)], "spread": [(0, 1), (2, 2)]}

@@ -15,65 +15,100 @@ from cnalens.interventions import ZeroNeurons
 from cnalens.models import ModelView
 from cnalens.scores import diff_frame, score_neurons
 from cnalens.stages import debias as S
-from tiny import TinyTokenizer, tiny_model
+from tiny import FAMILY_NAMES, MOE_NAMES, TinyTokenizer, tiny_model
 
 NEURONS = [(0, 3), (0, 17), (2, 0), (2, 39)]
 
 
-def _named(view, neurons, inputs):
-    """Names and index sets of every weight entry the edit may touch."""
-    hit = {}
+@pytest.fixture(params=FAMILY_NAMES + MOE_NAMES)
+def edit_view(request):
+    """Every family, mixtures of experts too (there NEURONS are flat: neurons of experts
+    0, 1 and 3; ``_neurons`` adds one of Qwen2-MoE's shared expert)."""
+    return ModelView(tiny_model(request.param), TinyTokenizer(), {"spec": request.param})
+
+
+def _neurons(view):
+    lay = view.layout(2)
+    return NEURONS + ([(2, view.ffn_width(2) - 1)] if lay is not None and lay.shared else [])
+
+
+def _named(view, neurons, inputs) -> dict[int, torch.Tensor]:
+    """Per parameter (by id), the mask of the entries the edit must zero, by hand from the
+    modules: a dense layer's down-projection column (a Conv1D's row) and, with ``inputs``,
+    the input rows (both halves of a fused gate | up) and biases; an expert's neuron ``n``
+    its ``down_proj[e][:, n]`` and ``gate_up_proj[e]`` rows ``n`` and ``F + n``; the shared
+    expert's its columns and gate/up rows."""
+    from transformers.pytorch_utils import Conv1D
+
+    masks: dict[int, torch.Tensor] = {}
+
+    def hit(p, index):
+        masks.setdefault(id(p), torch.zeros(p.shape, dtype=torch.bool))[index] = True
+
     for layer, n in neurons:
-        for t, axis in D._columns(view, layer):
-            hit.setdefault(id(t), (t, axis, set()))[2].add(n)
-        for t, axis in D._input_rows(view, layer) if inputs else []:
-            # a fused gate | up projection (Phi-3): the neuron owns rows n and d_ffn + n
-            rows = view.ffn_in_rows(layer, [n]).tolist()
-            hit.setdefault(id(t), (t, axis, set()))[2].update(rows)
-    return hit
+        lay = view.layout(layer)
+        if lay is None:
+            down = view.module(layer, "down_proj")
+            conv = isinstance(down, Conv1D)
+            hit(down.weight, (n,) if conv else (slice(None), n))
+            for mod in view.ffn_in(layer) if inputs else []:
+                for r in view.ffn_in_rows(layer, [n]).tolist():
+                    hit(mod.weight, (slice(None), r) if conv else (r,))
+                    if mod.bias is not None:
+                        hit(mod.bias, (r,))
+            continue
+        e, i = lay.split(n)
+        if e == "S":
+            se = view.moe_module(layer, "shared_expert")
+            hit(se.down_proj.weight, (slice(None), i))
+            for mod in (se.gate_proj, se.up_proj) if inputs else ():
+                hit(mod.weight, (i,))
+            continue
+        ex = view.moe_module(layer, "experts")
+        hit(ex.down_proj, (e, slice(None), i))
+        for r in (i, lay.width + i) if inputs else ():
+            hit(ex.gate_up_proj, (e, r))
+    return masks
 
 
 @pytest.mark.parametrize("inputs", [False, True])
-def test_edit_changes_exactly_the_named_neurons(tiny_view, inputs):
-    view = tiny_view
-    before = {k: v.clone() for k, v in view.model.state_dict().items()}
-    saved = D.zero_edit(view, NEURONS, inputs)
-    after = view.model.state_dict()
-    hit = {id(t): (axis, ns) for t, axis, ns in _named(view, NEURONS, inputs).values()}
-    params = {id(p): name for name, p in view.model.named_parameters()}
+def test_edit_changes_exactly_the_named_neurons(edit_view, inputs):
+    view = edit_view
+    neurons = _neurons(view)
+    before = {n: p.detach().clone() for n, p in view.model.named_parameters()}
+    saved = D.zero_edit(view, neurons, inputs)
+    masks = _named(view, neurons, inputs)
     touched = 0
-    for name, old in before.items():
-        new = after[name]
-        ref = dict(view.model.named_parameters()).get(name)
-        if ref is None or id(ref) not in hit:
+    for name, p in view.model.named_parameters():
+        old, new = before[name], p.detach()
+        mask = masks.get(id(p))
+        if mask is None:
             assert torch.equal(old, new), name  # bit-identical
             continue
-        axis, ns = hit[id(ref)]
-        idx = torch.tensor(sorted(ns))
-        assert (new.index_select(axis, idx) == 0).all(), name
-        keep = torch.ones(new.shape[axis], dtype=torch.bool)
-        keep[idx] = False
-        assert torch.equal(old.index_select(axis, keep.nonzero()[:, 0]),
-                           new.index_select(axis, keep.nonzero()[:, 0])), name
-        assert (old.index_select(axis, idx) != 0).any()  # the edit did something
+        assert (new[mask] == 0).all(), name
+        assert torch.equal(old[~mask], new[~mask]), name
+        assert (old[mask] != 0).any()  # the edit did something
         touched += 1
-    n_layers = len({layer for layer, _ in NEURONS})
-    assert touched >= n_layers * (1 + inputs) and len(params) > touched
+    n_layers = len({layer for layer, _ in neurons})
+    assert touched == len(masks) >= n_layers * (1 + inputs)
+    assert len(before) > touched
     D.restore_edit(saved)
-    assert all(torch.equal(v, view.model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, p) for (_, v), p in zip(before.items(), view.model.parameters(),
+                                                      strict=True))
 
 
 @pytest.mark.parametrize("inputs", [False, True])
-def test_edited_model_equals_zero_neurons(tiny_view, inputs):
-    view = tiny_view
+def test_edited_model_equals_zero_neurons(edit_view, inputs):
+    view = edit_view
+    neurons = _neurons(view)
     b = view.batch([[1, 5, 9, 13, 7], [1, 20, 4, 8, 11]])  # no padding: no NaN rows
-    with torch.no_grad(), view.intervene(ZeroNeurons(NEURONS)):
+    with torch.no_grad(), view.intervene(ZeroNeurons(neurons)):
         ref = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                          position_ids=b.position_ids).logits
     with torch.no_grad():
         plain = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                            position_ids=b.position_ids).logits
-        with D.zero_edited(view, NEURONS, inputs):
+        with D.zero_edited(view, neurons, inputs):
             got = view.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                              position_ids=b.position_ids).logits
     assert torch.allclose(got, ref, atol=1e-10, rtol=0)

@@ -79,6 +79,19 @@ def test_targets(family, expect):
         target_names(view, [9], ["attn"])
 
 
+def test_targets_in_a_mixture_of_experts():
+    """Qwen2-MoE: attention targets as in any family; ``down_proj`` of an expert layer is
+    one clear line (the experts' are fused 3-D parameters), of its dense layer a module."""
+    view = _view("qwen2_moe")
+    assert sorted(target_names(view, [0], ["attn"])) == sorted(
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkvo")
+    assert target_names(view, [1], ["down_proj"]) == ["model.layers.1.mlp.down_proj"]
+    with pytest.raises(CnaError, match="layer 0 is a mixture of experts, whose down "
+                       "projections are fused 3-D parameters") as err:
+        target_names(view, [0, 1], ["down_proj"])
+    assert len(str(err.value).splitlines()) == 1
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "phi3", "olmo2"])
 def test_trains_reproducibly_and_disables_exactly(family, data, one_thread):
     view = _view(family)

@@ -6,6 +6,8 @@ against an independent brute force, and the interventions against weight edits."
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers as tf
@@ -451,9 +453,10 @@ def test_pruning_checks():
 # --------------------------------------------------------------------------- CNA
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_cna_on_a_tiny_mixture(name):
-    """``cnalens.cna`` (exhaustive) on a mixture of experts: run B a head zeroed, or experts
-    routed around; the ranked neurons are those routed in both runs, with exactly the
-    importances ``score_neurons`` gives each run."""
+    """``cnalens.cna`` (exhaustive, and certified with ``k``) on a mixture of experts: run B
+    a head zeroed, or experts routed around; the ranked neurons are those routed in both
+    runs, with exactly the importances ``score_neurons`` gives each run; the table names
+    experts and routes as ``diff_frame`` does, and ``routing()`` is ``routing_frame``."""
     import cnalens
     from cnalens.interventions import ZeroHeads
 
@@ -475,18 +478,39 @@ def test_cna_on_a_tiny_mixture(name):
                 e = int(lay.route_of()[r.neuron])
                 assert a.route[i, r.layer, r.neuron] > 0 and b.route[i, r.layer, r.neuron] > 0
                 assert e < lay.n_experts or lay.shared
+        # each row as diff_frame has it (rows compared by key: near ties may swap)
+        want = S.diff_frame(a, b).drop(columns="diff")
+        assert list(df.columns) == list(want.columns) and {"expert", "index", "route_a",
+                                                           "route_b"} <= set(df.columns)
+        got = df.merge(want, on=["case", "layer", "neuron"], suffixes=("", "_want"))
+        assert len(got) == len(df)
+        for col in ("expert", "index"):
+            assert (got[col] == got[f"{col}_want"]).all()
+        for col in ("imp_a", "imp_b", "coef_a", "coef_b", "route_a", "route_b"):
+            np.testing.assert_allclose(got[col], got[f"{col}_want"], rtol=0, atol=1e-12)
+        sa, sb = ST.case_states(v, enc), ST.case_states(v, enc, iv)
+        pd.testing.assert_frame_equal(comp.routing(), ST.routing_frame(v, sa, sb))
+        full, keys = comp.routing(), ["case", "layer", "expert"]
+        part = full[full["case"].isin(["c0", "c2"])].sort_values(keys, ignore_index=True)
+        pd.testing.assert_frame_equal(
+            comp.subset([2, 0]).routing().sort_values(keys, ignore_index=True), part,
+            check_dtype=False)
+        top = cnalens.cna(v, enc, intervention=iv, k=5)
+        assert top.meta["scoring"] == "certified"
+        got, want = top.frame(), S.diff_frame(a, b, top=5).drop(columns="diff")
+        assert list(got.columns) == list(want.columns)
+        np.testing.assert_allclose(got["imp_a"] - got["imp_b"], want["imp_a"] - want["imp_b"],
+                                   rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- commands
 @pytest.mark.parametrize("name", MOE_NAMES)
 def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thread):
-    """The commands that run on a mixture of experts saved to a folder (float32, the default
-    grouped experts implementation). Not yet: ``neuron`` with ``L.E.N`` names (its parsing),
-    ``prune`` and ``debias`` (their apps read ``down_proj``/``ffn_in``, not the view's
-    ``ffn_parameters``/``neuron_weights``/``pruned.expert_keep``)."""
+    """Every command on a mixture of experts saved to a folder (float32, the default
+    grouped experts implementation): ``neuron`` takes ``L.E.N``/``L.S.N`` names and writes
+    them, ``cna`` names experts in its table, ``prune`` keeps what the fused experts can
+    hold (and reloads the same), ``debias`` edits experts' neurons."""
     import json
-
-    import pandas as pd
 
     from cnalens.cli import main
     from test_new_families import _own_cases, _save
@@ -497,6 +521,11 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     assert view.model.config._experts_implementation == "grouped_mm"
     cases = tmp_path / "cases.jsonl"
     _own_cases(view, cases)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt_a": "he is a", "prompt_b": "she is a", "targets": ["x", "y"]}\n'
+                     '{"prompt_a": "his job:", "prompt_b": "her job:", "targets": ["x", "y"],'
+                     ' "split": "heldout"}\n')
+    names = ["0.3.2", "2.5.11"] + (["1.7", "2.S.19"] if name == "qwen2_moe" else [])
     out = tmp_path / "out"
     m = ["--model", str(model), "-q"]
     commands = {
@@ -505,6 +534,8 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
         "heads": (["heads", *m, "--ops", "+", "--n", "3", "--out", str(out)], "heads.csv"),
         "cna": (["cna", *m, "--cases", str(cases), "--head", "1.1", "--top-k", "2",
                  "--seeds", "1", "--out", str(out)], "cna_neurons.csv"),
+        "neuron": (["neuron", *m, *names, "--case", "3+5=", "--transform-layer", "2", "--k",
+                    "3", "--out", str(out)], "neuron.csv"),
         "shallow": (["shallow", *m, "--deep-from", "2", "--null", "8", "--n", "2", "--seeds",
                      "1", "--m", "1", "--top-tokens", "5", "--out", str(out)], "shallow.csv"),
         "explain": (["explain", *m, "3+5=", "--head", "1.1", "--top", "3", "--shots", "0",
@@ -512,6 +543,12 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
         "lora": (["lora", *m, "--layer", "1", "--n-train", "16", "--n-test", "8",
                   "--batch-size", "8", "--n-cna", "2", "--top-k", "2", "--seeds", "1",
                   "--deep-from", "2", "--out", str(out)], "lora.csv"),
+        "prune": (["prune", *m, "--lora", str(out), "--keep-top", "3", "--deep-from", "1",
+                   "--n", "2", "--seeds", "1", "--no-train", "--out", str(out / "prune")],
+                  "prune/prune.csv"),
+        "debias": (["debias", *m, "--pairs", str(pairs), "--n-neurons", "2", "--top-k", "2",
+                    "--seeds", "1", "--cost-n", "2", "--out", str(out / "debias")],
+                   "debias/debias.csv"),
     }
     for what, (argv, csv) in commands.items():
         rc = main(argv)
@@ -521,3 +558,74 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
             assert len(pd.read_csv(out / csv)), what
     model_meta = json.loads((out / "cna.json").read_text())["model"]
     assert model_meta["n_experts"] == E and model_meta["experts_per_token"] == K
+    assert list(dict.fromkeys(pd.read_csv(out / "neuron.csv")["neuron"])) == names
+    top = pd.read_csv(out / "cna_neurons.csv", dtype={"expert": str})
+    assert {"expert", "index", "route_a", "route_b"} <= set(top.columns)
+    sizes = json.loads((out / "prune" / "prune.json").read_text())["sizes"]
+    assert sizes["reload_max_abs_diff"] < 1e-5 and sizes["ffn_params_removed"] > 0
+    kept = pd.read_csv(out / "prune" / "prune_neurons.csv", dtype={"expert": str})
+    for (_, layer), rows in kept.groupby(["variant", "layer"]):
+        if layer != 1 or name != "qwen2_moe":  # each kept expert keeps one width
+            sizes_ = rows[rows["expert"] != "S"].groupby("expert").size()
+            assert sizes_.nunique() == 1 and len(sizes_) >= K
+
+
+# --------------------------------------------------------------------------- certified
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_certified_topk_and_cna_equal_exhaustive(name, one_thread):
+    """Certified top-K of one run, certified CNA of two (run B a head zeroed, or experts
+    routed around: the routing differs) and the screened input comparison equal the
+    exhaustive rankings in float64; a neuron of an expert not routed (in either run) is
+    never a candidate, as it is never scored."""
+    from cnalens import certified as CE
+    from cnalens.interventions import ZeroHeads
+
+    v = _view(name)
+    enc = _enc(SEQS + [[1, 11, 52, 6, 6, 19]])
+    sc = S.score_neurons(v, enc, progress=False)
+    for k in (1, 5, 20, 200):
+        got, stats = CE.certified_topk(v, enc, k, step=4)
+        ex = sc.frame(top=k)
+        assert list(got.columns) == list(ex.columns)
+        assert got[["case", "layer", "neuron", "expert", "index", "rank"]].equals(
+            ex[["case", "layer", "neuron", "expert", "index", "rank"]]), k
+        for col in ("importance", "coef", "route"):
+            np.testing.assert_allclose(got[col], ex[col], atol=1e-9, err_msg=col)
+        assert stats["method"] == "certified"
+    sa = ST.case_states(v, enc)
+    for iv in (ZeroHeads([(1, 1)]), ZeroExperts([(0, 0), (0, 3)], reroute=True)):
+        sb = ST.case_states(v, enc, iv)
+        a = S.score_neurons(v, None, states=sa, progress=False)
+        b = S.score_neurons(v, None, states=sb, target=a.target, scale=a.scale, progress=False)
+        lo, hi = CE.cna_bounds(v, sa, sb, head_tokens=8)
+        for r, run in enumerate((a, b)):
+            ok = torch.isfinite(run.imp)
+            assert torch.equal(ok, torch.isfinite(lo[r])) and torch.equal(ok, torch.isfinite(hi[r]))
+            assert bool((lo[r][ok] <= run.imp[ok] + 1e-9).all())
+            assert bool((run.imp[ok] <= hi[r][ok] + 1e-9).all())
+        for by in ("decrease", "increase", "abs"):
+            for k in (1, 5, 20):
+                got, _ = CE.certified_cna(v, sa, sb, k, by=by, head_tokens=4, step=4, group=3)
+                ex = S.diff_frame(a, b, top=k, by=by)
+                assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
+                    list(zip(got.case, got.layer, got.neuron, strict=True)), (iv, by, k)
+                np.testing.assert_allclose(got["diff"], ex["diff"], atol=1e-9)
+                assert np.isfinite(got[["imp_a", "imp_b"]].to_numpy()).all()
+    assert len(ST.routing_frame(v, sa, sb))  # the last run B routes some case otherwise
+    # an input comparison (each run its own scale), screened and every neuron
+    sb = ST.case_states(v, _enc([s[:1] + s[2:] + [4] for s in SEQS + [[1, 11, 52, 6, 6, 19]]]))
+    tg = sa.gold
+    a = S.score_neurons(v, None, states=sa, target=tg, progress=False)
+    b = S.score_neurons(v, None, states=sb, target=tg, progress=False)
+    assert (torch.isnan(a.imp) != torch.isnan(b.imp)).any()  # routed differently
+    for screen in (0, 20):
+        got, _ = CE.screened_cna(v, sa, sb, 6, target=tg, screen=screen)
+        assert np.isfinite(got[["imp_a", "imp_b"]].to_numpy()).all()
+        if screen == 0:
+            ex = S.diff_frame(a, b, top=6)
+            assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
+                list(zip(got.case, got.layer, got.neuron, strict=True))
+    got, _ = CE.certified_cna(v, sa, sb, 6, target=tg, own_scales=True, head_tokens=4)
+    ex = S.diff_frame(a, b, top=6)
+    assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
+        list(zip(got.case, got.layer, got.neuron, strict=True))

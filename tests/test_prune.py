@@ -13,14 +13,27 @@ from cnalens.errors import CnaError
 from cnalens.interventions import KeepOnlyNeurons
 from cnalens.models import ModelView, load_model
 from cnalens.models.load import model_shape
-from cnalens.models.pruned import PRUNING_FILE, prune_ffn, save_pruned, weights_bytes
+from cnalens.models.pruned import (
+    PRUNING_FILE,
+    expert_keep,
+    prune_ffn,
+    save_pruned,
+    weights_bytes,
+)
 from cnalens.stages import prune as S
-from tiny import FAMILY_NAMES, VOCAB, TinyTokenizer, tiny_model
+from tiny import FAMILY_NAMES, MOE_NAMES, VOCAB, TinyTokenizer, tiny_model
 
 
 def _keep(view, layers, seed=1) -> dict[int, torch.Tensor]:
+    """3 + 2L random neurons of each dense layer L; in a mixture-of-experts layer 1 + L
+    random neurons of every expert (and 2 + L of the shared expert: ``expert_keep``)."""
     g = torch.Generator().manual_seed(seed)
-    return {la: torch.randperm(view.ffn_width(la), generator=g)[:3 + 2 * la] for la in layers}
+    out = {}
+    for la in layers:
+        perm = torch.randperm(view.ffn_width(la), generator=g)
+        out[la] = perm[:3 + 2 * la] if not view.is_moe(la) else expert_keep(
+            view, la, perm, 1 + la, shared=2 + la)
+    return out
 
 
 def _units(keep):
@@ -34,17 +47,23 @@ def _ids(seed=0):
 
 def _neuron_params(view, layer) -> int:
     """Parameters one neuron owns: a row (and bias) of every input projection, a column of
-    the down projection (brute force from the modules' shapes)."""
+    the down projection (brute force from the modules' shapes); an expert's neuron: its
+    share of the fused ``gate_up_proj`` and ``down_proj`` (the shared expert's the same)."""
+    if view.is_moe(layer):
+        ex = view.moe_module(layer, "experts")
+        n_routed = ex.down_proj.shape[0] * ex.down_proj.shape[-1]
+        return (ex.gate_up_proj.numel() + ex.down_proj.numel()) // n_routed
     n = sum(p.numel() // view.ffn_width(layer) for m in view.ffn_in(layer)
             for p in m.parameters(recurse=False))
     w = view.module(layer, "down_proj").weight
     return n + w.numel() // view.ffn_width(layer)
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("name", FAMILY_NAMES + MOE_NAMES)
 def test_pruned_equals_masked(name, one_thread):
-    """Pruning the neurons = zeroing them (KeepOnlyNeurons), in every family; the
-    down-projection bias stays; widths and removed parameters as counted independently."""
+    """Pruning the neurons = zeroing them (KeepOnlyNeurons), in every family (in a mixture
+    of experts, the same number of every expert's); the down-projection bias stays; widths
+    and removed parameters as counted independently."""
     full = ModelView(tiny_model(name), TinyTokenizer())
     view = ModelView(tiny_model(name), TinyTokenizer())
     keep = _keep(view, (1, 2))
@@ -60,7 +79,10 @@ def test_pruned_equals_masked(name, one_thread):
         unmasked = full.last_logits(b, 6)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
     assert (got - unmasked).abs().max() > 1e-3  # the pruning did change the model
-    assert view.ffn_widths == [full.ffn_width(0), 5, 7] and info["params_removed"] == expect
+    widths = [5 if view.layout(1) is None else 6 * 2 + 3 * (view.layout(1).shared > 0),
+              7 if view.layout(2) is None else 6 * 3 + 4 * (view.layout(2).shared > 0)]
+    assert [len(keep[1]), len(keep[2])] == widths
+    assert view.ffn_widths == [full.ffn_width(0), *widths] and info["params_removed"] == expect
     assert sum(p.numel() for p in full.model.parameters()) - expect == \
         sum(p.numel() for p in view.model.parameters())
     for la, bb in zip((1, 2), bias, strict=True):
@@ -173,6 +195,54 @@ def test_random_keep_same_counts():
     assert all(torch.equal(a[la], a2[la]) for la in counts)
     assert any(not torch.equal(a[la], b[la]) for la in counts)
     assert P.pruned_fraction(a, widths) == pytest.approx(1 - 23 / 60)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe"])
+def test_selection_and_random_keep_fit_the_experts(name):
+    """In a mixture-of-experts layer the union of the cases' top-N becomes a prunable keep
+    (``fit_experts``): as many experts as hold a union neuron (at least top-k), those whose
+    best neuron ranks highest, the union's mean count of each, each expert's best neurons;
+    the random controls keep as many random experts, neurons each and shared ones."""
+    view = ModelView(tiny_model(name), TinyTokenizer())
+    g = torch.Generator().manual_seed(4)
+    imp = torch.randn(5, view.n_layers, view.d_ffn, generator=g, dtype=torch.float64)
+    for la in range(view.n_layers):
+        imp[:, la, view.ffn_width(la):] = float("nan")
+    comp = Comparison(imp, imp, imp * 0, imp, imp, [f"c{i}" for i in range(5)], {})
+    rank = P.rank_deep(comp, [1, 2], view.ffn_widths)
+    for n in (1, 3, 8):
+        union = rank.keep(n)
+        keep = P.fit_experts(view, union, rank.order)
+        for la in (1, 2):
+            lay = view.layout(la)
+            if lay is None:
+                assert torch.equal(keep[la], union[la])
+                continue
+            e_u, _, s_u = P.expert_sizes(lay, union[la])
+            experts, width, shared = P.expert_sizes(lay, keep[la])
+            assert experts == max(e_u, lay.top_k) and shared == (max(1, s_u) if lay.shared
+                                                                 else 0)
+            assert width == max(1, round((len(union[la]) - s_u) / experts))
+            order = rank.order(la).tolist()
+            best = {}  # each expert's best place in the ranking
+            for place, j in enumerate(order):
+                e = int(lay.route_of()[j])
+                best.setdefault(e, place)
+            routed = sorted((p, e) for e, p in best.items() if e < lay.n_experts)
+            chosen = {e for _, e in routed[:experts]}
+            route = lay.route_of()[keep[la]]
+            assert set(route[route < lay.n_experts].tolist()) == chosen
+            for e in chosen:  # its best-ranked neurons
+                mine = [j for j in order if int(lay.route_of()[j]) == e][:width]
+                assert sorted(mine) == keep[la][route == e].tolist()
+        rnd = [P.random_keep(P.counts(keep), view.ffn_widths, s, view, keep) for s in (1, 2)]
+        for r in rnd:
+            assert P.counts(r) == P.counts(keep)
+            assert all(P.expert_sizes(view.layout(la), r[la]) == P.expert_sizes(
+                view.layout(la), keep[la]) for la in r if view.is_moe(la))
+        assert any(not torch.equal(rnd[0][la], rnd[1][la]) for la in keep)
+        for kp in (keep, *rnd):  # what the fused experts can hold
+            prune_ffn(ModelView(tiny_model(name), TinyTokenizer()), kp)
 
 
 # --------------------------------------------------------------------------- experiment

@@ -38,7 +38,7 @@ from cnalens.io import write_with
 from cnalens.lens import Base, FFNVectors, Lens, LogSumExp
 from cnalens.models.load import cache_dir
 from cnalens.progress import track
-from cnalens.scores import RANKINGS, rank_key, ranked_rows, score_neurons
+from cnalens.scores import RANKINGS, expert_columns, rank_key, ranked_rows, score_neurons
 from cnalens.states import (
     CaseStates,
     Target,
@@ -47,6 +47,7 @@ from cnalens.states import (
     check_targets,
     concat_states,
     describe_run,
+    neuron_routes,
     resolve_layers,
     scales_for,
     targets_for,
@@ -112,6 +113,7 @@ def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Interv
     c = scales_for(lz, st, scale)
     layer_list = resolve_layers(view, layers)
     cache = FFNVectors(view, lz, layer_list)
+    routed = {x: cache.routed(st, x) for x in layer_list}
     sl = _slack(lz, slack)
     rows, n_exact = [], []
     with torch.no_grad():
@@ -125,8 +127,10 @@ def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Interv
                 A = cache.coef(st, layer)[i]
                 bases[layer] = allb.rows(j)
                 As[layer] = A
-                bounds.append((A / c[i]) * (cache.X[layer] @ dirs[j]))
-                flat.append(layer * view.d_ffn + torch.arange(A.shape[0]))
+                # only the neurons of experts the case was routed to are candidates
+                keep = slice(None) if routed[layer] is None else routed[layer][i]
+                bounds.append(((A / c[i]) * (cache.X[layer] @ dirs[j]))[keep])
+                flat.append((layer * view.d_ffn + torch.arange(A.shape[0]))[keep])
             found = _certify(lz, cache, bases, As, torch.cat(bounds), torch.cat(flat), k, sl,
                              step, view.d_ffn)
             flat_ids, scores, n_done = found
@@ -139,7 +143,7 @@ def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Interv
     stats = {"method": "certified", "n_units": int(sum(view.ffn_width(x) for x in layer_list)),
              "n_exact": n_exact, "n_exact_total": int(sum(n_exact)), "slack": sl,
              "seconds": time.perf_counter() - t0}
-    df = pd.concat(rows, ignore_index=True)
+    df = _expert_rows(view, {"": st}, pd.concat(rows, ignore_index=True), _row_cases(rows))
     df.attrs["meta"] = describe_run(view, lens, target, st, layer_list, {"stats": stats})
     return df, stats
 
@@ -390,6 +394,18 @@ class _DiffBounds:
         self.seconds_range, self.n_refined = 0.0, 0
         self.Aa = {x: self.cache.coef(sa, x) for x in layers}
         self.Ab = {x: self.cache.coef(sb, x) for x in layers}
+        # (2, n, width) whether each run routed each case to each neuron's expert (None:
+        # a dense layer): a neuron not routed in a run is not scored there (NaN)
+        self.routed = {x: None if self.cache.routed(sa, x) is None else
+                       torch.stack([self.cache.routed(sa, x), self.cache.routed(sb, x)])
+                       for x in layers}
+
+    def scorable(self, i: int) -> torch.Tensor:
+        """(units,) over the layers' neurons in order: routed in both runs for case ``i``
+        (every neuron of a dense layer): the only candidates of its ranking."""
+        return torch.cat([torch.ones(self.cache.X[x].shape[0], dtype=torch.bool)
+                          if self.routed[x] is None else self.routed[x][:, i].all(0)
+                          for x in self.layers])
 
     def refine(self, positions: dict[int, torch.Tensor]) -> int:
         """Exact projection ranges for the given neurons of each layer (those not known yet;
@@ -483,16 +499,21 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
     idx_of = torch.cat([torch.arange(w) for w in widths])
     flat = layer_of * D + idx_of
     n_units, g = len(flat), len(cases)
-    k = min(k, n_units)
+    valid = torch.stack([bd.scorable(i) for i in cases])  # (g, n_units)
+    ks = [min(k, int(v.sum())) for v in valid]  # a case's neurons routed in both runs
     khi = torch.empty(g, n_units, dtype=torch.float64)
 
     def candidates(dcs):
         orders = []
         for c, dc in enumerate(dcs):
-            lo, hi = (torch.cat(x) for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], by)
-                                                    for x in bd.layers], strict=True))
+            lo, hi = (torch.cat(x).masked_fill(~valid[c], float("-inf"))
+                      for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], by)
+                                     for x in bd.layers], strict=True))
             khi[c] = hi
-            keep = (hi >= torch.topk(lo, k).values[-1] - slack).nonzero()[:, 0]
+            if not ks[c]:
+                orders.append(torch.zeros(0, dtype=torch.long))
+                continue
+            keep = (valid[c] & (hi >= torch.topk(lo, ks[c]).values[-1] - slack)).nonzero()[:, 0]
             order = torch.from_numpy(np.lexsort((flat[keep].numpy(), -hi[keep].numpy())))
             orders.append(keep[order])
         return orders
@@ -514,7 +535,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
     scores = torch.full((g, 2, n_units), float("nan"), dtype=bd.lz.dt)
     scored = torch.zeros(g, n_units, dtype=torch.bool)
     active = list(range(g))
-    take_n = [k + step] * g
+    take_n = [kc + step for kc in ks]
     n_proj = 0
     while active:
         reqs = {}
@@ -543,10 +564,11 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
         still = []
         for c in active:
             done = scored[c].nonzero()[:, 0]
-            if len(done) >= k:
+            if len(done) >= ks[c]:
+                if not len(orders[c]):
+                    continue
                 key = rank_key(scores[c, 0, done] - scores[c, 1, done], by).double()
-                kth = torch.topk(key, k).values[-1]
-                if not len(orders[c]) or kth >= khi[c, orders[c][0]] + slack:
+                if ks[c] and torch.topk(key, ks[c]).values[-1] >= khi[c, orders[c][0]] + slack:
                     continue
             still.append(c)
         active = still
@@ -554,7 +576,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
     for c in range(g):
         done = scored[c].nonzero()[:, 0]
         s = scores[c][:, done]
-        best = _topk_order(rank_key(s[0] - s[1], by), flat[done], k)
+        best = _topk_order(rank_key(s[0] - s[1], by), flat[done], ks[c])
         out.append((flat[done][best], s[:, best], n_cand[c], len(done)))
     return out, n_proj
 
@@ -565,7 +587,8 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                exact_ranges: bool = True,
                own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
-    d_ffn) (runs A, B; NaN outside ``layers`` and beyond a layer's width), with
+    d_ffn) (runs A, B; NaN outside ``layers``, beyond a layer's width and, as the
+    importance, for an expert's neurons where that run did not route the case to it), with
     ``lo <= imp <= hi`` for both runs scored on A's target and A's frozen scale (each
     run's own with ``own_scales``; frozen lens,
     no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
@@ -589,6 +612,9 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
             for layer in layer_list:
                 w = dc.lo[layer].shape[1]
                 lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
+                if bd.routed[layer] is not None:  # not routed in a run: not scored there
+                    off = ~bd.routed[layer][:, i]
+                    lo[:, i, layer, :w][off] = hi[:, i, layer, :w][off] = float("nan")
     return lo, hi
 
 
@@ -602,6 +628,25 @@ def _diff_rows(sa: CaseStates, sb: CaseStates, i: int, flat: torch.Tensor,
         "neuron": neuron, "imp_a": as_numpy(imp_a), "imp_b": as_numpy(imp_b),
         "coef_a": as_numpy(sa.coef[i][layer, neuron]),
         "coef_b": as_numpy(sb.coef[i][layer, neuron]), "diff": as_numpy(imp_a - imp_b)})
+
+
+def _expert_rows(view: ModelView, runs: dict[str, CaseStates], df: pd.DataFrame,
+                 case: np.ndarray) -> pd.DataFrame:
+    """A mixture of experts' rows (``case``: each row's case position) with the columns
+    ``NeuronScores.frame`` / ``diff_frame`` give them (``scores.expert_columns``: expert,
+    index and, per run (``runs``: coefficient column suffix -> states), the router weight
+    ``route{suffix}`` and the own coefficient); other models' rows as they are."""
+    if any(st.route is None for st in runs.values()):
+        return df
+    at = (case * view.n_layers + df["layer"].to_numpy()) * view.d_ffn + df["neuron"].to_numpy()
+    return expert_columns(df, view.shape, {
+        f"coef{run}": (f"route{run}", as_numpy(neuron_routes(view, st.route))[at])
+        for run, st in runs.items()})
+
+
+def _row_cases(rows: Sequence[pd.DataFrame]) -> np.ndarray:
+    """The case position of each row of per-case frames concatenated in case order."""
+    return np.repeat(np.arange(len(rows)), [len(r) for r in rows])
 
 
 def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
@@ -624,14 +669,16 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
 
     Per case, two-sided bounds on each neuron's importance in both runs (``cna_bounds``)
     give an interval for its key (``by``: "decrease", "increase" or "abs"); only neurons
-    whose interval reaches the K-th largest lower bound are candidates, scored exactly in
-    both runs in descending order of their upper bound until the K-th exact key clears the
-    next upper bound by ``slack`` (default 2e-4 in float32, 2e-9 in float64); candidates
-    get exact projection ranges first (kept for later calls). Same rows and
+    whose interval reaches the K-th largest lower bound are candidates (in a mixture of
+    experts only those routed in both runs, as the exhaustive ranking has them), scored
+    exactly in both runs in descending order of their upper bound until the K-th exact key
+    clears the next upper bound by ``slack`` (default 2e-4 in float32, 2e-9 in float64);
+    candidates get exact projection ranges first (kept for later calls). Same rows and
     tie rule as ``diff_frame(..., top=k)``: case, by, layer, neuron, imp_a, imp_b, coef_a,
-    coef_b, diff. ``group`` cases are certified together: a neuron several of them need
-    next is projected onto the vocabulary once. Soft-capped models fall back to exhaustive
-    scoring (``stats["method"]``).
+    coef_b, diff (a mixture of experts: its expert and route columns too). ``group``
+    cases are certified together: a neuron several of them need next is projected onto the
+    vocabulary once. Soft-capped models fall back to exhaustive scoring
+    (``stats["method"]``).
     """
     if by not in RANKINGS:
         raise CnaError(f"unknown ranking '{by}': use {', '.join(RANKINGS)}")
@@ -658,11 +705,12 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
                            layers=layer_list, progress=progress)
         n = len(states_a)
         ia, ib = sc.imp[:n], sc.imp[n:]
-        df, _ = ranked_rows(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], states_a.case_ids, k,
-                            by, layer_list)
+        df, case = ranked_rows(ia - ib, ia, ib, sc.coef[:n], sc.coef[n:], states_a.case_ids,
+                               k, by, layer_list)
         stats = {"method": "exhaustive", "why": "final-logit soft-capping", "ranking": by,
                  "n_units": n_units, "n_exact": [n_units] * n,
                  "n_exact_total": n_units * n, "seconds": time.perf_counter() - t0}
+        df = _expert_rows(view, {"_a": states_a, "_b": states_b}, df, case)
         df.attrs["meta"] = {**meta, "stats": stats}
         return df, stats
     sl = _slack(lz, slack) * 2
@@ -686,7 +734,8 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
              "slack": sl, "head_tokens": head_tokens, "seconds_range": bd.seconds_range,
              "n_ranges_computed": bd.n_refined,
              "seconds": time.perf_counter() - t0}
-    df = pd.concat(rows, ignore_index=True)
+    df = _expert_rows(view, {"_a": states_a, "_b": states_b},
+                      pd.concat(rows, ignore_index=True), _row_cases(rows))
     df.attrs["meta"] = {**meta, "stats": stats}
     return df, stats
 
@@ -699,7 +748,8 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
     (approximate): case ``i`` of run A and of run B are two prompts scored on one target
     (run A's: ``target`` "gold", "pred" or ids), each run with its own frozen final-norm
     scale (design.md). Per case, the ``screen`` neurons with the largest first-order
-    estimate ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` are scored exactly and ranked
+    estimate ``t_a (P_w - p_a . P) - t_b (P_w - p_b . P)`` (in a mixture of experts, of
+    the neurons routed in both runs) are scored exactly and ranked
     (ties by layer, neuron); ``screen=0`` (or at least the neuron count) scores every
     neuron. Rows as ``certified_cna``.
     """
@@ -734,11 +784,18 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
                 est.append((Aa / ca[:, None]) * (da @ X.T) - (Ab / cb[:, None]) * (db @ X.T))
             flat.append(layer * D + torch.arange(X.shape[0]))
         flat_all = torch.cat(flat)
-        rows = []
+        routed = [(cache.routed(sa, x), cache.routed(sb, x)) for x in layer_list]
+        rows, n_done = [], 0
         for i in track(range(n), "CNA exact scores", show=progress):
-            ids = flat_all
-            if m < n_units:
-                ids = flat_all[_topk_order(torch.cat([e[i] for e in est]), flat_all, m)]
+            # in a mixture of experts, only the neurons routed in both runs are ranked
+            ok = torch.cat([torch.ones(w, dtype=torch.bool) if ra is None else ra[i] & rb[i]
+                            for (ra, rb), w in zip(routed, (len(f) for f in flat),
+                                                   strict=True)])
+            ids = flat_all[ok]
+            if m < len(ids):
+                guess = torch.cat([x[i] for x in est])[ok]
+                ids = ids[_topk_order(guess, ids, m)]
+            n_done += len(ids)
             layer_of = ids // D
             ia = torch.empty(len(ids), dtype=lz.dt)
             ib = torch.empty(len(ids), dtype=lz.dt)
@@ -753,9 +810,10 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
             fl, a_, b_ = ids[best], ia[best], ib[best]
             rows.append(_diff_rows(sa, sb, i, fl, a_, b_, D))
     stats = {"method": "screened" if m < n_units else "exhaustive", "screen": m,
-             "n_units": int(n_units), "n_exact_total": int(m * n),
+             "n_units": int(n_units), "n_exact_total": int(n_done),
              "seconds": time.perf_counter() - t0}
-    df = pd.concat(rows, ignore_index=True)
+    df = _expert_rows(view, {"_a": sa, "_b": sb}, pd.concat(rows, ignore_index=True),
+                      _row_cases(rows))
     df.attrs["meta"] = {"lens": "frozen", "comparison": "inputs",
                         "target": target if isinstance(target, str) else "ids",
                         "layers": layer_list, "stats": stats, "model": view.summary()}

@@ -103,12 +103,8 @@ class NeuronScores:
                            "layer": layer, "kind": "ffn", "neuron": index,
                            "coef": coef, "importance": imp[idx]})
         if self.route is not None and self.shape is not None:
-            expert, inner = self.shape.expert_labels(layer, index)
-            route = self.route.numpy().reshape(-1)[idx]
-            df.insert(3, "expert", expert)
-            df.insert(5, "index", inner)
-            df["coef"] = np.where(np.isnan(route), coef, coef / route)
-            df.insert(7, "route", route)
+            df = expert_columns(df, self.shape,
+                                {"coef": ("route", self.route.numpy().reshape(-1)[idx])})
         if top is None:
             return df
         order = np.lexsort((index, layer, -imp[idx], case))
@@ -336,17 +332,34 @@ def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
                            ("coef_b", coef_b), ("diff", diff))}})
     df.insert(1, "rank", df.groupby(case, sort=False).cumcount().to_numpy() + 1)
     if shape is not None and shape.is_moe:
-        expert, inner = shape.expert_labels(layer, neuron)
-        df.insert(3, "expert", expert)
-        df.insert(5, "index", inner)
-        for run, route in (("a", route_a), ("b", route_b)):
-            if route is not None:
-                r = as_numpy(route)[pos]
-                with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: not routed
-                    df[f"coef_{run}"] = np.where(np.isnan(r), df[f"coef_{run}"],
-                                                 df[f"coef_{run}"] / r)
-                df.insert(df.columns.get_loc("diff"), f"route_{run}", r)
+        df = expert_columns(df, shape, {f"coef_{run}": (f"route_{run}", as_numpy(route)[pos])
+                                        for run, route in (("a", route_a), ("b", route_b))
+                                        if route is not None})
     return df, case
+
+
+def expert_columns(df: pd.DataFrame, shape: ModelShape,
+                   routes: dict[str, tuple[str, np.ndarray]] | None = None) -> pd.DataFrame:
+    """A neuron table (``layer`` and flat ``neuron`` columns) of a mixture-of-experts model
+    with ``expert`` (a string: empty for dense layers, ``S`` for the shared expert) before
+    ``neuron`` and ``index`` (the neuron inside its expert, ``L.E.N``) after it. ``routes``:
+    per weighted-coefficient column, ``(route column, each row's router weight)``: the
+    column becomes the neuron's own coefficient (weighted over router weight; NaN where
+    not routed, unchanged in dense layers, whose weight is NaN) and the router weights
+    follow the last coefficient column. The one layout of every expert-aware table."""
+    df = df.copy()
+    expert, inner = shape.expert_labels(df["layer"].to_numpy(), df["neuron"].to_numpy())
+    at = df.columns.get_loc("neuron")
+    df.insert(at, "expert", expert)
+    df.insert(at + 2, "index", inner)
+    routes = routes or {}
+    after = max((df.columns.get_loc(col) for col in routes), default=0)
+    for col, (name, r) in routes.items():
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: not routed
+            df[col] = np.where(np.isnan(r), df[col], df[col] / r)
+        after += 1
+        df.insert(after, name, r)
+    return df
 
 
 def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
@@ -360,5 +373,5 @@ def diff_frame(a: NeuronScores, b: NeuronScores, top: int | None = None,
                        route_b=getattr(b, "route", None))[0]
 
 
-__all__ = ["RANKINGS", "NeuronScores", "diff_frame", "position_scores", "rank_key", "rank_order",
-           "ranked_rows", "score_heads", "score_neurons"]
+__all__ = ["RANKINGS", "NeuronScores", "diff_frame", "expert_columns", "position_scores",
+           "rank_key", "rank_order", "ranked_rows", "score_heads", "score_neurons"]

@@ -159,19 +159,26 @@ def routing_frame(view: ModelView, states_a: CaseStates, states_b: CaseStates,
     ``weight_b`` (0: not routed in that run; the shared expert, ``S``, always is: its gate).
     ``changed``: whether the case's routed experts of that layer differ between the runs;
     ``changed_only`` keeps only those layers. Empty for a dense model."""
-    cols = ["case", "layer", "expert", "weight_a", "weight_b", "changed"]
-    if states_a.route is None or states_b.route is None:
-        return pd.DataFrame(columns=cols)
-    if states_a.case_ids != states_b.case_ids:
+    if states_a.route is not None and states_a.case_ids != states_b.case_ids:
         raise CnaError("runs A and B cover different cases: cannot compare their routing")
+    return route_table(view, states_a.case_ids, states_a.route, states_b.route, changed_only)
+
+
+def route_table(view: ModelView, case_ids: Sequence[str], route_a: torch.Tensor | None,
+                route_b: torch.Tensor | None, changed_only: bool = True) -> pd.DataFrame:
+    """``routing_frame`` of two runs' router weights (each (n, n_layers, routes), as
+    ``CaseStates.route``; None for a dense model: an empty table) over ``case_ids``."""
+    cols = ["case", "layer", "expert", "weight_a", "weight_b", "changed"]
+    if route_a is None or route_b is None:
+        return pd.DataFrame(columns=cols)
     rows = []
-    ids = np.asarray(states_a.case_ids, dtype=object)
+    ids = np.asarray(case_ids, dtype=object)
     for layer in range(view.n_layers):
         lay = view.layout(layer)
         if lay is None:
             continue
-        wa = states_a.route[:, layer, :lay.n_routes]
-        wb = states_b.route[:, layer, :lay.n_routes]
+        wa = route_a[:, layer, :lay.n_routes]
+        wb = route_b[:, layer, :lay.n_routes]
         changed = ((wa[:, :lay.n_experts] != 0) != (wb[:, :lay.n_experts] != 0)).any(-1)
         keep = (wa != 0) | (wb != 0)
         if changed_only:
@@ -250,5 +257,5 @@ def describe_run(view: ModelView, lens: str, target: Target, states: CaseStates,
 
 
 __all__ = ["TARGETS", "CaseStates", "Target", "as_numpy", "case_states", "check_targets",
-           "concat_states", "describe_run", "frozen_scale", "neuron_routes", "routing_frame",
-           "scales_for", "targets_for"]
+           "concat_states", "describe_run", "frozen_scale", "neuron_routes", "route_table",
+           "routing_frame", "scales_for", "targets_for"]

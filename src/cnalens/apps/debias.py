@@ -26,9 +26,10 @@ those pairs, then by (layer, neuron). With several K
 (``top_k=(5, 10, 20, 50)``) each K gives a set, and the set with the smallest metric on the
 SELECTION pairs is edited (ties: the smaller K); the held-out templates never take part.
 
-Edit. The chosen neurons' value vectors (down-projection columns) are set to zero in the
-weights; ``inputs=True`` also zeroes their input rows (gate and up projections, with their
-bias entries), so the coefficient itself is 0. Either way the model equals the original
+Edit. The chosen neurons' value vectors (down-projection columns; an expert's columns of
+its ``down_proj[e]``) are set to zero in the weights; ``inputs=True`` also zeroes their
+input rows (gate and up projections, with their bias entries), so the coefficient itself
+is 0. Either way the model equals the original
 under ``ZeroNeurons`` of those neurons. Controls: the same number of random neurons with
 the same count per layer, one draw per seed. Costs: 1-digit arithmetic accuracy (``acc``)
 on a seeded sample, and perplexity on the shipped neutral sentences
@@ -334,34 +335,12 @@ def check_n(view: ModelView, n: int, layers: Sequence[int] | None) -> None:
 
 
 # --------------------------------------------------------------------------- the edit
-def _stores_in_out(mod: torch.nn.Module) -> bool:
-    """Whether a projection stores its weight as (in, out) (transformers' ``Conv1D``, as
-    in GPT-2) rather than (out, in) (``nn.Linear``): the module's own layout."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(mod, Conv1D)
-
-
-def _columns(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, neuron axis) of the down projection: the value vectors (its inputs)."""
-    mod = view.module(layer, "down_proj")
-    return [(mod.weight, 0 if _stores_in_out(mod) else 1)]
-
-
-def _input_rows(view: ModelView, layer: int) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, neuron axis) of the FFN's input projections (gate, up: one output per
-    neuron, or two in a fused gate | up: ``ModelView.ffn_in_rows``) and their biases."""
-    out = []
-    for mod in view.ffn_in(layer):
-        out.append((mod.weight, 1 if _stores_in_out(mod) else 0))
-        if getattr(mod, "bias", None) is not None:
-            out.append((mod.bias, 0))
-    return out
-
-
 def zero_edit(view: ModelView, neurons: Sequence[Neuron], inputs: bool = False) -> list:
-    """Zero the neurons' value vectors (and with ``inputs`` their gate/up rows) in the
-    weights, in place; returns what ``restore_edit`` needs."""
+    """Zero the neurons' value vectors (and with ``inputs`` the rows that compute them: gate
+    and up, both halves of a fused gate | up, their biases; an expert's ``gate_up_proj``
+    rows) in the weights, in place, where ``ModelView.neuron_weights`` says they are (an
+    expert's neuron: its columns of ``down_proj[e]``); returns what ``restore_edit``
+    needs."""
     view.check_neurons(neurons)
     saved = []
     by_layer: dict[int, list[int]] = {}
@@ -370,11 +349,7 @@ def zero_edit(view: ModelView, neurons: Sequence[Neuron], inputs: bool = False) 
     with torch.no_grad():
         for layer, ns in by_layer.items():
             idx = torch.tensor(sorted(set(ns)), dtype=torch.long)
-            targets = [(t, axis, idx) for t, axis in _columns(view, layer)]
-            if inputs:  # every row of the input projections a neuron owns
-                rows = view.ffn_in_rows(layer, idx)
-                targets += [(t, axis, rows) for t, axis in _input_rows(view, layer)]
-            for t, axis, where in targets:
+            for t, axis, where in view.neuron_weights(layer, idx, inputs):
                 i = where.to(t.device)
                 saved.append((t, axis, i, t.index_select(axis, i).clone()))
                 t.index_fill_(axis, i, 0.0)

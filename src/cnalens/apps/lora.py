@@ -217,7 +217,12 @@ def target_names(view: ModelView, layers: Sequence[int],
             elif t == "qkv":
                 mods = [m for m in attn_proj if m is not o_proj]
             elif t in ("o_proj", "down_proj"):
-                mods = [view.module(layer, t)]
+                mod = view.module(layer, t)
+                if mod is None and t == "down_proj" and view.is_moe(layer):
+                    raise CnaError(f"LoRA target 'down_proj': layer {layer} is a mixture of "
+                                   "experts, whose down projections are fused 3-D parameters "
+                                   "(no linear module): target attn, qkv or o_proj there")
+                mods = [] if mod is None else [mod]
             else:
                 mods = [m for n, m in block.named_modules()
                         if (n == t or n.endswith("." + t)) and _is_projection(m)]

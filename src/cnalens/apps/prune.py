@@ -9,7 +9,9 @@
    every other neuron of those layers is pruned. A neuron is in the union for N exactly
    when its best rank over the cases is below N, so the union's size for every N is one
    sort of those best ranks: ``choose_n`` finds the N that prunes closest to a fraction.
-   Each deep layer keeps at least its best-ranked neuron (a layer cannot be empty).
+   Each deep layer keeps at least its best-ranked neuron (a layer cannot be empty). In a
+   mixture-of-experts layer the union becomes what the fused experts can hold
+   (``fit_experts``: one width for the kept experts, chosen by their best neurons).
 2. **Pruning** removes the neurons for real (``cnalens.models.pruned``): smaller matrices,
    a smaller file, a faster model; ``load_model(DIR)`` loads it back.
 3. **Experiment.** A fresh LoRA with the given adapter's settings is trained on the pruned
@@ -20,7 +22,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +36,7 @@ from cnalens.data.cases import Case, Cases, Encoded, as_encoded
 from cnalens.errors import CnaError
 from cnalens.models.pruned import (  # noqa: F401 (re-exported)
     PRUNING_FILE,
+    expert_keep,
     load_pruned,
     prune_ffn,
     save_pruned,
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from cnalens.apps.lora import Adapter, LoraSettings
     from cnalens.cna import Comparison
     from cnalens.models import ModelView
+    from cnalens.models.shape import ExpertLayout, ModelShape
 
 Keep = dict[int, torch.Tensor]
 
@@ -79,6 +83,13 @@ class Ranking:
                 chosen[i[self.best[i].argmin()]] = True
         return {layer: self.units[chosen & (self.units[:, 0] == layer), 1]
                 for layer in self.layers}
+
+    def order(self, layer: int) -> torch.Tensor:
+        """One deep layer's neurons best first (best rank, ties by neuron): the ranking
+        ``pruned.expert_keep`` reads in a mixture-of-experts layer (``fit_experts``)."""
+        units = self.units[self.units[:, 0] == layer]
+        best = self.best[self.units[:, 0] == layer]
+        return units[torch.argsort(best, stable=True), 1]
 
     def union_size(self, n: int) -> int:
         return int((self.best < n).sum())
@@ -126,11 +137,54 @@ def lora_ranking(view: ModelView, adapter: Adapter, cases: Cases, deep_from: int
     return rank_deep(comp, range(deep_from, view.n_layers), list(view.ffn_widths))
 
 
-def random_keep(counts: dict[int, int], widths: Sequence[int], seed: int) -> Keep:
-    """Random neurons, the same number per layer as ``counts``."""
+def expert_sizes(layout: ExpertLayout, idx: torch.Tensor) -> tuple[int, int, int]:
+    """``(experts, width, shared)`` of a mixture-of-experts layer's kept flat neurons
+    ``idx``: the routed experts holding one, the most kept of one routed expert, the shared
+    expert's kept (what ``pruned.expert_keep`` takes to keep the same shape)."""
+    route = layout.route_of()[torch.as_tensor(idx, dtype=torch.long)]
+    routed = route[route < layout.n_experts]
+    per = torch.bincount(routed, minlength=layout.n_experts)
+    return int((per > 0).sum()), int(per.max()) if len(routed) else 0, \
+        int((route == layout.n_experts).sum())
+
+
+def fit_experts(view: ModelView, keep: Keep, order: Callable[[int], torch.Tensor]) -> Keep:
+    """``keep`` with each mixture-of-experts layer's neurons made prunable (one width for
+    the kept experts, at least top-k of them, one neuron of a shared expert): about as many
+    neurons (``expert_sizes``: as many experts as hold a kept neuron, their mean count
+    each, the shared expert's count) chosen by ``pruned.expert_keep`` from ``order(layer)``
+    (that layer's flat neurons, best first). Dense layers stay as they are."""
+    out = dict(keep)
+    for layer, idx in keep.items():
+        lay = view.layout(layer)
+        if lay is None or len(idx) == lay.n_neurons:
+            continue
+        experts, _, shared = expert_sizes(lay, idx)
+        n_routed = len(idx) - shared
+        experts = min(lay.n_experts, max(experts, lay.top_k))
+        width = min(lay.width, max(1, round(n_routed / experts)))
+        out[layer] = expert_keep(view, layer, order(layer), width, experts,
+                                 max(1, shared) if lay.shared else 0)
+    return out
+
+
+def random_keep(counts: dict[int, int], widths: Sequence[int], seed: int,
+                view: ModelView | None = None, like: Keep | None = None) -> Keep:
+    """Random neurons, the same number per layer as ``counts``. With ``view`` and ``like``
+    (the keep to match), a mixture-of-experts layer keeps as many random experts, as many
+    random neurons of each, and as many of the shared expert's, as ``like`` does
+    (``expert_sizes``; ``pruned.expert_keep`` of a random order)."""
     gen = torch.Generator().manual_seed(int(seed))
-    return {layer: torch.randperm(widths[layer], generator=gen)[:k].sort().values
-            for layer, k in sorted(counts.items())}
+    out = {}
+    for layer, k in sorted(counts.items()):
+        perm = torch.randperm(widths[layer], generator=gen)
+        lay = None if view is None or like is None else view.layout(layer)
+        if lay is None:
+            out[layer] = perm[:k].sort().values
+            continue
+        experts, width, shared = expert_sizes(lay, like[layer])
+        out[layer] = expert_keep(view, layer, perm, width, experts, shared)
+    return out
 
 
 def counts(keep: Keep) -> dict[int, int]:
@@ -142,9 +196,17 @@ def pruned_fraction(keep: Keep, widths: Sequence[int]) -> float:
     return 1 - sum(len(v) for v in keep.values()) / total
 
 
-def keep_frame(keep: Keep, variant: str, seed: int | None = None) -> pd.DataFrame:
+def keep_frame(keep: Keep, variant: str, seed: int | None = None,
+               shape: ModelShape | None = None) -> pd.DataFrame:
+    """The kept neurons as rows: variant, seed, layer, neuron (flat); a mixture-of-experts
+    model's ``shape`` adds ``expert`` and ``index`` (``scores.expert_columns``)."""
     rows = [(variant, seed, layer, int(n)) for layer, idx in keep.items() for n in idx.tolist()]
-    return pd.DataFrame(rows, columns=["variant", "seed", "layer", "neuron"])
+    df = pd.DataFrame(rows, columns=["variant", "seed", "layer", "neuron"])
+    if shape is not None and shape.is_moe:
+        from cnalens.scores import expert_columns
+
+        df = expert_columns(df, shape)
+    return df
 
 
 # --------------------------------------------------------------------------- speed
@@ -166,11 +228,10 @@ def forward_seconds(views: Sequence[ModelView], enc: Sequence[Encoded], batch_si
 
 
 def ffn_params(view: ModelView, layers: Sequence[int] | None = None) -> int:
-    """Parameters of the FFN matrices (input projections, down projection, their biases)."""
+    """Parameters of the FFNs (``ModelView.ffn_parameters``: input projections, down
+    projection, their biases; a mixture's router, experts and shared expert)."""
     layers = range(view.n_layers) if layers is None else layers
-    return sum(p.numel() for layer in layers
-               for m in (*view.ffn_in(layer), view.module(layer, "down_proj"))
-               for p in m.parameters(recurse=False))
+    return sum(p.numel() for layer in layers for p in view.ffn_parameters(layer))
 
 
 # --------------------------------------------------------------------------- experiment

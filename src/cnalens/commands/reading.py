@@ -23,7 +23,7 @@ from cnalens.cli import (
     print_table,
 )
 from cnalens.errors import CnaError
-from cnalens.names import parse_ints, parse_list, parse_units
+from cnalens.names import parse_ints, parse_list, parse_neurons, parse_units
 
 
 # ----------------------------------------------------------------- cnalens neuron
@@ -50,7 +50,8 @@ def _write_table(out: Path, stem: str, df, meta: dict) -> None:
 @app.command()
 def neuron(
     neurons: Annotated[list[str] | None, typer.Argument(
-        help="FFN neurons L.N (0-based), e.g. 16.1234 5.77")] = None,
+        help="FFN neurons L.N (0-based), e.g. 16.1234 5.77; L.E.N (expert E) or L.S.N "
+             "(shared expert) in a mixture-of-experts layer")] = None,
     model: ModelOpt = "gemma3-270m",
     case: Annotated[str | None, typer.Option(
         help='a prompt, e.g. "3+5=": coefficient, importance and which side the sign '
@@ -78,7 +79,9 @@ def neuron(
 ) -> None:
     """Top and bottom tokens of FFN neurons' value vectors (untransformed and through
     upper attention layers), or of a head's OV circuit (--head L.H alone)."""
-    units = parse_units(",".join(neurons), "neurons") if neurons else []
+    from cnalens.models.load import model_shape
+
+    units = parse_neurons(",".join(neurons), "neurons", model_shape(model)) if neurons else []
     hd = _one_head(head)
     layers = parse_ints(transform_layer, "transform-layer") if transform_layer else []
     if not units and hd is None:
@@ -111,6 +114,9 @@ def neuron(
             scale_note = scales.source + " (1-digit + and -)"
     df = read_neurons(view, units, case=enc, target=tgt, transform_layers=layers, head=hd,
                       sign=sign, k=k, position=position, scales=scales)
+    # L.E.N / L.S.N in a mixture-of-experts layer (``index`` is the flat one)
+    df["neuron"] = [view.shape.neuron_name(a, b) for a, b in zip(df["layer"], df["index"],
+                                                                  strict=True)]
     show = df.assign(tokens=[" | ".join(t) for t in df["tokens"]])
     cols = ["neuron", "view", "side", *(["coef", "importance"] if enc is not None else []),
             "tokens"]

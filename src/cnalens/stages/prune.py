@@ -21,6 +21,7 @@ from cnalens.apps.prune import (
     counts,
     ffn_params,
     find_adapter,
+    fit_experts,
     keep_frame,
     lora_ranking,
     prune_ffn,
@@ -102,11 +103,12 @@ def run_prune(view: ModelView, fresh: Callable[[], ModelView], lora_dir: Path, o
     finally:
         unload_lora(adapter)
     n_top = keep_top if keep_top is not None else ranking.choose_n(prune_fraction)
-    keep = ranking.keep(n_top)
+    # the union of the cases' top-N; mixture-of-experts layers as their experts can hold it
+    keep = fit_experts(view, ranking.keep(n_top), ranking.order)
     t = lap("select", t)
     per_layer = counts(keep)
     variants = [("cna", None, keep)] + [
-        ("random", s, random_keep(per_layer, widths, s)) for s in seeds]
+        ("random", s, random_keep(per_layer, widths, s, view, keep)) for s in seeds]
     sizes: dict = {}
     histories: dict = {}
 
@@ -115,8 +117,8 @@ def run_prune(view: ModelView, fresh: Callable[[], ModelView], lora_dir: Path, o
         stopped keeps its finished rows; ``complete`` says whether every variant ran)."""
         table = pd.DataFrame(rows)
         table.insert(0, "model", view.info.get("spec"))
-        neurons = pd.concat([keep_frame(kp, kind, seed) for kind, seed, kp in variants],
-                            ignore_index=True)
+        neurons = pd.concat([keep_frame(kp, kind, seed, view.shape)
+                             for kind, seed, kp in variants], ignore_index=True)
         write_csv(out / "prune_neurons.csv", neurons)
         write_csv(out / "prune_cases.csv", pd.concat(cases, ignore_index=True))
         write_csv(out / "prune_summary.csv", prune_summary(table))
