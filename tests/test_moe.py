@@ -561,6 +561,11 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     assert list(dict.fromkeys(pd.read_csv(out / "neuron.csv")["neuron"])) == names
     top = pd.read_csv(out / "cna_neurons.csv", dtype={"expert": str})
     assert {"expert", "index", "route_a", "route_b"} <= set(top.columns)
+    routing = pd.read_csv(out / "cna_routing.csv", dtype={"expert": str})  # maybe empty
+    assert {"case", "layer", "weight_a", "weight_b"} <= set(routing.columns)
+    debias = json.loads((out / "debias" / "debias.json").read_text())
+    assert all(n["name"] == f"{n['layer']}.{n['neuron']}" or n["name"].count(".") == 2
+               for n in debias["neurons"])
     sizes = json.loads((out / "prune" / "prune.json").read_text())["sizes"]
     assert sizes["reload_max_abs_diff"] < 1e-5 and sizes["ffn_params_removed"] > 0
     kept = pd.read_csv(out / "prune" / "prune_neurons.csv", dtype={"expert": str})
@@ -629,3 +634,19 @@ def test_certified_topk_and_cna_equal_exhaustive(name, one_thread):
     ex = S.diff_frame(a, b, top=6)
     assert list(zip(ex.case, ex.layer, ex.neuron, strict=True)) == \
         list(zip(got.case, got.layer, got.neuron, strict=True))
+
+
+def test_a_lora_on_the_shared_experts_down_projection_changes_value_vectors():
+    """CNA of a LoRA model scores two runs on one projection of the value vectors only
+    where the LoRA leaves them alone: a LoRA on Qwen2-MoE's shared expert's down
+    projection is seen."""
+    from peft import LoraConfig, get_peft_model
+
+    from cnalens.cna import _lora_down
+
+    view = ModelView(tiny_model("qwen2_moe", dtype=torch.float32), TinyTokenizer())
+    assert _lora_down(view, None) == []
+    get_peft_model(view.model, LoraConfig(r=2, target_modules=["shared_expert.down_proj"]))
+    moe_layers = [x for x in range(view.n_layers) if view.is_moe(x)
+                  and view.moe_module(x, "shared_expert") is not None]
+    assert moe_layers and _lora_down(view, None) == moe_layers

@@ -757,8 +757,15 @@ def _lora_down(view: ModelView, layers: Sequence[int] | None) -> list[int]:
     there the two runs' value vectors differ."""
     from peft.tuners.lora import LoraLayer
 
+    def carries(x: int) -> bool:
+        if isinstance(view.module(x, "down_proj"), LoraLayer):
+            return True
+        shared = view.moe_module(x, "shared_expert") if view.is_moe(x) else None
+        down = getattr(shared, "down_proj", None)
+        return isinstance(down, LoraLayer)  # a mixture's shared expert (Qwen2-MoE)
+
     layers = range(view.n_layers) if layers is None else layers
-    return [x for x in layers if isinstance(view.module(x, "down_proj"), LoraLayer)]
+    return [x for x in layers if carries(x)]
 
 
 def _adapter_scores(view: ModelView, peft_model, a, b, target, scale, kw: dict

@@ -64,7 +64,8 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
     top-K are scored exactly; coefficients stay complete for verification. Lens
     faithfulness takes run A's own certified top-10 (``certified.certified_topk``, layers
     from the shallowest head up). Writes
-    cna_neurons.csv (each case's top-K), verification.csv and cna.json. With
+    cna_neurons.csv (each case's top-K), verification.csv and cna.json, and on a mixture
+    of experts cna_routing.csv (the experts whose routing differs between the runs). With
     ``heldout_by_op``, verification adds ``heldout_zero_topk``: the K neurons most frequent
     in the top-K of the CNA cases outside the held-out set, zeroed on the held-out cases
     the model answers correctly. ``positions``: where verification's neuron interventions
@@ -118,7 +119,7 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
     first = min(heads_by_op[op][0] for op in encs)
     top = max(ks)
     console.print(f"[bold]cna[/]: certified top-{top} of {n} cases x 2 runs (deep layers)")
-    frames, vers, faiths, methods = [], [], [], set()
+    frames, vers, faiths, methods, routings = [], [], [], set(), []
     for op, enc in encs.items():
         head = heads_by_op[op]
         name = group_name(op)
@@ -142,6 +143,11 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
                    **{c: e.case.labels.get(c) for c in label_cols if c not in group}}
                   for e in enc]
         frames.append(comp.frame(top, by, deep, labels))
+        if view.shape.is_moe:  # which experts each case routes to, in A and in B
+            route = comp.routing()
+            for c, v in reversed(group.items()):
+                route.insert(0, c, v)
+            routings.append(route)
         # run A's own top-10 (the layers from the shallowest head up), certified
         top_a, _ = certified_topk(view, enc, 10, layers=range(first, view.n_layers),
                                   batch_size=batch_size)
@@ -193,6 +199,8 @@ def cna_stage(view: ModelView, out: Path, cases_by_op: dict[str, list[Case]],
         ver.insert(0, "model", view.info.get("spec"))
         vers.append(ver)
     write_csv(out / "cna_neurons.csv", pd.concat(frames, ignore_index=True))
+    if routings:
+        write_csv(out / "cna_routing.csv", pd.concat(routings, ignore_index=True))
     write_csv(out / "faithfulness.csv", pd.concat(faiths, ignore_index=True))
     ver_df = pd.concat(vers, ignore_index=True)
     write_csv(out / "verification.csv", ver_df)

@@ -147,7 +147,9 @@ def run_debias(view: ModelView, out: Path, *, n_neurons: int = 18,
     table = table[["target", "group", "template", "split", "edit", "seed", "gap_before",
                    "gap_after", "abs_before", "abs_after", "lean"]]
     times["total"] = time.perf_counter() - t0
-    top = frame.assign(name=frame["layer"].astype(str) + "." + frame["neuron"].astype(str))
+    unit_name = view.shape.neuron_name  # L.N, or L.E.N / L.S.N in an experts layer
+    top = frame.assign(name=[unit_name(int(a), int(b))
+                             for a, b in zip(frame["layer"], frame["neuron"], strict=True)])
     summary = {
         "task": "pairs" if pairs_file is not None else "gender",
         "groups": [f"{n}-leaning" for n in names],
@@ -157,12 +159,12 @@ def run_debias(view: ModelView, out: Path, *, n_neurons: int = 18,
         "top_k": best["k"],
         "scoring": _scoring(frame.attrs.get("meta", {}), screen),
         "k_search": [{"k": r["k"], "select_metric": r["select_metric"],
-                      "neurons": [f"{a}.{b}" for a, b in r["neurons"]]} for r in search],
-        "neurons": [{"name": f"{a}.{b}", "layer": a, "neuron": b, "count": int(c),
+                      "neurons": [unit_name(a, b) for a, b in r["neurons"]]} for r in search],
+        "neurons": [{"name": unit_name(a, b), "layer": a, "neuron": b, "count": int(c),
                      "sum_diff": float(d)} for a, b, c, d in
                     zip(chosen["layer"], chosen["neuron"], chosen["count"], chosen["sum_diff"],
                         strict=True)],
-        "random_neurons": {str(seed + 1 + s): [f"{a}.{b}" for a, b in v]
+        "random_neurons": {str(seed + 1 + s): [unit_name(a, b) for a, b in v]
                            for s, v in random_sets.items()},
         "costs": costs,
         "professions": None if prof is None else prof.to_dict("records"),
