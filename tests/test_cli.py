@@ -43,6 +43,10 @@ def run(capsys, *argv):
     (["debias", "--model", "smollm2-135m", "--layers", "0-30"], "layer 30 out of range"),
     (["cna", "--model", "smollm2-135m"], "no --head"),
     (["cna", "--model", "smollm2-135m", "--head", "3.99"], "out of range"),
+    (["cna", "--head", "1.1", "--digits", "5"], "--digits takes 1, 2 or 3"),
+    (["cna", "--head", "1.1", "--positions", "all,all"], "--positions takes"),
+    (["cna", "--head", "1.1", "--positions", "first"], "--positions takes"),
+    (["cna", "--head", "1.1", "--cases", "x.jsonl", "--negative"], "not with --cases"),
     (["report", "/no/such/results"], "run.json missing"),
 ])
 def test_bad_input_one_line(capsys, tmp_path, monkeypatch, argv, msg):

@@ -370,3 +370,18 @@ def test_random_controls_draw_routed_neurons_only_in_experts_layers():
     for seed in range(5):
         r = random_like(mask, torch.Generator().manual_seed(seed), pool)
         assert not (r & ~pool).any()
+
+
+def test_cna_cases_of_two_digit_pairs():
+    from cnalens.stages.cna import cna_cases
+
+    train, test = cna_cases(["+"], 6, digits=2)
+    assert len(train["+"]) == 6 and len(test["+"]) == 6  # held-out sampled too
+    pairs = [c.question for c in train["+"] + test["+"]]
+    assert all(len(q.split("+")[0]) == 2 and len(q.split("+")[1].rstrip("=")) == 2
+               for q in pairs)
+    assert not {c.question for c in train["+"]} & {c.question for c in test["+"]}
+    one, held = cna_cases(["-"], None, split="all", negative=True)
+    assert len(one["-"]) > 90  # negative differences too (the few-shot pairs left out)
+    ids = {c.case_id for c in one["-"]}
+    assert 40 < len(held["-"]) < 60 and {c.case_id for c in held["-"]} <= ids

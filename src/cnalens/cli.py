@@ -311,6 +311,9 @@ def cna(
     negative: Annotated[bool, typer.Option(help=(
         "subtraction pairs with negative differences too (100 pairs instead of 55); not "
         "with --cases"))] = False,
+    digits: Annotated[int, typer.Option(help=(
+        "operand digits of the CNA cases (1: the paper's; 2: where a head found on 2-digit "
+        "cases matters); not with --cases"))] = 1,
     seed: int = 0,
     out: OutOpt = Path("results/cna"),
     batch_size: BatchOpt = 32,
@@ -338,13 +341,17 @@ def cna(
         raise CnaError(f"--positions takes {', '.join(POSITIONS)} or {','.join(POSITIONS)} "
                        f"(got {positions})")
     cols, labels = ("op",), ()
-    settings = {"ops": op_list, "n": n, "seed": seed, "split": split, "negative": negative}
+    if not 1 <= digits <= 3:
+        raise CnaError(f"--digits takes 1, 2 or 3 (got {digits})")
+    settings = {"ops": op_list, "n": n, "seed": seed, "split": split, "negative": negative,
+                "digits": digits}
     if cases is not None:
         from cnalens.data import load_cases
         from cnalens.evaluate import group_keys, label_columns
 
-        if split != "train" or negative:
-            raise CnaError("--split and --negative choose arithmetic pairs: not with --cases")
+        if split != "train" or negative or digits != 1:
+            raise CnaError("--split, --negative and --digits choose arithmetic pairs: not "
+                           "with --cases")
         custom = load_cases(cases)
         keys = group_keys(custom, group_by, ("op",))  # bad columns before loading the model
         labels = tuple(label_columns(custom))
@@ -372,7 +379,7 @@ def cna(
     view = load_view(model, device, dtype, device_map, quiet, heads=heads_by_op.values())
     t0 = time.perf_counter()
     by_op, heldout = (by_group, None) if cases is not None else cna_cases(
-        op_list, n, seed, split, negative)
+        op_list, n, seed, split, negative, digits)
     ver = cna_stage(view, out, by_op, heads_by_op, ks, seeds, by, batch_size,
                     progress=not quiet, settings=settings, heldout_by_op=heldout,
                     group_cols=cols, label_cols=labels, positions=where, mediate=mediation)

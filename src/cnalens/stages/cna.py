@@ -27,16 +27,19 @@ HELDOUT_FRACTION = 0.5  # of each op's 1-digit operand pairs, kept for held-out 
 
 
 def cna_cases(ops: Sequence[str], n: int | None, seed: int = 0, split: str = "train",
-              negative: bool = False) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
-    """Per op: ``n`` sampled 1-digit ``eq`` cases of ``split`` (CNA is run on them: "train",
-    or "all" the pairs) and every case of the held-out split ("test", the other half of the
-    pairs: held-out verification chooses its neurons on the CNA cases outside it).
+              negative: bool = False, digits: int = 1
+              ) -> tuple[dict[str, list[Case]], dict[str, list[Case]]]:
+    """Per op: ``n`` sampled ``digits``-digit ``eq`` cases of ``split`` (CNA is run on
+    them: "train", or "all" the pairs) and the held-out split ("test", the other half of
+    the pairs: held-out verification chooses its neurons on the CNA cases outside it):
+    every 1-digit case of it, or ``n`` sampled for more digits (4,050 2-digit pairs).
     ``negative``: subtraction pairs with negative differences too (100 pairs, not 55)."""
-    train = {op: arithmetic_cases([op], (1,), ("eq",), n=n, seed=seed, split=split,
+    train = {op: arithmetic_cases([op], (digits,), ("eq",), n=n, seed=seed, split=split,
                                   test_fraction=HELDOUT_FRACTION, negative=negative)
              for op in ops}
-    test = {op: arithmetic_cases([op], (1,), ("eq",), split="test",
-                                 test_fraction=HELDOUT_FRACTION, negative=negative)
+    test = {op: arithmetic_cases([op], (digits,), ("eq",), n=None if digits == 1 else n,
+                                 seed=seed, split="test", test_fraction=HELDOUT_FRACTION,
+                                 negative=negative)
             for op in ops}
     return train, test
 
