@@ -512,8 +512,7 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     hold (and reloads the same), ``debias`` edits experts' neurons."""
     import json
 
-    from cnalens.cli import main
-    from test_new_families import _own_cases, _save
+    from test_new_families import _own_cases, _save, run_every_command
 
     monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
@@ -521,41 +520,8 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     assert view.model.config._experts_implementation == "grouped_mm"
     cases = tmp_path / "cases.jsonl"
     _own_cases(view, cases)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"prompt_a": "he is a", "prompt_b": "she is a", "targets": ["x", "y"]}\n'
-                     '{"prompt_a": "his job:", "prompt_b": "her job:", "targets": ["x", "y"],'
-                     ' "split": "heldout"}\n')
     names = ["0.3.2", "2.5.11"] + (["1.7", "2.S.19"] if name == "qwen2_moe" else [])
-    out = tmp_path / "out"
-    m = ["--model", str(model), "-q"]
-    commands = {
-        "info": (["info", "--model", str(model)], None),
-        "eval": (["eval", *m, "--ops", "+", "--n", "3", "--out", str(out)], "eval.csv"),
-        "heads": (["heads", *m, "--ops", "+", "--n", "3", "--out", str(out)], "heads.csv"),
-        "cna": (["cna", *m, "--cases", str(cases), "--head", "1.1", "--top-k", "2",
-                 "--seeds", "1", "--out", str(out)], "cna_neurons.csv"),
-        "neuron": (["neuron", *m, *names, "--case", "3+5=", "--transform-layer", "2", "--k",
-                    "3", "--out", str(out)], "neuron.csv"),
-        "shallow": (["shallow", *m, "--deep-from", "2", "--null", "8", "--n", "2", "--seeds",
-                     "1", "--m", "1", "--top-tokens", "5", "--out", str(out)], "shallow.csv"),
-        "explain": (["explain", *m, "3+5=", "--head", "1.1", "--top", "3", "--shots", "0",
-                     "--out", str(out)], "explain.csv"),
-        "lora": (["lora", *m, "--layer", "1", "--n-train", "16", "--n-test", "8",
-                  "--batch-size", "8", "--n-cna", "2", "--top-k", "2", "--seeds", "1",
-                  "--deep-from", "2", "--out", str(out)], "lora.csv"),
-        "prune": (["prune", *m, "--lora", str(out), "--keep-top", "3", "--deep-from", "1",
-                   "--n", "2", "--seeds", "1", "--no-train", "--out", str(out / "prune")],
-                  "prune/prune.csv"),
-        "debias": (["debias", *m, "--pairs", str(pairs), "--n-neurons", "2", "--top-k", "2",
-                    "--seeds", "1", "--cost-n", "2", "--out", str(out / "debias")],
-                   "debias/debias.csv"),
-    }
-    for what, (argv, csv) in commands.items():
-        rc = main(argv)
-        err = capsys.readouterr().err
-        assert rc == 0, f"{what}: {err}"
-        if csv is not None:
-            assert len(pd.read_csv(out / csv)), what
+    out = run_every_command(model, tmp_path, cases, names, capsys)
     model_meta = json.loads((out / "cna.json").read_text())["model"]
     assert model_meta["n_experts"] == E and model_meta["experts_per_token"] == K
     assert list(dict.fromkeys(pd.read_csv(out / "neuron.csv")["neuron"])) == names

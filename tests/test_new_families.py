@@ -158,13 +158,10 @@ def _own_cases(view: ModelView, path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_every_command_on_a_tiny_model(name, tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
-    model = tmp_path / "model"
-    view = _save(name, model)
-    cases = tmp_path / "cases.jsonl"
-    _own_cases(view, cases)
+def run_every_command(model, tmp_path, cases, neurons, capsys):
+    """Every command on the tiny model saved in ``model`` (``cases``: a case file of its
+    own answers; ``neurons``: names for ``neuron``); each must succeed and write its
+    table. Returns the results folder."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt_a": "he is a", "prompt_b": "she is a", "targets": ["x", "y"]}\n'
                      '{"prompt_a": "his job:", "prompt_b": "her job:", "targets": ["x", "y"],'
@@ -177,7 +174,7 @@ def test_every_command_on_a_tiny_model(name, tmp_path, monkeypatch, capsys, one_
         "heads": (["heads", *m, "--ops", "+", "--n", "3", "--out", str(out)], "heads.csv"),
         "cna": (["cna", *m, "--cases", str(cases), "--head", "1.1", "--top-k", "2",
                  "--seeds", "1", "--out", str(out)], "cna_neurons.csv"),
-        "neuron": (["neuron", *m, "1.3", "--case", "3+5=", "--transform-layer", "2", "--k",
+        "neuron": (["neuron", *m, *neurons, "--case", "3+5=", "--transform-layer", "2", "--k",
                     "3", "--out", str(out)], "neuron.csv"),
         "shallow": (["shallow", *m, "--deep-from", "2", "--null", "8", "--n", "2", "--seeds",
                      "1", "--m", "1", "--top-tokens", "5", "--out", str(out)], "shallow.csv"),
@@ -199,6 +196,17 @@ def test_every_command_on_a_tiny_model(name, tmp_path, monkeypatch, capsys, one_
         assert rc == 0, f"{what}: {err}"
         if csv is not None:
             assert len(pd.read_csv(out / csv)), what
+    return out
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_every_command_on_a_tiny_model(name, tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    view = _save(name, model)
+    cases = tmp_path / "cases.jsonl"
+    _own_cases(view, cases)
+    out = run_every_command(model, tmp_path, cases, ["1.3"], capsys)
     sizes = json.loads((out / "prune" / "prune.json").read_text())["sizes"]
     assert sizes["reload_max_abs_diff"] < 1e-5 and sizes["ffn_params_removed"] > 0
     adapter = json.loads((out / "adapter" / "cnalens.json").read_text())
