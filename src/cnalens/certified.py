@@ -22,6 +22,7 @@ Users reach all of these through :func:`cnalens.cna.cna` and its ``Comparison``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -196,6 +197,19 @@ def _exact(lz, cache, bases, As, ids, d_ffn) -> torch.Tensor:
 # t P_w - LSE(head, tail_lo)]``. ``m, M`` depend on the weights only: Cauchy-Schwarz at
 # first, exact (a vocabulary-tiled pass) for the neurons that are candidates of some case,
 # cached by a fingerprint of the weights' content.
+#
+# The difference itself (``_difference``) is bounded too, and the tighter of the two is kept:
+# where the runs differ little (a LoRA, an input comparison), each run's interval is wide but
+# the difference is small. With ``K_r(t) = log E_{p_r}[exp(t P)]`` (so ``Imp_r = t_r P_w -
+# K_r(t_r)``), ``mu_r = E_{p_r}[P]`` and ``R_r(t) = K_r(t) - t mu_r >= 0``:
+#   ``K_a(t_a) - K_b(t_b) = [K_a(t_a) - K_a(t_b)] + t_b (mu_a - mu_b) + R_a(t_b) - R_b(t_b)``.
+# The first term is ``(t_a - t_b) K_a'(s)`` for an ``s`` between the two, with ``K_a'``
+# increasing, ``K_a'(0) = mu_a`` and ``0 <= K_a'' <= (M - m)^2 / 4``. For the last two: with
+# ``delta = y_a - y_b`` (the base logits' difference) and ``w = max delta - min delta``, every
+# tilted ``p_a`` is within a factor ``e^w`` of the tilted ``p_b`` token by token, so are their
+# variances, and ``R = int (t - s) Var_s ds`` gives ``R_a(t) / R_b(t) in [e^-w, e^w]``;
+# ``R_b(t_b)``'s upper bound comes from run B's interval. The same with the runs' roles
+# exchanged (``R_a(t_a)`` from run A's interval) is intersected in.
 _RANGES: dict[tuple, _Range] = {}
 _RANGES_MAX = 1024
 
@@ -323,7 +337,8 @@ def _bound_parts(lz: Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
                  q: torch.Tensor, rest_w: torch.Tensor, targets: torch.Tensor,
                  T: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The range-independent parts of the bounds (float64, (r, N) each, see the section
-    comment): ``t``, ``t P_w``, the head's log-sum, ``log q`` and the rest's mean ``mu``, for
+    comment): ``t``, ``t P_w``, the head's log-sum, ``log q``, the rest's mean ``mu`` and
+    the whole vocabulary's mean ``E_p[P]``, for
     vectors ``X`` (N, d), frozen coefficients ``T`` (r, N) and r base rows: their
     log-probabilities ``logp`` (r, V), the tokens ``S`` scored exactly, the other tokens'
     mass ``q`` (r,) and ``rest_w = W_U^T p`` over them (r, d), the targets (r,)."""
@@ -336,14 +351,46 @@ def _bound_parts(lz: Lens, X: torch.Tensor, logp: torch.Tensor, S: torch.Tensor,
     T = T.to(dd)
     head = torch.logsumexp(lpS[:, None, :] + T[:, :, None] * PS[None], -1)
     mu = torch.where(q > 0, qmu / q.clamp_min(1e-300), float("nan"))
-    return T, T * Pw, head, q.log().expand_as(head), mu
+    mean = lpS.exp() @ PS.T + qmu
+    return T, T * Pw, head, q.log().expand_as(head), mu, mean
+
+
+def _difference(parts: tuple[torch.Tensor, ...], m: torch.Tensor, M: torch.Tensor, w: float,
+                lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dlo, dhi)`` (N,): ``dlo <= Imp_a - Imp_b <= dhi`` bounded directly (the section
+    comment), intersected with the runs' intervals ``lo``, ``hi`` (2, N); ``w`` the
+    oscillation of the two runs' base logits' difference over the vocabulary."""
+    T, tpw, _, _, _, mean = parts
+    m, M = m.to(torch.float64), M.to(torch.float64)
+    dt = T[0] - T[1]
+    dpw = tpw[0] - tpw[1]  # (t_a - t_b) P_w: both runs scored on A's target
+    s2 = (M - m).square() / 4  # the largest variance P can have
+    smin, smax = torch.minimum(T[0], T[1]), torch.maximum(T[0], T[1])
+    R = (tpw - lo - T * mean).clamp_min(0)  # each run's R_r(t_r) <= this
+    out_lo, out_hi = lo[0] - hi[1], hi[0] - lo[1]
+    if not math.isfinite(w):  # a token masked in one run only: the runs' intervals alone
+        return out_lo, out_hi
+    ew, emw = math.exp(w), math.exp(-w)
+    # (r: whose K' the first term uses; o: the other run, at whose t the second term is)
+    for r, o, sgn in ((0, 1, 1.0), (1, 0, -1.0)):
+        d1 = torch.maximum(m, mean[r] + smin.clamp(max=0) * s2)  # K_r' between the t's
+        d2 = torch.minimum(M, mean[r] + smax.clamp(min=0) * s2)
+        t1lo, t1hi = torch.minimum(dt * d1, dt * d2), torch.maximum(dt * d1, dt * d2)
+        # K_a(t) - K_b(t) at t = t_o: t (mu_a - mu_b) + R_a(t) - R_b(t), where R_o(t_o) is
+        # in [0, R[o]] and run r's R_r(t_o) within [e^-w, e^w] of it
+        lin = T[o] * (mean[0] - mean[1])
+        a_lo, a_hi = (emw - 1) * R[o], (ew - 1) * R[o]
+        t2lo, t2hi = (lin + a_lo, lin + a_hi) if sgn > 0 else (lin - a_hi, lin - a_lo)
+        out_lo = torch.maximum(out_lo, dpw - t1hi - t2hi)
+        out_hi = torch.minimum(out_hi, dpw - t1lo - t2lo)
+    return out_lo, out_hi
 
 
 def _two_sided(parts: tuple[torch.Tensor, ...], m: torch.Tensor, M: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)``: ``lo <= Imp <= hi`` from ``_bound_parts`` and each vector's projection
     range ``[m, M]`` (Jensen below the rest's term, Edmundson-Madansky above)."""
-    T, tpw, head, logq, mu = parts
+    T, tpw, head, logq, mu, _ = parts
     m, M = m.to(torch.float64), M.to(torch.float64)
     mu = torch.where(torch.isnan(mu), m, mu).clamp(m, M)
     lam = ((mu - m) / (M - m)).clamp(0, 1)
@@ -357,10 +404,9 @@ def _head_set(logp: torch.Tensor, head_tokens: int) -> torch.Tensor:
     return torch.topk(logp.max(0).values, min(head_tokens, logp.shape[-1])).indices
 
 
-def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, by: str
+def _key_bounds(dlo: torch.Tensor, dhi: torch.Tensor, by: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds on ``rank_key(imp_a - imp_b)`` from per-run bounds (rows a, b)."""
-    dlo, dhi = lo[0] - hi[1], hi[0] - lo[1]
+    """Bounds on ``rank_key(imp_a - imp_b)`` from bounds on ``imp_a - imp_b``."""
     if by == "decrease":
         return dlo, dhi
     if by == "increase":
@@ -377,6 +423,9 @@ class _DiffCase:
     parts: dict[int, tuple[torch.Tensor, ...]]  # ``_bound_parts``
     lo: dict[int, torch.Tensor]  # (2, width) importance bounds
     hi: dict[int, torch.Tensor]
+    w: dict[int, float]  # oscillation of the runs' base logits' difference
+    dlo: dict[int, torch.Tensor]  # (width,) bounds on imp_a - imp_b
+    dhi: dict[int, torch.Tensor]
 
 
 class _DiffBounds:
@@ -441,9 +490,13 @@ class _DiffBounds:
             rest[rows] = rest[rows].index_fill(1, heads[-1], 0.0)
         rest_w = rest @ lz.W  # (2 nl, d)
         q = rest.to(torch.float64).sum(-1)
-        out = _DiffCase({}, {}, {}, {}, {})
+        out = _DiffCase({}, {}, {}, {}, {}, {}, {}, {})
         for j, layer in enumerate(L):
             rows = [j, nl + j]
+            delta = base.y0[j].to(torch.float64) - base.y0[nl + j].to(torch.float64)
+            delta = delta[torch.isfinite(delta)] if not bool(torch.isfinite(delta).all()) \
+                else delta
+            out.w[layer] = float(delta.max() - delta.min()) if len(delta) else float("inf")
             A = torch.stack([self.Aa[layer][i], self.Ab[layer][i]])
             out.parts[layer] = _bound_parts(lz, self.cache.X[layer], logp[rows], heads[j],
                                             q[rows], rest_w[rows], base.targets[rows],
@@ -457,6 +510,8 @@ class _DiffBounds:
         for layer, parts in dc.parts.items():
             r = self.ranges[layer]
             dc.lo[layer], dc.hi[layer] = _two_sided(parts, r.m, r.M)
+            dc.dlo[layer], dc.dhi[layer] = _difference(parts, r.m, r.M, dc.w[layer],
+                                                       dc.lo[layer], dc.hi[layer])
         return dc
 
 
@@ -489,9 +544,10 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
                    step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int, int]], int]:
     """Certified top-``k`` of several cases together: per case, the candidates are the
     neurons whose key's upper bound reaches the K-th largest lower bound; each round every
-    unfinished case takes its next candidates in descending upper-bound order, the union is
-    projected once and each case scores exactly (both runs) what it took, until its K-th
-    exact key clears its next upper bound by ``slack``. Returns per case (flat ids,
+    unfinished case takes its next ``step`` candidates (``k + step`` at first) in descending
+    upper-bound order, the union (every layer's) is projected once and each case scores
+    exactly (both runs) what it took; a candidate whose upper bound its K-th exact key clears
+    by ``slack`` is dropped, and a case is done when none is left. Returns per case (flat ids,
     (2, k) scores, candidates, scored) and the number of projections."""
     D = bd.view.d_ffn
     widths = [bd.cache.X[x].shape[0] for x in bd.layers]
@@ -507,7 +563,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
         orders = []
         for c, dc in enumerate(dcs):
             lo, hi = (torch.cat(x).masked_fill(~valid[c], float("-inf"))
-                      for x in zip(*[_key_bounds(dc.lo[x], dc.hi[x], by)
+                      for x in zip(*[_key_bounds(dc.dlo[x], dc.dhi[x], by)
                                      for x in bd.layers], strict=True))
             khi[c] = hi
             if not ks[c]:
@@ -541,36 +597,38 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
         reqs = {}
         for c in active:
             reqs[c], orders[c] = orders[c][:take_n[c]], orders[c][take_n[c]:]
-            take_n[c] = min(max(step, take_n[c]) * 2, 2048)
-        union = torch.unique(torch.cat(list(reqs.values())))  # sorted: grouped by layer
+            take_n[c] = step
+        # the union, every layer in one pass over the vocabulary (at most 1,024 a chunk)
+        union = torch.unique(torch.cat(list(reqs.values())))
         n_proj += len(union)
-        for layer in layer_of[union].unique().tolist():
-            in_layer = union[layer_of[union] == layer]
-            for u0 in range(0, len(in_layer), 1024):
-                chunk = in_layer[u0:u0 + 1024]
-                batch = []
-                for c, pos in reqs.items():
-                    mine = pos[torch.isin(pos, chunk)]
-                    if len(mine):
-                        batch.append((c, mine))
-                if not batch:
-                    continue
-                dc_req = [(dcs[c].bases[layer], dcs[c].A[layer][:, idx_of[mine]],
-                           torch.searchsorted(chunk, mine)) for c, mine in batch]
-                res = _score_requests(bd.lz, bd.cache.X[layer][idx_of[chunk]], dc_req)
-                for (c, mine), s in zip(batch, res, strict=True):
-                    scores[c][:, mine] = s
-                    scored[c, mine] = True
+        for u0 in range(0, len(union), 1024):
+            chunk = union[u0:u0 + 1024]
+            batch, dc_req = [], []
+            for c, pos in reqs.items():
+                mine = pos[torch.isin(pos, chunk)]
+                for layer in layer_of[mine].unique().tolist():
+                    at = mine[layer_of[mine] == layer]
+                    batch.append((c, at))
+                    dc_req.append((dcs[c].bases[layer], dcs[c].A[layer][:, idx_of[at]],
+                                   torch.searchsorted(chunk, at)))
+            if not batch:
+                continue
+            X = torch.cat([bd.cache.X[x][idx_of[chunk[layer_of[chunk] == x]]]
+                           for x in layer_of[chunk].unique().tolist()])
+            for (c, at), s in zip(batch, _score_requests(bd.lz, X, dc_req), strict=True):
+                scores[c][:, at] = s
+                scored[c, at] = True
+        # a case is certified when its K-th exact key clears every unscored candidate's
+        # upper bound by ``slack``; candidates it clears can never enter, so they drop out
         still = []
         for c in active:
             done = scored[c].nonzero()[:, 0]
-            if len(done) >= ks[c]:
-                if not len(orders[c]):
-                    continue
+            if len(done) >= ks[c] and len(orders[c]):
                 key = rank_key(scores[c, 0, done] - scores[c, 1, done], by).double()
-                if ks[c] and torch.topk(key, ks[c]).values[-1] >= khi[c, orders[c][0]] + slack:
-                    continue
-            still.append(c)
+                kth = torch.topk(key, ks[c]).values[-1] if ks[c] else float("inf")
+                orders[c] = orders[c][khi[c, orders[c]] + slack > kth]
+            if len(orders[c]):
+                still.append(c)
         active = still
     out = []
     for c in range(g):
@@ -585,14 +643,17 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                target: Target = "pred",
                layers: Sequence[int] | None = None, head_tokens: int = 256,
                exact_ranges: bool = True,
-               own_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               own_scales: bool = False,
+               difference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The bounds ``certified_cna`` certifies with: ``(lo, hi)``, each (2, n_cases, n_layers,
     d_ffn) (runs A, B; NaN outside ``layers``, beyond a layer's width and, as the
     importance, for an expert's neurons where that run did not route the case to it), with
     ``lo <= imp <= hi`` for both runs scored on A's target and A's frozen scale (each
     run's own with ``own_scales``; frozen lens,
     no soft-capping). ``exact_ranges``: compute every neuron's projection range first (else
-    the ranges known so far: Cauchy-Schwarz for the others)."""
+    the ranges known so far: Cauchy-Schwarz for the others). ``difference``: bounds on
+    ``imp_a - imp_b`` instead, each (n_cases, n_layers, d_ffn): the runs' intervals
+    intersected with the difference's own bound (the section comment)."""
     lz = Lens(view, "frozen")
     _check_certifiable(lz, 1)
     tg = targets_for(states_a, target)
@@ -611,11 +672,15 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
             dc = bd.case(i)
             for layer in layer_list:
                 w = dc.lo[layer].shape[1]
-                lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
+                if difference:
+                    lo[0, i, layer, :w], hi[0, i, layer, :w] = dc.dlo[layer], dc.dhi[layer]
+                else:
+                    lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
                 if bd.routed[layer] is not None:  # not routed in a run: not scored there
                     off = ~bd.routed[layer][:, i]
+                    off = off.any(0, keepdim=True).expand(2, -1) if difference else off
                     lo[:, i, layer, :w][off] = hi[:, i, layer, :w][off] = float("nan")
-    return lo, hi
+    return (lo[0], hi[0]) if difference else (lo, hi)
 
 
 def _diff_rows(sa: CaseStates, sb: CaseStates, i: int, flat: torch.Tensor,
