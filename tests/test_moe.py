@@ -210,6 +210,50 @@ def test_expert_neuron_importance_brute_force(name, lens):
             float(sc.coef[ci, int(row["layer"]), int(row["neuron"])]), rel=1e-12)
 
 
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_read_neurons_names_experts_and_leaves_unrouted_unscored(name):
+    """``read_neurons`` with a case (``cnalens neuron --case``): neurons named L.E.N / L.S.N,
+    the router weight in ``route`` (by hand), the neuron's own coefficient, and the
+    importance of a neuron of an expert the case was not routed to NaN (not ~0); routed
+    neurons' importance as the brute force above (gold target, last position)."""
+    from cnalens.vocab import read_neurons
+
+    v = _view(name)
+    layer = next(x for x in range(v.n_layers) if v.layout(x) is not None)
+    lay = v.layout(layer)
+    units = [(layer, f) for f in range(0, lay.n_neurons, 5)]
+    enc = _enc()[0]
+    df = read_neurons(v, units, case=enc, k=3)
+    st = ST.case_states(v, [enc])
+    model = v.model
+    norm, W = model.model.norm, model.lm_head.weight
+    with torch.no_grad():
+        s0 = st.resid_mid[0, layer]
+        hand = _by_hand(model, layer, model.model.layers[layer].post_attention_layernorm(s0))
+        u = _contributions(hand)
+        final = st.final[0]
+
+        def logp(x):
+            x = x / torch.sqrt(final.pow(2).mean() + norm.variance_epsilon) * norm.weight
+            return torch.log_softmax(x @ W.T, -1)[..., 5]
+
+        ref = logp(s0 + u) - logp(s0)
+    n_off = 0
+    for row, (_, f) in zip(df.itertuples(), units, strict=True):
+        expert, index = lay.split(f)
+        assert row.neuron == f"{layer}.{expert}.{index}"
+        r = float(hand["r"][expert]) if expert != "S" else float(hand["g"])
+        assert row.route == pytest.approx(r, rel=1e-9)
+        if r == 0:
+            n_off += 1
+            assert np.isnan(row.importance) and np.isnan(row.coef)
+        else:
+            assert row.importance == pytest.approx(float(ref[f]), rel=1e-6, abs=1e-9)
+            assert row.coef * row.route == pytest.approx(float(st.coef[0, layer, f]),
+                                                         rel=1e-9, abs=1e-12)
+    assert 0 < n_off < len(units)
+
+
 def test_routing_frame_names_the_changed_experts():
     v = _view("qwen2_moe")
     enc = _enc()
@@ -524,7 +568,11 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     out = run_every_command(model, tmp_path, cases, names, capsys)
     model_meta = json.loads((out / "cna.json").read_text())["model"]
     assert model_meta["n_experts"] == E and model_meta["experts_per_token"] == K
-    assert list(dict.fromkeys(pd.read_csv(out / "neuron.csv")["neuron"])) == names
+    neuron = pd.read_csv(out / "neuron.csv")
+    assert list(dict.fromkeys(neuron["neuron"])) == names
+    moe_rows = neuron[neuron["neuron"].str.count(r"\.") == 2]
+    assert moe_rows["route"].notna().all()  # the expert's router weight on the case
+    assert (moe_rows["importance"].isna() == (moe_rows["route"] == 0)).all()
     top = pd.read_csv(out / "cna_neurons.csv", dtype={"expert": str})
     assert {"expert", "index", "route_a", "route_b"} <= set(top.columns)
     routing = pd.read_csv(out / "cna_routing.csv", dtype={"expert": str})  # maybe empty
@@ -532,6 +580,38 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     debias = json.loads((out / "debias" / "debias.json").read_text())
     assert all(n["name"] == f"{n['layer']}.{n['neuron']}" or n["name"].count(".") == 2
                for n in debias["neurons"])
+    # eval with experts zeroed (re-routed or dropped): as the library's evaluate
+    from cnalens import load_model
+    from cnalens.cli import main
+    from cnalens.data import load_cases
+    from cnalens.evaluate import evaluate
+
+    v = load_model(str(model), progress=False)
+    own = load_cases(cases)
+    for reroute in (False, True):
+        ev = tmp_path / f"ev{reroute}"
+        flags = ["--reroute"] if reroute else []
+        assert main(["eval", "--model", str(model), "-q", "--cases", str(cases),
+                     "--zero-experts", "0.0,0.3", *flags, "--out", str(ev)]) == 0
+        got = pd.read_csv(ev / "eval_cases.csv", usecols=["correct", "logp"])
+        want = evaluate(v, own, ZeroExperts([(0, 0), (0, 3)], reroute=reroute),
+                        progress=False)
+        assert list(got["correct"]) == list(want["correct"])
+        np.testing.assert_allclose(got["logp"], want["logp"], rtol=1e-5, atol=1e-5)
+        meta = json.loads((ev / "eval.json").read_text())
+        assert meta["interventions"] == [{"kind": "zero_experts", "experts": ["0.0", "0.3"],
+                                          "reroute": reroute, "position": None}]
+    base = evaluate(v, own, progress=False)
+    assert not np.allclose(base["logp"], want["logp"])  # the experts mattered
+    capsys.readouterr()
+    for argv, msg in ((["--zero-experts", "0.9"], "out of range"),
+                      (["--zero-experts", "0-1"], "not of the form L.E"),
+                      (["--reroute"], "--reroute needs --zero-experts")):
+        assert main(["eval", "--model", str(model), "-q", "--cases", str(cases), *argv,
+                     "--out", str(tmp_path / "bad")]) != 0
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad" / "eval.csv").exists()
     sizes = json.loads((out / "prune" / "prune.json").read_text())["sizes"]
     assert sizes["reload_max_abs_diff"] < 1e-5 and sizes["ffn_params_removed"] > 0
     kept = pd.read_csv(out / "prune" / "prune_neurons.csv", dtype={"expert": str})

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cnalens.commands import MODULES as COMMAND_MODULES
 from cnalens.errors import CnaError
-from cnalens.names import parse_ints, parse_list
+from cnalens.names import parse_experts, parse_ints, parse_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -139,6 +139,13 @@ def eval_cmd(
     words: Annotated[bool, typer.Option(help="operands as English words")] = False,
     negative: Annotated[bool, typer.Option(help="allow negative differences")] = False,
     shots: Annotated[int, typer.Option(help="few-shot examples in the prefix")] = 3,
+    zero_experts: Annotated[str | None, typer.Option(
+        "--zero-experts", help="mixtures of experts: experts zeroed on every forward, "
+        "L.E or L.S (shared), e.g. 3.5,3.S")] = None,
+    reroute: Annotated[bool, typer.Option(help=(
+        "with --zero-experts: the router never picks them and each token goes to its next "
+        "best experts (as a model built without them); default: their output is dropped "
+        "and the other experts keep their weights"))] = False,
     out: OutOpt = Path("results/eval"),
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32", device_map: DeviceMapOpt = None,
@@ -159,11 +166,22 @@ def eval_cmd(
         settings = {"ops": op_list, "digits": dig, "templates": tmpl, "n": n, "seed": seed,
                     "split": split, "words": words, "negative": negative, "shots": shots}
     keys = group_keys(data, group_by)  # bad columns before loading the model
+    if reroute and zero_experts is None:
+        raise CnaError("--reroute needs --zero-experts")
+    experts = parse_experts(zero_experts, "zero-experts") if zero_experts else []
     view = load_view(model, device, dtype, device_map, quiet)
+    interventions = []
+    if experts:
+        from cnalens.interventions import ZeroExperts
+
+        interventions = [ZeroExperts(experts, reroute=reroute)]
+        view.check_experts(experts)
+        interventions[0].edits(view)  # re-routing that cannot work: one line, now
+        settings = {**settings, "zero_experts": zero_experts, "reroute": reroute}
     encode_all(view.tokenizer, data)
     t0 = time.perf_counter()
     table = eval_stage(view, data, out, settings, batch_size, progress=not quiet,
-                       group_by=keys)
+                       group_by=keys, interventions=interventions)
     print_accuracy(table)
     report = record_stage(out, view, command_line(), "eval", time.perf_counter() - t0)
     console.print(f"wrote {out}/eval.csv; report: {report}")

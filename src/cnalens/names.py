@@ -71,6 +71,20 @@ def parse_neuron_names(text: str, what: str) -> list[tuple[int, int | str | None
     return out
 
 
+def parse_experts(text: str, what: str) -> list[tuple[int, int | str]]:
+    """``L.E`` or ``L.S`` items (``3.5,3.S``) as ``(layer, expert)`` pairs, ``"S"`` the
+    shared expert."""
+    out: list[tuple[int, int | str]] = []
+    for item in parse_list(text, what):
+        parts = item.replace("_", ".").split(".")
+        if not (len(parts) == 2 and parts[0].isdigit()
+                and (parts[1].isdigit() or parts[1].upper() == "S")):
+            raise CnaError(f"--{what}: '{item}' is not of the form L.E (layer.expert, e.g. "
+                           "3.5) or L.S (the shared expert)")
+        out.append((int(parts[0]), "S" if parts[1].upper() == "S" else int(parts[1])))
+    return out
+
+
 def parse_neurons(text: str, what: str, shape: NeuronIndexer) -> list[tuple[int, int]]:
     """Neuron names (``parse_neuron_names``) as ``(layer, index)`` pairs, the index flat in a
     mixture-of-experts layer (``ModelShape.neuron_index``), each checked against ``shape``."""

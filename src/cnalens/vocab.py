@@ -44,7 +44,7 @@ import torch
 from cnalens.data.cases import Case, as_encoded, question_start
 from cnalens.errors import CnaError
 from cnalens.lens import FFNVectors, Lens, center, final_gain, neuron_vectors, norm_scale
-from cnalens.states import case_states
+from cnalens.states import case_states, neuron_routes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -348,10 +348,15 @@ def head_ov(view: ModelView, layer: int, head: int, tokens: Sequence[int] | None
 # --------------------------------------------------------------------------- neurons
 @torch.no_grad()
 def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int, int]],
-                       target: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       target: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Coefficient and importance (frozen lens, last prompt token) of FFN neurons on one
-    encoded case: ``(coef (n,), imp (n,), target id)``. ``target``: a token id, or None
-    for the case's gold first answer token if it has one, else the model's prediction."""
+    encoded case: ``(coef (n,), imp (n,), target id, route (n,))``. ``target``: a token id,
+    or None for the case's gold first answer token if it has one, else the model's
+    prediction. In a mixture of experts ``route`` is each neuron's router weight (its
+    expert's; the shared expert's gate), ``coef`` the neuron's own coefficient and ``imp``
+    NaN where the case was not routed to the expert (its contribution is exactly zero and
+    not scored); dense layers: ``route`` NaN."""
     st = case_states(view, [enc])
     if target is None:
         tg = st.gold if enc.answer_ids else st.pred
@@ -361,6 +366,7 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
     c = lz.scale(st.final)
     coef = torch.empty(len(units), dtype=torch.float64)
     imp = torch.empty(len(units), dtype=torch.float64)
+    route = torch.full((len(units),), float("nan"), dtype=torch.float64)
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
@@ -371,7 +377,14 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
         base = lz.base(st.resid_mid[:, layer], c, tg)
         imp[rows] = lz.score(X[idx], Cv[idx], A[:, idx], base)[0].double()
         coef[rows] = st.coef[0, layer, idx].double()
-    return coef, imp, int(tg[0])
+        routed = vec.routed(st, layer)
+        if routed is not None:
+            r = neuron_routes(view, st.route)[0, layer, idx].double()
+            on = routed[0, idx]
+            route[rows] = r
+            imp[rows] = torch.where(on, imp[rows], float("nan"))
+            coef[rows] = torch.where(on, coef[rows] / r, float("nan"))
+    return coef, imp, int(tg[0]), route
 
 
 def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *,
@@ -400,10 +413,10 @@ def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *,
     if head is not None:
         view.check_heads([head])
         views.append((f"T@{head[0]}.{head[1]}", head[0], head[1]))
-    coef = imp = None
+    coef = imp = route = None
     tgt = None
     if case is not None:
-        coef, imp, tgt = neuron_case_scores(view, case, units, target)
+        coef, imp, tgt, route = neuron_case_scores(view, case, units, target)
         scales = case_scales(view, case, position)
     vecs = torch.cat([neuron_vectors(view, layer)[[n]] for layer, n in units])
     rows = []
@@ -414,17 +427,20 @@ def read_neurons(view: ModelView, units: Sequence[tuple[int, int]], *,
         top_s, bot_s = proj.tokens(view.tokenizer, "top"), proj.tokens(view.tokenizer, "bottom")
         for i, (layer, n) in enumerate(units):
             c = None if coef is None else float(coef[i])
-            chosen = sign or ("pos" if c is None or c >= 0 else "neg")
+            chosen = sign or ("pos" if c is None or not c < 0 else "neg")
             sides = ("pos", "neg") if chosen == "both" else (chosen,)
             for sd in sides:
                 toks = top_s[i] if sd == "pos" else bot_s[i]
                 vals = proj.top_vals[i] if sd == "pos" else -proj.bottom_vals[i]
                 rows.append({
-                    "neuron": f"{layer}.{n}", "layer": layer, "index": n, "view": label,
+                    "neuron": view.shape.neuron_name(layer, n), "layer": layer, "index": n,
+                    "view": label,
                     "transform_layer": -1 if t is None else t, "head": -1 if h is None else h,
                     "side": sd, "selected_by": "coefficient" if sign is None and c is not None
                     else "option", "coef": c,
                     "importance": None if imp is None else float(imp[i]),
+                    **({} if route is None or not view.shape.is_moe else
+                       {"route": float(route[i])}),
                     "target": None if tgt is None else view.tokenizer.decode([tgt]),
                     "tokens": toks, "values": [round(float(x), 4) for x in vals]})
     return pd.DataFrame(rows)

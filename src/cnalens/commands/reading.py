@@ -114,12 +114,11 @@ def neuron(
             scale_note = scales.source + " (1-digit + and -)"
     df = read_neurons(view, units, case=enc, target=tgt, transform_layers=layers, head=hd,
                       sign=sign, k=k, position=position, scales=scales)
-    # L.E.N / L.S.N in a mixture-of-experts layer (``index`` is the flat one)
-    df["neuron"] = [view.shape.neuron_name(a, b) for a, b in zip(df["layer"], df["index"],
-                                                                  strict=True)]
+    # neurons are L.E.N / L.S.N in a mixture-of-experts layer (``index`` is the flat one);
+    # with a case, ``route`` is the expert's router weight (importance NaN: not routed)
     show = df.assign(tokens=[" | ".join(t) for t in df["tokens"]])
     cols = ["neuron", "view", "side", *(["coef", "importance"] if enc is not None else []),
-            "tokens"]
+            *(["route"] if "route" in df else []), "tokens"]
     title = "neuron top tokens" + (f" on {enc.case.question!r} (target "
                                    f"{df['target'].iloc[0]!r})" if enc is not None else "")
     print_table(show[cols], title)
