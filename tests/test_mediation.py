@@ -118,13 +118,27 @@ def test_row_masks_at_positions_equal_brute_force(setup, positions):
 def test_tail_coefficients_and_replacement_equal_brute_force(setup):
     model, view, enc = setup
     iv = ZeroHeads([HEAD])
-    vals = tail_coefficients(view, enc, (), batch_size=3)
+    tv = tail_coefficients(view, enc, (), batch_size=3)
+    vals = tv.values
     assert vals.shape[1] == 2  # the longest answer has two tokens
+    assert tv.layers == tuple(range(view.n_layers))
     mask = torch.zeros(len(enc), view.n_layers, view.d_ffn, dtype=torch.bool)
     mask[:, 1, [2, 4]] = True
     mask[1, 2, 0] = True
     got = run_with_row_masks(view, enc, None, batch_size=3, interventions=[iv],
-                             replace=(mask, vals))
+                             replace=(mask, tv))
+    # only some layers captured: the same values there, less memory, and a mask reaching
+    # a layer not captured is refused before any forward
+    part = tail_coefficients(view, enc, (), layers=[2, 1], batch_size=3)
+    assert part.layers == (1, 2) and part.values.shape[2] == 2
+    torch.testing.assert_close(part.values, vals[:, :, [1, 2]], equal_nan=True)
+    same = run_with_row_masks(view, enc, None, batch_size=3, interventions=[iv],
+                              replace=(mask, part))
+    assert torch.equal(same["logp"], got["logp"])
+    far = mask.clone()
+    far[0, 0, 1] = True
+    with pytest.raises(CnaError, match="layer\\(s\\) 0"):
+        run_with_row_masks(view, enc, None, batch_size=3, replace=(far, part))
     for i, e in enumerate(enc):
         _, _, seen_a = brute(model, e)
         n_ans = len(e.answer_ids)
@@ -279,12 +293,12 @@ def test_replacement_in_a_batch_shorter_than_the_longest_answer(setup):
     prompts with short answers takes only its own tail."""
     model, view, _ = setup
     enc = encode_all(view.tokenizer, [Case("3", "4"), Case("1+1=", "2345")])
-    vals = tail_coefficients(view, enc, (), batch_size=1)
-    assert vals.shape[1] == 4
+    tv = tail_coefficients(view, enc, (), batch_size=1)
+    assert tv.values.shape[1] == 4
     mask = torch.zeros(2, view.n_layers, view.d_ffn, dtype=torch.bool)
     mask[:, 1, :3] = True
     got = run_with_row_masks(view, enc, None, batch_size=1, interventions=[ZeroHeads([HEAD])],
-                             replace=(mask, vals))
+                             replace=(mask, tv))
     for i, e in enumerate(enc):
         n_ans = len(e.answer_ids)
         _, _, seen_a = brute(model, e)

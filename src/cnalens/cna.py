@@ -314,15 +314,15 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
                        batch_size: int = 32, capture_coef: bool = False,
                        progress: bool = False, description: str = "",
                        positions: str = "all", interventions: Sequence = (),
-                       replace: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                       replace: tuple[torch.Tensor, TailValues] | None = None) -> dict:
     """Evaluate with a per-case multiplicative mask on the FFN coefficients.
 
     ``factor``: (n_cases, n_layers, d_ffn) or None; layers whose factors are all 1 get no
     hook. ``positions``: "all" (every position) or "last" (the scored positions only: the
     prompt's last position and, under teacher forcing, every answer position scored).
     ``interventions``: applied as well (e.g. run B's head zeroed). ``replace``: ``(mask,
-    values)``, mask (n_cases, n_layers, d_ffn) bool and values (n_cases, tail, n_layers,
-    d_ffn) (``tail_coefficients``): the masked coefficients set to those values at the
+    values)``, mask (n_cases, n_layers, d_ffn) bool and ``tail_coefficients``' values (of
+    every layer the mask touches): the masked coefficients set to those values at the
     scored positions. Returns ``correct``/``correct_first``/``logp`` and, with
     ``capture_coef``, the coefficients at the last prompt position (n_cases, n_layers,
     d_ffn).
@@ -336,6 +336,10 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
         layer for layer in range(view.n_layers) if not bool((factor[:, layer] == 1).all())]
     swap = [] if replace is None else [
         layer for layer in range(view.n_layers) if bool(replace[0][:, layer].any())]
+    missing = [x for x in swap if x not in replace[1].layers] if replace is not None else []
+    if missing:
+        raise CnaError(f"replace=: the mask touches layer(s) {', '.join(map(str, missing))}, "
+                       "whose values were not captured (tail_coefficients(layers=...))")
     res = {k: torch.empty(n, dtype=t) for k, t in
            (("correct", torch.bool), ("correct_first", torch.bool), ("logp", torch.float32))}
     coefs = torch.full((n, view.n_layers, view.d_ffn), float("nan")) if capture_coef else None
@@ -351,7 +355,7 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
                 vals = msk = None
                 if layer in swap:
                     msk = replace[0][rows, layer, :w]
-                    vals = torch.nan_to_num(replace[1][rows, :, layer, :w])
+                    vals = torch.nan_to_num(replace[1].at(rows, layer, w))
                 stack.enter_context(view.edit("coef", layer, _row_hook(scale, where, vals, msk)))
             if capture_coef:
                 b = view.batch([list(e.prompt_ids) for e in items])
@@ -373,16 +377,32 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
 
 
 @torch.inference_mode()
+@dataclass(frozen=True)
+class TailValues:
+    """FFN coefficients at each case's scored positions, for some layers only:
+    ``values`` (n_cases, tail, len(layers), d_ffn), ``tail`` the longest answer, aligned to
+    the sequence end (row ``i``'s last ``len(answer_ids)`` positions hold its values,
+    earlier ones NaN)."""
+
+    values: torch.Tensor
+    layers: tuple[int, ...]
+
+    def at(self, rows: torch.Tensor, layer: int, width: int) -> torch.Tensor:
+        """(len(rows), tail, width): the given cases' values in ``layer``."""
+        if layer not in self.layers:
+            raise CnaError(f"no captured values for layer {layer} (captured: "
+                           f"{', '.join(map(str, self.layers))})")
+        return self.values[rows, :, self.layers.index(layer), :width]
+
+
 def tail_coefficients(view: ModelView, enc: Sequence[Encoded], interventions: Sequence = (),
                       layers: Sequence[int] | None = None, batch_size: int = 32
-                      ) -> torch.Tensor:
-    """FFN coefficients at each case's scored positions under teacher forcing: (n_cases,
-    tail, n_layers, d_ffn), ``tail`` the longest answer, aligned to the sequence end (row
-    ``i``'s last ``len(answer_ids)`` positions hold its values; earlier ones and layers
-    outside ``layers`` are NaN)."""
+                      ) -> TailValues:
+    """FFN coefficients at each case's scored positions under teacher forcing, for
+    ``layers`` (default every layer) only: memory n_cases x tail x len(layers) x d_ffn."""
     tail = int(_answer_tails(enc).max())
-    layers = list(range(view.n_layers)) if layers is None else list(layers)
-    out = torch.full((len(enc), tail, view.n_layers, view.d_ffn), float("nan"))
+    layers = list(range(view.n_layers)) if layers is None else sorted({int(x) for x in layers})
+    out = torch.full((len(enc), tail, len(layers), view.d_ffn), float("nan"))
     for idx in batches(enc, batch_size):
         items = [enc[i] for i in idx]
         b = view.batch([e.input_ids for e in items])
@@ -392,11 +412,11 @@ def tail_coefficients(view: ModelView, enc: Sequence[Encoded], interventions: Se
         t = min(tail, b.input_ids.shape[1])
         pos = scored_positions(_answer_tails(items), b.input_ids.shape[1])[:, -t:]
         rows = torch.as_tensor(idx)
-        for layer in layers:
+        for j, layer in enumerate(layers):
             c = cache[("coef", layer)][:, -t:].float().cpu()
             c = c.masked_fill(~pos[..., None], float("nan"))
-            out[rows, tail - t:, layer, :c.shape[-1]] = c
-    return out
+            out[rows, tail - t:, j, :c.shape[-1]] = c
+    return TailValues(out, tuple(layers))
 
 
 def _drop(base: torch.Tensor, after: torch.Tensor) -> float:
@@ -568,7 +588,8 @@ def mediation(view: ModelView, enc: Sequence[Encoded], comp: Comparison, ks: Seq
     _check_run(enc, comp)
     n_layers, width = view.n_layers, view.d_ffn
     pool = random_pool(view, comp)
-    layers = sorted({int(x) for x in rank_layers}) if rank_layers is not None else None
+    ranked = rank_layers if rank_layers is not None else comp.layers  # the masks' layers
+    layers = sorted({int(x) for x in ranked}) if ranked is not None else None
     val_a = tail_coefficients(view, enc, (), layers, batch_size)
     val_b = tail_coefficients(view, enc, ivs, layers, batch_size)
     run_a = run_with_row_masks(view, enc, None, batch_size)
