@@ -203,3 +203,19 @@ def test_pooled_digits_read_all_outside_arithmetic(tmp_path):
     assert pooled.n.tolist() == [7, 5, 12]
     arith = accuracy_table(evaluate(view, arithmetic_cases(["+"], [1], n=4), progress=False))
     assert arith.digits.iloc[-1] == 0  # eval.csv's arithmetic rows keep digits 0 = pooled
+
+
+def test_write_csv_round_trips_a_lone_carriage_return(tmp_path):
+    """A predicted token "\r" (text or categorical column) keeps its row; other tables are
+    written unquoted, as before; types read back the same."""
+    from cnalens.io import write_csv
+
+    df = pd.DataFrame({"pred": ["7", "\r", "a\nb"], "n": [1, 2, 3], "ok": [True, False, True],
+                       "x": [0.5, float("nan"), 2.0]})
+    for frame in (df, df.assign(pred=df["pred"].astype("category"))):
+        write_csv(tmp_path / "t.csv", frame)
+        back = pd.read_csv(tmp_path / "t.csv")
+        assert len(back) == 3 and list(back["pred"]) == ["7", "\r", "a\nb"]
+        assert list(back["n"]) == [1, 2, 3] and back["ok"].dtype == bool
+    write_csv(tmp_path / "plain.csv", df.iloc[[0]])
+    assert (tmp_path / "plain.csv").read_text() == "pred,n,ok,x\n7,1,True,0.5\n"

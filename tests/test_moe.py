@@ -606,7 +606,8 @@ def test_commands_on_a_tiny_mixture(name, tmp_path, monkeypatch, capsys, one_thr
     capsys.readouterr()
     for argv, msg in ((["--zero-experts", "0.9"], "out of range"),
                       (["--zero-experts", "0-1"], "not of the form L.E"),
-                      (["--reroute"], "--reroute needs --zero-experts")):
+                      (["--reroute"], "--reroute needs --zero-experts"),
+                      (["--zero-experts", ""], "--zero-experts: empty")):
         assert main(["eval", "--model", str(model), "-q", "--cases", str(cases), *argv,
                      "--out", str(tmp_path / "bad")]) != 0
         err = capsys.readouterr().err

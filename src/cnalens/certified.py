@@ -212,6 +212,7 @@ def _exact(lz, cache, bases, As, ids, d_ffn) -> torch.Tensor:
 # exchanged (``R_a(t_a)`` from run A's interval) is intersected in.
 _RANGES: dict[tuple, _Range] = {}
 _RANGES_MAX = 1024
+PROJECT_CHUNK = 1024  # neurons projected onto the vocabulary together (memory: x 8,192)
 
 
 _W_DIGESTS: dict[tuple, str] = {}
@@ -368,8 +369,8 @@ def _difference(parts: tuple[torch.Tensor, ...], m: torch.Tensor, M: torch.Tenso
     smin, smax = torch.minimum(T[0], T[1]), torch.maximum(T[0], T[1])
     R = (tpw - lo - T * mean).clamp_min(0)  # each run's R_r(t_r) <= this
     out_lo, out_hi = lo[0] - hi[1], hi[0] - lo[1]
-    if not math.isfinite(w):  # a token masked in one run only: the runs' intervals alone
-        return out_lo, out_hi
+    if not w < 700.0:  # a token masked in one run only (w infinite), or e^w overflows:
+        return out_lo, out_hi  # the runs' intervals alone
     ew, emw = math.exp(w), math.exp(-w)
     # (r: whose K' the first term uses; o: the other run, at whose t the second term is)
     for r, o, sgn in ((0, 1, 1.0), (1, 0, -1.0)):
@@ -494,8 +495,9 @@ class _DiffBounds:
         for j, layer in enumerate(L):
             rows = [j, nl + j]
             delta = base.y0[j].to(torch.float64) - base.y0[nl + j].to(torch.float64)
-            delta = delta[torch.isfinite(delta)] if not bool(torch.isfinite(delta).all()) \
-                else delta
+            # a token masked in both runs (NaN here) drops out; in one run only (+-inf): w
+            # is infinite and the runs' intervals alone are used
+            delta = delta[~torch.isnan(delta)]
             out.w[layer] = float(delta.max() - delta.min()) if len(delta) else float("inf")
             A = torch.stack([self.Aa[layer][i], self.Ab[layer][i]])
             out.parts[layer] = _bound_parts(lz, self.cache.X[layer], logp[rows], heads[j],
@@ -597,12 +599,15 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
         reqs = {}
         for c in active:
             reqs[c], orders[c] = orders[c][:take_n[c]], orders[c][take_n[c]:]
-            take_n[c] = step
-        # the union, every layer in one pass over the vocabulary (at most 1,024 a chunk)
+            # next round: a quarter of what is scored so far (each round is a pass over
+            # the vocabulary; candidates the K-th exact key clears are dropped before it)
+            take_n[c] = min(max(step, int(scored[c].sum() + len(reqs[c])) // 4), 2048)
+        # the union, every layer in one pass over the vocabulary (PROJECT_CHUNK a chunk;
+        # ``union`` is sorted by flat id, so grouped by layer in ``bd.layers``' order)
         union = torch.unique(torch.cat(list(reqs.values())))
         n_proj += len(union)
-        for u0 in range(0, len(union), 1024):
-            chunk = union[u0:u0 + 1024]
+        for u0 in range(0, len(union), PROJECT_CHUNK):
+            chunk = union[u0:u0 + PROJECT_CHUNK]
             batch, dc_req = [], []
             for c, pos in reqs.items():
                 mine = pos[torch.isin(pos, chunk)]

@@ -168,7 +168,7 @@ def eval_cmd(
     keys = group_keys(data, group_by)  # bad columns before loading the model
     if reroute and zero_experts is None:
         raise CnaError("--reroute needs --zero-experts")
-    experts = parse_experts(zero_experts, "zero-experts") if zero_experts else []
+    experts = parse_experts(zero_experts, "zero-experts") if zero_experts is not None else []
     view = load_view(model, device, dtype, device_map, quiet)
     interventions = []
     if experts:

@@ -376,7 +376,6 @@ def run_with_row_masks(view: ModelView, enc: Sequence[Encoded], factor: torch.Te
     return res
 
 
-@torch.inference_mode()
 @dataclass(frozen=True)
 class TailValues:
     """FFN coefficients at each case's scored positions, for some layers only:
@@ -395,6 +394,7 @@ class TailValues:
         return self.values[rows, :, self.layers.index(layer), :width]
 
 
+@torch.inference_mode()
 def tail_coefficients(view: ModelView, enc: Sequence[Encoded], interventions: Sequence = (),
                       layers: Sequence[int] | None = None, batch_size: int = 32
                       ) -> TailValues:

@@ -68,7 +68,7 @@ def write_csv(path: Path, df: pd.DataFrame) -> Path:
     """``df`` as CSV, atomically. pandas leaves a field holding a lone carriage return
     (a token such as "\\r") unquoted, which breaks the row on reading; such a table is
     written with every field quoted (read back with the same types)."""
-    text = df.select_dtypes(include=["object", "string"])
+    text = df.select_dtypes(include=["object", "string", "category"])
     cr = any(text[c].astype(str).str.contains("\r", regex=False).any() for c in text)
     return write_with(path, lambda p: df.to_csv(p, index=False,
                                                 quoting=csv.QUOTE_ALL if cr else None))
