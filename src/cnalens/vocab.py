@@ -370,6 +370,7 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _) in enumerate(units):
         by_layer.setdefault(layer, []).append(i)
+    routes = None if st.route is None else neuron_routes(view, st.route)[0]  # once
     for layer, rows in by_layer.items():
         idx = torch.tensor([units[i][1] for i in rows])
         vec = FFNVectors(view, lz, [layer])
@@ -379,7 +380,7 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
         coef[rows] = st.coef[0, layer, idx].double()
         routed = vec.routed(st, layer)
         if routed is not None:
-            r = neuron_routes(view, st.route)[0, layer, idx].double()
+            r = routes[layer, idx].double()
             on = routed[0, idx]
             route[rows] = r
             imp[rows] = torch.where(on, imp[rows], float("nan"))
