@@ -9,6 +9,8 @@ their family lists."""
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 
 import pandas as pd
 import pytest
@@ -158,18 +160,19 @@ def _own_cases(view: ModelView, path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_every_command(model, tmp_path, cases, neurons, capsys):
+def run_every_command(model, tmp_path, cases, neurons, capsys, extra=(), folder="out"):
     """Every command on the tiny model saved in ``model`` (``cases``: a case file of its
-    own answers; ``neurons``: names for ``neuron``); each must succeed and write its
-    table. Returns the results folder."""
+    own answers; ``neurons``: names for ``neuron``; ``extra``: options every command gets,
+    e.g. ``--device cuda``); each must succeed and write its table. Returns the results
+    folder, ``tmp_path/folder``."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt_a": "he is a", "prompt_b": "she is a", "targets": ["x", "y"]}\n'
                      '{"prompt_a": "his job:", "prompt_b": "her job:", "targets": ["x", "y"],'
                      ' "split": "heldout"}\n')
-    out = tmp_path / "out"
-    m = ["--model", str(model), "-q"]
+    out = tmp_path / folder
+    m = ["--model", str(model), "-q", *extra]
     commands = {
-        "info": (["info", "--model", str(model)], None),
+        "info": (["info", "--model", str(model), *extra], None),
         "eval": (["eval", *m, "--ops", "+", "--n", "3", "--out", str(out)], "eval.csv"),
         "heads": (["heads", *m, "--ops", "+", "--n", "3", "--out", str(out)], "heads.csv"),
         "cna": (["cna", *m, "--cases", str(cases), "--head", "1.1", "--top-k", "2",
@@ -190,12 +193,19 @@ def run_every_command(model, tmp_path, cases, neurons, capsys):
                     "--seeds", "1", "--cost-n", "2", "--out", str(out / "debias")],
                    "debias/debias.csv"),
     }
+    failed = []  # every command runs, so one run names every failure
     for what, (argv, csv) in commands.items():
-        rc = main(argv)
+        try:
+            rc = main(argv)
+        except Exception:  # noqa: BLE001 - CNALENS_DEBUG=1 re-raises: keep its traceback
+            rc = 1
+            print(traceback.format_exc(), file=sys.stderr)
         err = capsys.readouterr().err
-        assert rc == 0, f"{what}: {err}"
-        if csv is not None:
-            assert len(pd.read_csv(out / csv)), what
+        if rc != 0:
+            failed.append(f"{what}: {err}")
+        elif csv is not None and not len(pd.read_csv(out / csv)):
+            failed.append(f"{what}: empty {csv}")
+    assert not failed, "\n".join(failed)
     return out
 
 

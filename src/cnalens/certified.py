@@ -69,7 +69,7 @@ def _slack(lz: Lens, slack: float | None) -> float:
 
 def _topk_order(scores: torch.Tensor, flat: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the best ``k`` scores, ties by the flat (layer, index) order."""
-    order = torch.from_numpy(np.lexsort((flat.numpy(), -scores.double().numpy())))
+    order = torch.from_numpy(np.lexsort((flat.cpu().numpy(), -scores.double().cpu().numpy())))
     return order[:k]
 
 
@@ -129,8 +129,8 @@ def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Interv
                 bases[layer] = allb.rows(j)
                 As[layer] = A
                 # only the neurons of experts the case was routed to are candidates
-                keep = slice(None) if routed[layer] is None else routed[layer][i]
-                bounds.append(((A / c[i]) * (cache.X[layer] @ dirs[j]))[keep])
+                keep = slice(None) if routed[layer] is None else routed[layer][i].cpu()
+                bounds.append(((A / c[i]) * (cache.X[layer] @ dirs[j])).cpu()[keep])
                 flat.append((layer * view.d_ffn + torch.arange(A.shape[0]))[keep])
             found = _certify(lz, cache, bases, As, torch.cat(bounds), torch.cat(flat), k, sl,
                              step, view.d_ffn)
@@ -182,7 +182,7 @@ def _exact(lz, cache, bases, As, ids, d_ffn) -> torch.Tensor:
         sel = (layer_of == layer).nonzero()[:, 0]
         idx = ids[sel] % d_ffn
         out[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx], As[layer][idx][None],
-                            bases[layer])[0]
+                            bases[layer])[0].cpu()
     return out
 
 
@@ -282,14 +282,17 @@ class _Range:
 
             try:
                 saved = load_file(path)
-                idx, lo, hi = saved["idx"], saved["lo"].to(cs.dtype), saved["hi"].to(cs.dtype)
+                idx, lo, hi = (saved["idx"], saved["lo"].to(cs.device, cs.dtype),
+                               saved["hi"].to(cs.device, cs.dtype))
                 if len(idx) and int(idx.max()) < X.shape[0] and len(lo) == len(hi) == len(idx):
                     self.set(idx, lo, hi)
             except (OSError, RuntimeError, KeyError, ValueError, SafetensorError):
                 pass  # an unreadable cache file is recomputed and rewritten
 
     def set(self, idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Record the exact ``min_i P_i``, ``max_i P_i`` of the vectors ``idx``."""
+        """Record the exact ``min_i P_i``, ``max_i P_i`` of the vectors ``idx`` (a CPU
+        index; ``known`` lives on the CPU, the ranges with the vectors)."""
+        idx = idx.cpu()
         self.lo[idx], self.hi[idx] = lo, hi
         self.m[idx], self.M[idx] = lo - self.err[idx], hi + self.err[idx]
         self.known[idx] = True
@@ -301,7 +304,8 @@ class _Range:
         from safetensors.torch import save_file
 
         idx = self.known.nonzero()[:, 0]
-        data = {"idx": idx, "lo": self.lo[idx].contiguous(), "hi": self.hi[idx].contiguous()}
+        data = {"idx": idx, "lo": self.lo[idx].contiguous().cpu(),
+                "hi": self.hi[idx].contiguous().cpu()}
         try:
             write_with(self.path, lambda tmp: save_file(data, str(tmp)))
         except OSError:
@@ -311,8 +315,8 @@ class _Range:
 def _exact_ranges(lz: Lens, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``min_i P_i`` and ``max_i P_i`` of ``P = W_U x`` for each row of ``X``: one pass over
     the vocabulary per 2,048 rows."""
-    lo = torch.full((X.shape[0],), float("inf"), dtype=lz.dt)
-    hi = torch.full((X.shape[0],), float("-inf"), dtype=lz.dt)
+    lo = torch.full((X.shape[0],), float("inf"), dtype=lz.dt, device=X.device)
+    hi = torch.full((X.shape[0],), float("-inf"), dtype=lz.dt, device=X.device)
     vb = min(lz.V, 8192)
     for k0 in range(0, X.shape[0], 2048):
         ks = slice(k0, k0 + 2048)
@@ -454,7 +458,7 @@ class _DiffBounds:
         """(units,) over the layers' neurons in order: routed in both runs for case ``i``
         (every neuron of a dense layer): the only candidates of its ranking."""
         return torch.cat([torch.ones(self.cache.X[x].shape[0], dtype=torch.bool)
-                          if self.routed[x] is None else self.routed[x][:, i].all(0)
+                          if self.routed[x] is None else self.routed[x][:, i].all(0).cpu()
                           for x in self.layers])
 
     def refine(self, positions: dict[int, torch.Tensor]) -> int:
@@ -529,14 +533,14 @@ def _score_requests(lz: Lens, X: torch.Tensor,
         P = X @ Wb.T  # (U, vb)
         vb = Wb.shape[0]
         for q, ((base, _, sel), T) in enumerate(zip(reqs, Ts, strict=True)):
-            Pc = P.index_select(0, sel)
+            Pc = P.index_select(0, sel.to(P.device))
             for r in range(T.shape[0]):
                 lse[q][r].add(torch.addcmul(base.y0[r, v0:v0 + vb], T[r, :, None], Pc),
                               inplace=True)
     out = []
     for (base, _, sel), T, part in zip(reqs, Ts, lse, strict=True):
-        Pw = X.index_select(0, sel) @ W[base.targets].T  # (n, r)
-        rows = torch.arange(T.shape[0])
+        Pw = X.index_select(0, sel.to(X.device)) @ W[base.targets].T  # (n, r)
+        rows = torch.arange(T.shape[0], device=T.device)
         yw = base.y0[rows, base.targets][:, None] + T * Pw.T
         out.append(yw - torch.stack([x.value for x in part]) - base.logp_w[:, None])
     return out
@@ -564,7 +568,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
     def candidates(dcs):
         orders = []
         for c, dc in enumerate(dcs):
-            lo, hi = (torch.cat(x).masked_fill(~valid[c], float("-inf"))
+            lo, hi = (torch.cat(x).cpu().masked_fill(~valid[c], float("-inf"))
                       for x in zip(*[_key_bounds(dc.dlo[x], dc.dhi[x], by)
                                      for x in bd.layers], strict=True))
             khi[c] = hi
@@ -621,7 +625,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
             X = torch.cat([bd.cache.X[x][idx_of[chunk[layer_of[chunk] == x]]]
                            for x in layer_of[chunk].unique().tolist()])
             for (c, at), s in zip(batch, _score_requests(bd.lz, X, dc_req), strict=True):
-                scores[c][:, at] = s
+                scores[c][:, at] = s.cpu()
                 scored[c, at] = True
         # a case is certified when its K-th exact key clears every unscored candidate's
         # upper bound by ``slack``; candidates it clears can never enter, so they drop out
@@ -682,7 +686,7 @@ def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                 else:
                     lo[:, i, layer, :w], hi[:, i, layer, :w] = dc.lo[layer], dc.hi[layer]
                 if bd.routed[layer] is not None:  # not routed in a run: not scored there
-                    off = ~bd.routed[layer][:, i]
+                    off = ~bd.routed[layer][:, i].cpu()
                     off = off.any(0, keepdim=True).expand(2, -1) if difference else off
                     lo[:, i, layer, :w][off] = hi[:, i, layer, :w][off] = float("nan")
     return (lo[0], hi[0]) if difference else (lo, hi)
@@ -692,7 +696,7 @@ def _diff_rows(sa: CaseStates, sb: CaseStates, i: int, flat: torch.Tensor,
                imp_a: torch.Tensor, imp_b: torch.Tensor, d_ffn: int) -> pd.DataFrame:
     """Case ``i``'s ranked rows: case, by, layer, neuron, imp_a, imp_b, coef_a, coef_b,
     diff (``flat`` = layer * d_ffn + neuron, best first)."""
-    layer, neuron = np.divmod(flat.numpy(), d_ffn)
+    layer, neuron = np.divmod(flat.cpu().numpy(), d_ffn)
     return pd.DataFrame({
         "case": sa.case_ids[i], "rank": np.arange(1, len(neuron) + 1), "layer": layer,
         "neuron": neuron, "imp_a": as_numpy(imp_a), "imp_b": as_numpy(imp_b),
@@ -858,12 +862,12 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
         rows, n_done = [], 0
         for i in track(range(n), "CNA exact scores", show=progress):
             # in a mixture of experts, only the neurons routed in both runs are ranked
-            ok = torch.cat([torch.ones(w, dtype=torch.bool) if ra is None else ra[i] & rb[i]
+            ok = torch.cat([torch.ones(w, dtype=torch.bool) if ra is None else (ra[i] & rb[i]).cpu()
                             for (ra, rb), w in zip(routed, (len(f) for f in flat),
                                                    strict=True)])
             ids = flat_all[ok]
             if m < len(ids):
-                guess = torch.cat([x[i] for x in est])[ok]
+                guess = torch.cat([x[i] for x in est]).cpu()[ok]
                 ids = ids[_topk_order(guess, ids, m)]
             n_done += len(ids)
             layer_of = ids // D
@@ -875,7 +879,7 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
                 ba, bb, Aa, Ab = bases[layer]
                 both = ba.rows(i).stack(bb.rows(i))  # one projection, two runs
                 ia[sel], ib[sel] = lz.score(cache.X[layer][idx], cache.Cv[layer][idx],
-                                            torch.stack([Aa[i, idx], Ab[i, idx]]), both)
+                                            torch.stack([Aa[i, idx], Ab[i, idx]]), both).cpu()
             best = _topk_order(ia - ib, ids, k)
             fl, a_, b_ = ids[best], ia[best], ib[best]
             rows.append(_diff_rows(sa, sb, i, fl, a_, b_, D))

@@ -67,6 +67,7 @@ class Comparison:
 
     ``diff`` = imp_a - imp_b; entries never scored (certified top-K scores only what the
     ranking needs) are NaN in ``diff``, ``imp_a`` and ``imp_b``; coefficients are complete.
+    Every tensor is on the CPU, whatever device the model runs on.
     """
 
     diff: torch.Tensor  # (n_cases, n_layers, d_ffn)
@@ -89,6 +90,13 @@ class Comparison:
     # ``CaseStates.route`` (None for dense models): ``frame()`` names experts, ``routing()``
     route_a: torch.Tensor | None = field(default=None, repr=False)
     route_b: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # the scores live on the CPU whatever device the model runs on (tables, numpy)
+        for name in ("diff", "imp_a", "imp_b", "coef_a", "coef_b", "route_a", "route_b"):
+            t = getattr(self, name)
+            if t is not None and t.device.type != "cpu":
+                setattr(self, name, t.cpu())
 
     def key(self, by: str = "decrease", layers: Sequence[int] | None = None) -> torch.Tensor:
         """Ranking key per neuron (``scores.rank_key``; higher ranks first); -inf outside

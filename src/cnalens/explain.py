@@ -117,13 +117,13 @@ def deep_key(view: ModelView, resid_in: dict[int, torch.Tensor], neurons: list[t
     ``resid_in[layer]``: the FFN's residual input at the last position (d,); ``coef``:
     the neurons' real coefficients (for their signs)."""
     dt = view.compute_dtype
-    K = torch.zeros(view.d_model, dtype=dt)
+    K = torch.zeros(view.d_model, dtype=dt, device=view.device)
     by_layer: dict[int, list[int]] = {}
     for i, (layer, _) in enumerate(neurons):
         by_layer.setdefault(layer, []).append(i)
     for layer, rows in by_layer.items():
         idx = torch.tensor([neurons[i][1] for i in rows])
-        sign = torch.sign(coef[rows]).to(dt)
+        sign = torch.sign(coef[rows]).to(view.device, dt)
         norm, _ = _ffn_norm(view, layer)
         ref = resid_in[layer].detach().to(dt)
         got = {}
@@ -409,7 +409,7 @@ def _links(dn: list[tuple[int, int]], absm: torch.Tensor) -> tuple[np.ndarray, p
 
 def _contribs(view: ModelView, run: _Run, units, pos: int) -> torch.Tensor:
     """``m_k v_k`` of chosen FFN neurons at a position (post-FFN norm frozen), (n, d)."""
-    out = torch.zeros(len(units), view.d_model, dtype=view.compute_dtype)
+    out = torch.zeros(len(units), view.d_model, dtype=view.compute_dtype, device=view.device)
     lay = torch.tensor([la for la, _ in units], dtype=torch.long)
     idx = torch.tensor([k for _, k in units], dtype=torch.long)
     for la in lay.unique().tolist():
@@ -434,7 +434,8 @@ def _strings(view: ModelView, proj, k: int) -> list[str]:
 
 
 def _onehot(view: ModelView, h: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(h), view.n_heads).to(view.compute_dtype)
+    return torch.nn.functional.one_hot(torch.tensor(h), view.n_heads).to(view.device,
+                                                                          view.compute_dtype)
 
 
 @torch.no_grad()
@@ -476,7 +477,8 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
         return out
     qs = list(range(start, p + 1))
     # per route key: (Q, Lh, d); route t carries layers < t; t == Lh stands for "direct"
-    keys = torch.zeros(len(qs), Lh + 1, view.d_model, dtype=view.compute_dtype)
+    keys = torch.zeros(len(qs), Lh + 1, view.d_model, dtype=view.compute_dtype,
+                       device=view.device)
     for iq, q in enumerate(qs):
         for t in range(1, Lh):
             keys[iq, t] = _adjoint(view, run, t, kh, run.att[t][0][:, p, q], q, p)
@@ -484,7 +486,7 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
             keys[iq, Lh] = kh
     scores, units, per_route = [], [], []
     for la in range(Lh):
-        carry = torch.zeros(Lh + 1, dtype=torch.bool)
+        carry = torch.zeros(Lh + 1, dtype=torch.bool, device=view.device)
         carry[la + 1:] = True  # routes through attention layers above la, or direct
         for iq, q in enumerate(qs):
             u = _contrib_layer(view, run, la, q)
@@ -495,9 +497,9 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
             units.append(torch.stack([torch.full((width,), la), torch.arange(width),
                                       torch.full((width,), q)], 1))
     score, unit, routes = torch.cat(scores), torch.cat(units), torch.cat(per_route)
-    best = score.double().topk(min(n, score.numel())).indices
-    sel = unit[best]
-    best_route = routes[best].argmax(1)
+    best = score.double().topk(min(n, score.numel())).indices.cpu()
+    sel = unit[best]  # (layer, index, position) rows on the CPU; the vectors stay put
+    best_route = routes[best].argmax(1).cpu()
     u = _gather_contribs(view, run, sel)
     moved = torch.zeros_like(u)
     for t in best_route.unique().tolist():
@@ -515,7 +517,7 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
     coef = _gather_coefs(run, sel)
     out.update(units=[(int(a), int(b)) for a, b in sel[:, :2].tolist()],
                pos=[int(q) for q in sel[:, 2].tolist()],
-               score=score[best].double().numpy(), coef=coef.double().numpy(),
+               score=score[best].double().cpu().numpy(), coef=coef.double().numpy(),
                tokens=_strings(view, project(view, u, k=k_tok), k_tok),
                transformed=_strings(view, project(view, moved, k=k_tok), k_tok),
                route=[f"read by the head at {p} directly" if int(t) == Lh else
@@ -527,7 +529,7 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
 def _gather_contribs(view: ModelView, run: _Run, sel: torch.Tensor) -> torch.Tensor:
     """``m v`` of neurons ``sel`` (rows layer, index, position), grouped by layer and
     position."""
-    out = torch.zeros(len(sel), view.d_model, dtype=view.compute_dtype)
+    out = torch.zeros(len(sel), view.d_model, dtype=view.compute_dtype, device=view.device)
     for la, q in {(int(a), int(c)) for a, _, c in sel.tolist()}:
         rows = ((sel[:, 0] == la) & (sel[:, 2] == q)).nonzero()[:, 0]
         out[rows] = _contrib_layer(view, run, la, q)[sel[rows, 1]]
@@ -538,7 +540,7 @@ def _gather_coefs(run: _Run, sel: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(sel), dtype=torch.float64)
     for la in sel[:, 0].unique().tolist():
         rows = (sel[:, 0] == la).nonzero()[:, 0]
-        out[rows] = run.cache[("coef", la)][sel[rows, 2], sel[rows, 1]].double()
+        out[rows] = run.cache[("coef", la)][sel[rows, 2], sel[rows, 1]].double().cpu()
     return out
 
 

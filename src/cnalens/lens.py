@@ -140,7 +140,8 @@ class Lens:
 
     def scale(self, final: torch.Tensor) -> torch.Tensor:
         """The frozen final-norm scale of real final residuals: (n,)."""
-        return norm_scale(self.view, self.view.final_norm, final.to(self.dt))
+        return norm_scale(self.view, self.view.final_norm,
+                          final.to(device=self.W.device, dtype=self.dt))
 
     def capped(self, y: torch.Tensor) -> torch.Tensor:
         """Final-logit soft-capping (Gemma 2), or ``y`` unchanged."""
@@ -157,8 +158,11 @@ class Lens:
             yield v0, self.W[v0:v0 + size]
 
     def base(self, states: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> Base:
-        """Base logits of residual states (n, d) with frozen scales ``c`` (n,)."""
-        cs = self.center(states.to(self.dt))
+        """Base logits of residual states (n, d) with frozen scales ``c`` (n,), on the
+        unembedding's device (whatever device the arguments are on)."""
+        dev = self.W.device
+        c, targets = c.to(dev), targets.to(dev)
+        cs = self.center(states.to(device=dev, dtype=self.dt))
         Q = (cs * self.g) @ self.W.T
         if self.mode == "renorm":
             c = torch.sqrt(cs.pow(2).mean(-1) + self.eps)
@@ -166,7 +170,7 @@ class Lens:
         if self.beta is not None:
             y0 = y0 + self.beta
         logp = torch.log_softmax(self.capped(y0), -1)
-        logp_w = logp.gather(1, targets[:, None].to(logp.device))[:, 0]
+        logp_w = logp.gather(1, targets[:, None])[:, 0]
         if self.mode == "renorm":
             return Base(y0, logp_w, c, targets, Q, cs)
         return Base(y0, logp_w, c, targets)
@@ -191,7 +195,7 @@ class Lens:
         n, N = A.shape
         vb = vb or min(self.V, VOCAB_BLOCK)
         W, dt = self.W, self.dt
-        A = A.to(dt)
+        A = A.to(device=W.device, dtype=dt)
         Pw = X @ W[base.targets].T  # (N, n)
         if self.mode == "frozen":
             T = A / base.c[:, None]
@@ -202,7 +206,7 @@ class Lens:
             norm2 = (base.Cs.pow(2).sum(-1)[:, None] + 2 * A * sv + A * A * Cv.pow(2).sum(-1))
             R = torch.rsqrt(norm2 / d + self.eps)
             T = A * R
-        rows = torch.arange(n)
+        rows = torch.arange(n, device=W.device)
         if R is None:
             yw = base.y0[rows, base.targets][:, None] + T * Pw.T
         else:
@@ -233,7 +237,8 @@ def neuron_vectors(view: ModelView, layer: int) -> torch.Tensor:
     v = view.value_vectors(layer).detach().to(view.compute_dtype)
     post = view.norm(layer, "ln_ffn_post")
     if post is not None:
-        gain, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))
+        gain, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype,
+                                                            device=v.device))
         v = v * gain.detach().to(v.dtype)
     return v
 

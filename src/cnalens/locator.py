@@ -236,7 +236,8 @@ def locate(view: ModelView, head_layer: int, settings: LocatorSettings = Locator
         ids = torch.full((n, k), -1, dtype=torch.long)
         hit = (s["best"] > 0).nonzero().flatten()
         if hit.numel():  # untransformed, same side: full top-k of the located neurons
-            X = lens_vectors(view, s["V"][hit]) * s["side"][hit, None].to(s["V"].dtype)
+            X = lens_vectors(view, s["V"][hit]) * s["side"][hit, None].to(s["V"].device,
+                                                                           s["V"].dtype)
             ids[hit] = topk_lens(view, X, k, bottom=False).top_ids
             raw[hit] = table.count(ids[hit])
         raw_ids[layer] = ids

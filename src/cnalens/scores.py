@@ -70,7 +70,8 @@ def _attn_post(view: ModelView, lens: Lens, states: CaseStates, layer: int):
 # --------------------------------------------------------------------------- FFN neurons
 @dataclass
 class NeuronScores:
-    """FFN neuron importance and coefficients at the last position of each case."""
+    """FFN neuron importance and coefficients at the last position of each case (CPU
+    tensors, whatever device the model runs on)."""
 
     imp: torch.Tensor  # (n_cases, n_layers, d_ffn) float32 (float64 for float64 models);
     # NaN where a layer was not scored or is narrower (pruned models), and for the neurons
@@ -152,7 +153,7 @@ def score_neurons(view: ModelView, cases_or_encoded: Cases, *interventions: Inte
             routed = vec.routed(st, layer)
             cols = torch.arange(X.shape[0])
             if routed is not None:  # only the experts some case of the group was routed to
-                routed = routed[rows]
+                routed = routed[rows].cpu()
                 cols = routed.any(0).nonzero()[:, 0]
                 X, Cv, A = X[cols], Cv[cols], A[:, cols]
             base = lz.base(st.resid_mid[rows, layer], c[rows], tg[rows])
@@ -160,15 +161,15 @@ def score_neurons(view: ModelView, cases_or_encoded: Cases, *interventions: Inte
             out = imp[rows, layer]  # a view: written in place
             for k0 in range(0, X.shape[0], nb):
                 ks = slice(k0, k0 + nb)
-                val = lz.score(X[ks], Cv[ks], A[:, ks], base, vb).to(out_dt)
+                val = lz.score(X[ks], Cv[ks], A[:, ks], base, vb).to("cpu", out_dt)
                 if routed is not None:
                     val = val.masked_fill(~routed[:, cols[ks]], float("nan"))
                 out[:, cols[ks]] = val
     meta = describe_run(view, lens, target, st, layer_list,
                      {"seconds": time.perf_counter() - t0, "kind": "ffn"})
-    route = None if st.route is None else neuron_routes(view, st.route).to(out_dt)
-    return NeuronScores(imp, st.coef.to(out_dt), tg, c.to(out_dt), list(st.case_ids), meta,
-                        route, view.shape if route is not None else None)
+    route = None if st.route is None else neuron_routes(view, st.route).to("cpu", out_dt)
+    return NeuronScores(imp, st.coef.to("cpu", out_dt), tg.cpu(), c.to("cpu", out_dt),
+                        list(st.case_ids), meta, route, view.shape if route is not None else None)
 
 
 # --------------------------------------------------------------------------- heads

@@ -30,7 +30,8 @@ Target = str | torch.Tensor | Sequence[int]
 # --------------------------------------------------------------------------- states
 @dataclass
 class CaseStates:
-    """One run's states at the last prompt position of every case (all layers).
+    """One run's states at the last prompt position of every case (all layers), every
+    tensor on the model's device.
 
     ``coef`` is NaN beyond a layer's FFN width (pruned models). ``attn_raw``/``ffn_raw`` are
     the inputs of the post-attention / post-FFN norms (None if the family has none).
@@ -108,12 +109,14 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
         parts["logits"].append(logits.float())
         for p in ("resid_pre", "resid_mid", "z", "resid_post"):
             parts[p].append(torch.stack([cache[(p, layer)][:, 0] for layer in range(L)], 1))
-        coef = torch.full((len(chunk), L, view.d_ffn), float("nan"), dtype=cd)
+        coef = torch.full((len(chunk), L, view.d_ffn), float("nan"), dtype=cd,
+                          device=view.device)
         for layer in range(L):
             coef[:, layer, :view.ffn_width(layer)] = cache[("coef", layer)][:, 0]
         parts["coef"].append(coef)
         if moe:
-            route = torch.full((len(chunk), L, n_routes), float("nan"), dtype=cd)
+            route = torch.full((len(chunk), L, n_routes), float("nan"), dtype=cd,
+                               device=view.device)
             for layer in moe:
                 r = cache[("route", layer)][:, 0]
                 route[:, layer, :r.shape[-1]] = r
@@ -134,7 +137,7 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
     return CaseStates(
         case_ids=[e.case.case_id or f"c{i}" for i, e in enumerate(enc)],
         gold=torch.tensor([e.answer_ids[0] if e.answer_ids else -1 for e in enc],
-                          dtype=torch.long),
+                          dtype=torch.long, device=view.device),
         resid_pre=cat("resid_pre"), resid_mid=cat("resid_mid"), coef=cat("coef"), z=cat("z"),
         final=resid_post[:, -1], logits=torch.cat(parts["logits"]),
         attn_raw=cat("attn_raw"), ffn_raw=cat("ffn_raw"), interventions=list(desc),
@@ -145,7 +148,8 @@ def neuron_routes(view: ModelView, route: torch.Tensor) -> torch.Tensor:
     """Per-layer router weights ``route`` (..., n_layers, routes) spread over the layers'
     flat neurons: (..., n_layers, d_ffn), each neuron its expert's weight (the shared
     expert's gate for its neurons), NaN for dense layers and beyond a layer's width."""
-    out = torch.full((*route.shape[:-1], view.d_ffn), float("nan"), dtype=route.dtype)
+    out = torch.full((*route.shape[:-1], view.d_ffn), float("nan"), dtype=route.dtype,
+                     device=route.device)
     for layer in range(view.n_layers):
         lay = view.layout(layer)
         if lay is not None:
@@ -187,17 +191,17 @@ def route_table(view: ModelView, case_ids: Sequence[str], route_a: torch.Tensor 
         names = np.asarray([str(e) for e in range(lay.n_experts)] + ["S"] * (lay.n_routes
                                                                            - lay.n_experts),
                            dtype=object)
-        rows.append(pd.DataFrame({"case": ids[case.numpy()], "layer": layer,
-                                  "expert": names[expert.numpy()],
+        rows.append(pd.DataFrame({"case": ids[case.cpu().numpy()], "layer": layer,
+                                  "expert": names[expert.cpu().numpy()],
                                   "weight_a": as_numpy(wa[case, expert]),
                                   "weight_b": as_numpy(wb[case, expert]),
-                                  "changed": changed[case].numpy()}))
+                                  "changed": changed[case].cpu().numpy()}))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as numpy: float64 stays float64, other floats become float32."""
-    t = t.detach()
+    """A tensor (any device) as numpy: float64 stays float64, other floats become float32."""
+    t = t.detach().cpu()
     return (t if t.dtype == torch.float64 else t.float()).reshape(-1).numpy()
 
 
@@ -211,7 +215,7 @@ def targets_for(states: CaseStates, target: Target) -> torch.Tensor:
                                "prediction (target='pred')")
             return states.gold.clone()
         raise CnaError(f"unknown target '{target}': use pred, gold or token ids")
-    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+    t = torch.as_tensor(target, dtype=torch.long, device=states.gold.device).reshape(-1)
     if t.numel() == 1 and len(states) > 1:
         t = t.expand(len(states)).clone()
     if t.numel() != len(states):
@@ -230,7 +234,7 @@ def scales_for(lens: Lens, states: CaseStates, scale: torch.Tensor | float | Non
                ) -> torch.Tensor:
     if scale is None:
         return lens.scale(states.final)
-    s = torch.as_tensor(scale, dtype=lens.dt).reshape(-1)
+    s = torch.as_tensor(scale, dtype=lens.dt, device=lens.W.device).reshape(-1)
     if s.numel() == 1 and len(states) > 1:
         s = s.expand(len(states)).clone()
     if s.numel() != len(states):

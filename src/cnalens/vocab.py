@@ -98,11 +98,12 @@ def ids_to_strings(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> lis
     return [[uniq[i] for i in flat[r:r + k]] for r in range(0, len(flat), k)]
 
 
-def _as_scale(scale, n: int, dt, what: str) -> torch.Tensor:
-    """``scale`` (None, scalar or per-vector) as an (n, 1) tensor of positive values."""
+def _as_scale(scale, n: int, dt, what: str, device=None) -> torch.Tensor:
+    """``scale`` (None, scalar or per-vector) as an (n, 1) tensor of positive values on
+    ``device``."""
     if scale is None:
-        return torch.ones(n, 1, dtype=dt)
-    s = torch.as_tensor(scale, dtype=dt).reshape(-1)
+        return torch.ones(n, 1, dtype=dt, device=device)
+    s = torch.as_tensor(scale, dtype=dt, device=device).reshape(-1)
     if s.numel() == 1:
         s = s.expand(n)
     if s.numel() != n:
@@ -118,7 +119,7 @@ def lens_vectors(view: ModelView, vectors: torch.Tensor, scale: torch.Tensor | f
     v = _vectors(view, vectors)
     g, centred = final_gain(view)  # the lens's X = g * C(v), without building W_U
     X = center(v, centred) * g.to(v.device)
-    return X / _as_scale(scale, v.shape[0], X.dtype, "final-norm")
+    return X / _as_scale(scale, v.shape[0], X.dtype, "final-norm", X.device)
 
 
 def _vectors(view: ModelView, vectors: torch.Tensor) -> torch.Tensor:
@@ -213,9 +214,10 @@ def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int |
     v = _vectors(view, vectors)
     n = v.shape[0]
     ln = view.norm(layer, "ln_attn")
-    gain, _, _, centred = view.norm_affine(ln, torch.ones(1, view.d_model, dtype=v.dtype))
+    ref = torch.ones(1, view.d_model, dtype=v.dtype, device=v.device)
+    gain, _, _, centred = view.norm_affine(ln, ref)
     x = center(v, centred) * gain.detach().to(v.dtype) / _as_scale(scale, n, v.dtype,
-                                                                      "input-norm")
+                                                                      "input-norm", v.device)
     wv, wo = ov_parts(view, layer)
     if head is None:
         z = torch.einsum("nd,hed->nhe", x, wv)
@@ -224,9 +226,9 @@ def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int |
         out = (x @ wv[head].T) @ wo[head]
     post = view.norm(layer, "ln_attn_post")
     if post is not None:
-        pg, _, _, _ = view.norm_affine(post, torch.ones(1, view.d_model, dtype=v.dtype))
+        pg, _, _, _ = view.norm_affine(post, ref)
         out = out * pg.detach().to(v.dtype) / _as_scale(post_scale, n, v.dtype,
-                                                         "post-attention norm")
+                                                         "post-attention norm", v.device)
     return out
 
 
@@ -376,12 +378,12 @@ def neuron_case_scores(view: ModelView, enc: Encoded, units: Sequence[tuple[int,
         vec = FFNVectors(view, lz, [layer])
         X, Cv, A = vec.X[layer], vec.Cv[layer], vec.coef(st, layer)
         base = lz.base(st.resid_mid[:, layer], c, tg)
-        imp[rows] = lz.score(X[idx], Cv[idx], A[:, idx], base)[0].double()
-        coef[rows] = st.coef[0, layer, idx].double()
+        imp[rows] = lz.score(X[idx], Cv[idx], A[:, idx], base)[0].double().cpu()
+        coef[rows] = st.coef[0, layer, idx].double().cpu()
         routed = vec.routed(st, layer)
         if routed is not None:
-            r = routes[layer, idx].double()
-            on = routed[0, idx]
+            r = routes[layer, idx].double().cpu()
+            on = routed[0, idx].cpu()
             route[rows] = r
             imp[rows] = torch.where(on, imp[rows], float("nan"))
             coef[rows] = torch.where(on, coef[rows] / r, float("nan"))
