@@ -10,6 +10,7 @@ import torch
 from cnalens.cli import main
 from cnalens.data.arithmetic import arithmetic_cases
 from cnalens.data.lexicon import concept_table
+from cnalens.errors import CnaError
 from cnalens.interventions import ZeroHeads
 from cnalens.lens import neuron_vectors
 from cnalens.locator import (
@@ -106,6 +107,23 @@ def test_transform_equals_the_attention_layer(tiny_view, head):
         s_post = _own_scale(view, post, raw)
     got = transform(view, x, layer, head=head, scale=s_in, post_scale=s_post)
     torch.testing.assert_close(got, c[("attn_out", layer)][0], rtol=_tol(view), atol=_tol(view))
+
+
+@torch.no_grad()
+def test_transform_weighted_heads_is_the_weighted_sum(tiny_view):
+    """``weights=`` equals the weighted sum of the single-head circuits (brute force)."""
+    view, layer = tiny_view, 1
+    v = torch.randn(3, view.d_model, dtype=view.compute_dtype)
+    w = torch.rand(view.n_heads, dtype=view.compute_dtype)
+    s_in, s_post = torch.tensor([1.3, 0.7, 2.0]), 0.9
+    want = sum(w[h] * transform(view, v, layer, head=h, scale=s_in, post_scale=s_post)
+               for h in range(view.n_heads))
+    got = transform(view, v, layer, weights=w, scale=s_in, post_scale=s_post)
+    torch.testing.assert_close(got, want, rtol=_tol(view), atol=_tol(view))
+    with pytest.raises(CnaError, match="one weight per head"):
+        transform(view, v, layer, head=0, weights=w)
+    with pytest.raises(CnaError, match="one weight per head"):
+        transform(view, v, layer, weights=w[:1])
 
 
 @torch.no_grad()

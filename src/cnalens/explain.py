@@ -511,9 +511,8 @@ def _shallow_neurons(view: ModelView, run: _Run, p: int, start: int, n: int, kh:
             rq = rows[sel[rows, 2] == q]
             w_t = run.att[t][0][:, p, q]
             s_in, s_post = _in_scale(view, run, t, q), _post_scale(view, run, t, p)
-            moved[rq] = sum(w_t[hh] * transform(view, u[rq], t, head=hh, scale=s_in,
-                                                post_scale=s_post)
-                            for hh in range(view.n_heads))
+            moved[rq] = transform(view, u[rq], t, weights=w_t, scale=s_in,
+                                  post_scale=s_post)
     coef = _gather_coefs(run, sel)
     out.update(units=[(int(a), int(b)) for a, b in sel[:, :2].tolist()],
                pos=[int(q) for q in sel[:, 2].tolist()],

@@ -205,12 +205,16 @@ def ov_parts(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int | None = None,
               scale: torch.Tensor | float | None = None,
-              post_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+              post_scale: torch.Tensor | float | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Vectors (n, d) through layer ``layer``'s attention value/output circuit (module doc):
-    input norm frozen at ``scale``, W_V, W_O (all heads summed, or ``head`` alone), then
-    the post-attention norm frozen at ``post_scale`` where the family has one. Scales:
-    None = 1, a scalar, or one per vector."""
+    input norm frozen at ``scale``, W_V, W_O (all heads summed, ``head`` alone, or the
+    heads weighted by ``weights`` (n_heads,), e.g. their attention from one position to
+    another), then the post-attention norm frozen at ``post_scale`` where the family has
+    one. Scales: None = 1, a scalar, or one per vector."""
     _check_layer_head(view, layer, head)
+    if weights is not None and (head is not None or weights.shape != (view.n_heads,)):
+        raise CnaError(f"weights= takes one weight per head ({view.n_heads}), without head=")
     v = _vectors(view, vectors)
     n = v.shape[0]
     ln = view.norm(layer, "ln_attn")
@@ -221,6 +225,8 @@ def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int |
     wv, wo = ov_parts(view, layer)
     if head is None:
         z = torch.einsum("nd,hed->nhe", x, wv)
+        if weights is not None:
+            z = z * weights.to(z.device, z.dtype)[None, :, None]
         out = torch.einsum("nhe,hed->nd", z, wo)
     else:
         out = (x @ wv[head].T) @ wo[head]
