@@ -5,6 +5,7 @@
 #   bash scripts/gpu_checks.sh [tests|bench|all]   (default all)
 set -u
 WHAT=${1:-all}
+rc=0
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -17,8 +18,16 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
   nproc; } 2>&1 | tee "$OUT/machine.txt"
-[ "$WHAT" = bench ] || CNALENS_DEBUG=1 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-  >"$OUT/test_cuda.txt" 2>&1; tail -n 5 "$OUT/test_cuda.txt"
-[ "$WHAT" = tests ] && exit 0
-timeout 200 $PY benchmarks/head_scan.py --llama7b --device cuda 2>&1 | tee "$OUT/head_scan_llama7b.txt"
-timeout 150 $PY benchmarks/neuron_scores.py --llama7b --device cuda 2>&1 | tee "$OUT/neuron_scores_llama7b.txt"
+if [ "$WHAT" != bench ]; then
+  CNALENS_DEBUG=1 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    >"$OUT/test_cuda.txt" 2>&1 || rc=1
+  tail -n 5 "$OUT/test_cuda.txt"
+fi
+if [ "$WHAT" != tests ]; then
+  set -o pipefail
+  timeout 200 $PY benchmarks/head_scan.py --llama7b --device cuda 2>&1 \
+    | tee "$OUT/head_scan_llama7b.txt" || rc=1
+  timeout 150 $PY benchmarks/neuron_scores.py --llama7b --device cuda 2>&1 \
+    | tee "$OUT/neuron_scores_llama7b.txt" || rc=1
+fi
+exit $rc

@@ -321,3 +321,28 @@ def test_real_gemma_certified_cna(gemma):
 @pytest.mark.slow
 def test_real_qwen_certified_cna(qwen05):
     _real_check(qwen05, (14, 3), [21, 22, 23])
+
+
+def test_certification_runs_in_true_float32(monkeypatch):
+    """TF32 products would break the bounds' rounding allowance: certified CNA switches
+    them off while it runs and restores the caller's setting, also after an error."""
+    v = _view("llama")
+    sa, sb, _, _ = _runs(v, [(1, 0)])
+    seen = []
+    group = CE._certify_group
+
+    def spy(*args, **kw):
+        seen.append(torch.get_float32_matmul_precision())
+        return group(*args, **kw)
+
+    monkeypatch.setattr(CE, "_certify_group", spy)
+    torch.set_float32_matmul_precision("high")
+    try:
+        CE.certified_cna(v, sa, sb, 3, layers=[1, 2])
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError, match="boom"), CE.true_float32():
+            raise RuntimeError("boom")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")

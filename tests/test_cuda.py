@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import cnalens
+from cnalens.cli import main
 from cnalens.data.cases import Case
 from cnalens.interventions import ZeroHeads, ZeroNeurons
 from cnalens.models import ModelView
+from cnalens.scores import score_heads
 from test_new_families import _own_cases, _save, run_every_command
 from tiny import TinyTokenizer, tiny_model
 
@@ -66,23 +68,41 @@ def test_api_same_numbers(family):
     pd.testing.assert_frame_equal(ka.frame(), kb.frame(), rtol=1e-5, atol=1e-5)
     # on the device itself, certified and exhaustive agree as tightly as on the CPU
     pd.testing.assert_frame_equal(kb.frame(), eb.frame(6), rtol=1e-9, atol=1e-10)
+    assert all(t is None or t.device.type == "cpu" for t in (kb.route_a, kb.route_b))
+    # input comparisons: exhaustive, certified and screened
+    pa, pb = ["3+5=", "2+2="], ["3*5=", "2*2="]
+    for kw in ({}, {"k": 5}, {"k": 4, "screen": 9}):
+        a = cnalens.cna(cpu, pa, pb, target="8", **kw)
+        b = cnalens.cna(dev, pa, pb, target="8", **kw)
+        pd.testing.assert_frame_equal(a.frame(4), b.frame(4), rtol=1e-5, atol=1e-5)
+    # head and attention-neuron importances
+    a = score_heads(cpu, CASES, progress=False)
+    b = score_heads(dev, CASES, progress=False)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _tables(out) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(out / name) for name in
-            ("eval.csv", "heads.csv", "cna_neurons.csv", "neuron.csv", "explain.csv")}
+            ("eval.csv", "heads.csv", "cna_neurons.csv", "neuron.csv", "explain.csv",
+             "mean/neuron.csv")}
 
 
-def test_every_command_same_tables(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_every_command_same_tables(family, tmp_path, monkeypatch, capsys):
     """Every command with ``--device cuda`` succeeds, and the tables that involve no
     training equal the CPU's (float32: reduction order differs, so a tolerance)."""
     monkeypatch.setenv("CNALENS_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
-    view = _save("phi3", model)
+    view = _save(family, model)
     cases = tmp_path / "cases.jsonl"
     _own_cases(view, cases)
-    cpu = _tables(run_every_command(model, tmp_path, cases, ["1.3"], capsys, folder="cpu"))
-    dev = _tables(run_every_command(model, tmp_path, cases, ["1.3"], capsys,
-                                    extra=["--device", DEVICE], folder="dev"))
-    for name, a in cpu.items():
-        pd.testing.assert_frame_equal(a, dev[name], rtol=1e-4, atol=1e-5, obj=name)
+    tables = {}
+    for folder, extra in (("cpu", []), ("dev", ["--device", DEVICE])):
+        out = run_every_command(model, tmp_path, cases, ["1.3"], capsys, extra=extra,
+                                folder=folder)
+        # a neuron read through an attention layer at the prompts' mean scales (no case)
+        assert main(["neuron", "--model", str(model), "-q", "1.3", "--transform-layer", "2",
+                     "--k", "3", "--out", str(out / "mean"), *extra]) == 0
+        tables[folder] = _tables(out)
+    for name, a in tables["cpu"].items():
+        pd.testing.assert_frame_equal(a, tables["dev"][name], rtol=1e-4, atol=1e-5, obj=name)

@@ -25,7 +25,8 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,20 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- certified top-K
+@contextmanager
+def true_float32() -> Iterator[None]:
+    """IEEE float32 matrix products while the block runs (the previous setting restored):
+    the certified bounds allow for float32 rounding only, and TF32 products
+    (``torch.set_float32_matmul_precision("high")``, often switched on for GPUs) are about
+    1e-3 relative, so certification would not hold under them."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def _slack(lz: Lens, slack: float | None) -> float:
     if slack is not None:
         return float(slack)
@@ -91,6 +106,7 @@ def _exhaustive_fallback(view: ModelView, cases, k, interventions, target, scale
                              "n_exact": n_units, "seconds": sc.meta["seconds"]}
 
 
+@true_float32()
 def certified_topk(view: ModelView, cases: Cases, k: int, *interventions: Intervention,
                    target: Target = "pred", scale: torch.Tensor | None = None,
                    layers: Sequence[int] | None = None, slack: float | None = None,
@@ -648,6 +664,7 @@ def _certify_group(bd: _DiffBounds, cases: list[int], by: str, k: int, slack: fl
     return out, n_proj
 
 
+@true_float32()
 def cna_bounds(view: ModelView, states_a: CaseStates, states_b: CaseStates, *,
                target: Target = "pred",
                layers: Sequence[int] | None = None, head_tokens: int = 256,
@@ -731,6 +748,7 @@ def _run_scales(lz: Lens, sa: CaseStates, sb: CaseStates, own: bool
     return ca, (scales_for(lz, sb, None) if own else ca)
 
 
+@true_float32()
 def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
                   target: Target = "pred", layers: Sequence[int] | None = None,
                   by: str = "decrease",
@@ -814,6 +832,7 @@ def certified_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k
     return df, stats
 
 
+@true_float32()
 def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k: int, *,
                  target: Target = "gold", layers: Sequence[int] | None = None,
                  screen: int = 256,
@@ -895,4 +914,4 @@ def screened_cna(view: ModelView, states_a: CaseStates, states_b: CaseStates, k:
 
 
 __all__ = ["certified_cna", "certified_topk", "clear_range_cache", "cna_bounds",
-           "screened_cna"]
+           "screened_cna", "true_float32"]

@@ -686,6 +686,7 @@ def lens_faithfulness(view: ModelView, enc: Sequence[Encoded], imp: torch.Tensor
     """Lens importance of each case's ``top`` neurons beside the real effect of zeroing
     each one alone in the full model: the drop of the first answer token's log-probability
     (``real``). ``imp``: (n_cases, n_layers, d_ffn) importances of those cases."""
+    imp = imp.cpu()
     n, n_layers, width = imp.shape
     key = torch.nan_to_num(imp.float(), nan=float("-inf")).flatten(1)
     idx = key.topk(top, dim=1).indices  # (n, top)
@@ -826,6 +827,7 @@ def _from_top(frame: pd.DataFrame, sa: CaseStates, sb: CaseStates, meta: dict,
     comp = from_certified(frame, sa.coef, sb.coef, sa.case_ids, {**meta, "stats": stats})
     for name, value in {**keep, "k": k}.items():
         setattr(comp, name, value)
+    comp.__post_init__()  # the routes set above go to the CPU too
     return comp
 
 

@@ -148,8 +148,9 @@ class Lens:
         return torch.tanh(y / self.cap) * self.cap if self.cap else y
 
     def vectors(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(X, Cv)``: what the vocabulary sees of raw residual vectors, ``X = g * C(v)``."""
-        cv = self.center(v.to(self.dt))
+        """``(X, Cv)``: what the vocabulary sees of raw residual vectors, ``X = g * C(v)``
+        (on the unembedding's device)."""
+        cv = self.center(v.to(device=self.W.device, dtype=self.dt))
         return cv * self.g, cv
 
     def blocks(self, size: int = VOCAB_BLOCK) -> Iterator[tuple[int, torch.Tensor]]:
@@ -195,6 +196,7 @@ class Lens:
         n, N = A.shape
         vb = vb or min(self.V, VOCAB_BLOCK)
         W, dt = self.W, self.dt
+        X, Cv = X.to(W.device), Cv.to(W.device)
         A = A.to(device=W.device, dtype=dt)
         Pw = X @ W[base.targets].T  # (N, n)
         if self.mode == "frozen":

@@ -313,6 +313,7 @@ def ranked_rows(diff: torch.Tensor, imp_a: torch.Tensor, imp_b: torch.Tensor,
     stays the flat index); with the runs' per-neuron router weights (``NeuronScores.route``)
     ``route_a``/``route_b`` columns follow, and ``coef_a``/``coef_b`` become the neurons' own
     coefficients (the weighted ones over the router weight; NaN where not routed)."""
+    diff = diff.cpu()
     n, L, D = diff.shape
     key = rank_key(diff, by).flatten(1)
     if layers is not None:

@@ -106,9 +106,11 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
                 view.capture(points, position=-1) as cache:
             hidden = view.hidden(b)
             logits = view.logits(hidden[:, -1])
-        parts["logits"].append(logits.float())
+        parts["logits"].append(logits.float().to(view.device))
         for p in ("resid_pre", "resid_mid", "z", "resid_post"):
-            parts[p].append(torch.stack([cache[(p, layer)][:, 0] for layer in range(L)], 1))
+            # .to: a model sharded over devices (--device-map) captures each layer on its own
+            parts[p].append(torch.stack([cache[(p, layer)][:, 0].to(view.device)
+                                         for layer in range(L)], 1))
         coef = torch.full((len(chunk), L, view.d_ffn), float("nan"), dtype=cd,
                           device=view.device)
         for layer in range(L):
@@ -124,10 +126,10 @@ def case_states(view: ModelView, encoded: Cases, *interventions: Intervention,
         if post:
             with torch.no_grad():
                 parts["attn_raw"].append(torch.stack(
-                    [view.module(layer, "o_proj")(cache[("z", layer)][:, 0]) for layer in range(L)],
-                    1))
+                    [view.module(layer, "o_proj")(cache[("z", layer)][:, 0]).to(view.device)
+                     for layer in range(L)], 1))
                 parts["ffn_raw"].append(torch.stack(
-                    [view.module(layer, "down_proj")(cache[("coef", layer)][:, 0])
+                    [view.module(layer, "down_proj")(cache[("coef", layer)][:, 0]).to(view.device)
                      for layer in range(L)], 1))
 
     def cat(name):

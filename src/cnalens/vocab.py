@@ -142,6 +142,7 @@ def topk_lens(view: ModelView, X: torch.Tensor, k: int, bottom: bool = True,
     """Top (and bottom) ``k`` logits of lens vectors ``X`` (n, d) over the vocabulary or
     the token ``ids`` only; chunked over vectors and vocabulary blocks."""
     W = _unembed(view)
+    X = X.to(W.device)
     V = W.shape[0] if ids is None else int(ids.numel())
     k = min(k, V)
     n = X.shape[0]
@@ -213,6 +214,8 @@ def transform(view: ModelView, vectors: torch.Tensor, layer: int, *, head: int |
     another), then the post-attention norm frozen at ``post_scale`` where the family has
     one. Scales: None = 1, a scalar, or one per vector."""
     _check_layer_head(view, layer, head)
+    if weights is not None:
+        weights = torch.as_tensor(weights)
     if weights is not None and (head is not None or weights.shape != (view.n_heads,)):
         raise CnaError(f"weights= takes one weight per head ({view.n_heads}), without head=")
     v = _vectors(view, vectors)
@@ -312,14 +315,14 @@ def mean_scales(view: ModelView, cases: Cases, batch_size: int = 32) -> Scales:
             start = T - len(e.prompt_ids) + question_start(view.tokenizer, e)
             for layer in range(L):
                 s = norm_scale(view, view.norm(layer, "ln_attn"), pre[i, layer, start:])
-                tot_in[layer] += s.double().sum()
+                tot_in[layer] += float(s.double().sum())
             n_in += T - start
         if raw is not None:
             posts.append(torch.stack([norm_scale(view, view.norm(layer, "ln_attn_post"),
                                                   raw[:, layer]) for layer in range(L)], 1))
         finals.append(norm_scale(view, view.final_norm, final))
     dt = view.compute_dtype
-    attn_post = torch.cat(posts).mean(0).to(dt) if posts else None
+    attn_post = torch.cat(posts).mean(0).to("cpu", dt) if posts else None
     return Scales((tot_in / n_in).to(dt), attn_post, float(torch.cat(finals).mean()),
                   f"mean over {len(enc)} prompts (input norms: question tokens)")
 
