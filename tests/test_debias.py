@@ -450,3 +450,35 @@ def test_debias_stage_bad_input(tmp_path):
     with pytest.raises(CnaError, match="no single-token profession"):
         S.debias_stage(_stage_ctx(view, out))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_metric_summary_interval_and_verdict():
+    """The CNA edit's change of mean |gap| with a paired bootstrap interval over the
+    row's pairs (recomputed by hand) and its verdict against the random controls."""
+    rng = np.random.default_rng(3)
+    n = 40
+    df = pd.DataFrame({"split": ["heldout"] * n + ["select"] * 10,
+                       "template": ["t1", "t2"] * 25, "group": ["f"] * 25 + ["m"] * 25,
+                       "gap_before": rng.normal(0, 1, n + 10)})
+    shrink = pd.Series(df["gap_before"] * rng.uniform(0.3, 0.7, n + 10))  # clearly smaller
+    same = pd.Series(df["gap_before"] * rng.uniform(0.95, 1.05, n + 10))
+    rows = D.metric_summary(df, {"cna": shrink, "random_0": same})
+    tot = next(r for r in rows if r["split"] == "heldout" and r["by"] == "total")
+    b = df["gap_before"].abs().to_numpy()[:n]
+    a = shrink.abs().to_numpy()[:n]
+    assert tot["cna_change"] == pytest.approx(a.mean() / b.mean() - 1)
+    idx = np.random.default_rng(0).integers(0, n, size=(2000, n))  # stats' resampling
+    boot = a[idx].mean(1) / b[idx].mean(1) - 1
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert (tot["cna_change_lo"], tot["cna_change_hi"]) == pytest.approx((lo, hi))
+    assert tot["cna_change_lo"] < tot["cna_change"] < tot["cna_change_hi"] < 0
+    assert tot["verdict"] == "reproduces"
+    sel = next(r for r in rows if r["split"] == "select" and r["by"] == "total")
+    assert sel["n"] == 10 and sel["verdict"] == "cannot be judged"  # under 20 pairs
+    # an edit no better than random does not reproduce
+    rows = D.metric_summary(df, {"cna": same, "random_0": shrink})
+    tot = next(r for r in rows if r["split"] == "heldout" and r["by"] == "total")
+    assert tot["verdict"] == "does not"
+    # without random controls: the interval, no verdict
+    rows = D.metric_summary(df, {"cna": shrink})
+    assert "verdict" not in rows[0] and "cna_change_lo" in rows[0]

@@ -96,7 +96,8 @@ def debias(
 
     m = pd.DataFrame(summary["metric"])
     cols = [c for c in ("split", "by", "key", "n", "before", "cna", "cna_change",
-                        "random_mean", "random_change") if c in m.columns]
+                        "cna_change_lo", "cna_change_hi", "random_mean", "random_change",
+                        "verdict") if c in m.columns]
     print_table(m[cols], "mean |log p(target | a) - log p(target | b)| before / after")
     c = summary["costs"]
     rnd = c["random"]

@@ -53,15 +53,19 @@ def bars(df: pd.DataFrame, split: str = "select") -> Figure | None:
 def summary_table(meta: dict[str, Any]) -> str:
     rows = []
     for m in meta.get("metric", []):
+        lo, hi = m.get("cna_change_lo"), m.get("cna_change_hi")
+        ci = ("" if h.is_missing(lo) or h.is_missing(hi)
+              else f"[{h.fmt_pct(lo)}, {h.fmt_pct(hi)}]")
         rows.append([m["split"], m["by"], m["key"], h.fmt_int(m["n"]), h.fmt_num(m["before"]),
-                     h.fmt_num(m.get("cna")), h.fmt_pct(m.get("cna_change")),
-                     h.fmt_num(m.get("random_mean")), h.fmt_pct(m.get("random_change"))])
-    head = ["split", "by", "key", "pairs", "before", "CNA edit", "change", "random",
-            "change"]
+                     h.fmt_num(m.get("cna")), h.fmt_pct(m.get("cna_change")), ci,
+                     h.fmt_num(m.get("random_mean")), h.fmt_pct(m.get("random_change")),
+                     m.get("verdict", "")])
+    head = ["split", "by", "key", "pairs", "before", "CNA edit", "change", "95% interval",
+            "random", "change", "verdict"]
     cap = ("Mean |gap| before and after zeroing the CNA neurons, beside the same number of "
            "random neurons (same count per layer; mean over seeds). Held-out templates were "
            "never seen by the selection.")
-    return h.tag("div", h.table(head, rows, num_cols=range(3, 9), caption=cap), class_="scroll")
+    return h.tag("div", h.table(head, rows, num_cols=range(3, 10), caption=cap), class_="scroll")
 
 
 def cost_table(meta: dict[str, Any]) -> str:
