@@ -323,22 +323,29 @@ def test_real_qwen_certified_cna(qwen05):
     _real_check(qwen05, (14, 3), [21, 22, 23])
 
 
-def test_certification_runs_in_true_float32(monkeypatch):
-    """TF32 products would break the bounds' rounding allowance: certified CNA switches
-    them off while it runs and restores the caller's setting, also after an error."""
+@pytest.mark.parametrize("entry", ["certified_cna", "certified_topk", "cna_bounds",
+                                   "screened_cna"])
+def test_certification_runs_in_true_float32(entry, monkeypatch):
+    """TF32 products would break the bounds' rounding allowance: each certified entry
+    point switches them off while it runs and restores the caller's setting, also after
+    an error."""
     v = _view("llama")
     sa, sb, _, _ = _runs(v, [(1, 0)])
     seen = []
-    group = CE._certify_group
+    lens = CE.Lens
 
-    def spy(*args, **kw):
+    def spy(*args, **kw):  # every entry point builds its lens inside the block
         seen.append(torch.get_float32_matmul_precision())
-        return group(*args, **kw)
+        return lens(*args, **kw)
 
-    monkeypatch.setattr(CE, "_certify_group", spy)
+    monkeypatch.setattr(CE, "Lens", spy)
+    calls = {"certified_cna": lambda: CE.certified_cna(v, sa, sb, 3, layers=[1, 2]),
+             "certified_topk": lambda: CE.certified_topk(v, _enc(), 3, layers=[1, 2]),
+             "cna_bounds": lambda: CE.cna_bounds(v, sa, sb, layers=[1, 2]),
+             "screened_cna": lambda: CE.screened_cna(v, sa, sb, 3, layers=[1, 2])}
     torch.set_float32_matmul_precision("high")
     try:
-        CE.certified_cna(v, sa, sb, 3, layers=[1, 2])
+        calls[entry]()
         assert seen and set(seen) == {"highest"}
         assert torch.get_float32_matmul_precision() == "high"
         with pytest.raises(RuntimeError, match="boom"), CE.true_float32():

@@ -473,6 +473,15 @@ def test_metric_summary_interval_and_verdict():
     assert (tot["cna_change_lo"], tot["cna_change_hi"]) == pytest.approx((lo, hi))
     assert tot["cna_change_lo"] < tot["cna_change"] < tot["cna_change_hi"] < 0
     assert tot["verdict"] == "reproduces"
+    # a per-template row uses only its own pairs
+    t1 = next(r for r in rows if r["split"] == "heldout" and r["key"] == "t1")
+    m = (df["split"] == "heldout") & (df["template"] == "t1")
+    bt, at = df["gap_before"].abs()[m].to_numpy(), shrink.abs()[m].to_numpy()
+    assert t1["n"] == len(bt) == 20
+    assert t1["cna_change"] == pytest.approx(at.mean() / bt.mean() - 1)
+    idx = np.random.default_rng(0).integers(0, 20, size=(2000, 20))
+    lo, hi = np.percentile(at[idx].mean(1) / bt[idx].mean(1) - 1, [2.5, 97.5])
+    assert (t1["cna_change_lo"], t1["cna_change_hi"]) == pytest.approx((lo, hi))
     sel = next(r for r in rows if r["split"] == "select" and r["by"] == "total")
     assert sel["n"] == 10 and sel["verdict"] == "cannot be judged"  # under 20 pairs
     # an edit no better than random does not reproduce

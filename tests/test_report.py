@@ -463,6 +463,16 @@ def test_app_findings():
     assert lines[0].endswith("(−50.0%) vs random neurons +0.0%; the CNA edit shrinks it more "
                              "than random neurons.")
     assert lines[1].endswith("the CNA edit does no better than random.")
+    # a debias.json with the interval and verdict (metric_summary): the rule's verdict
+    metric[0].update(cna_change_lo=-0.7, cna_change_hi=-0.3, verdict="cannot be judged")
+    line = F.debias_findings({"metric": metric})[0]
+    assert "(−50.0% [−70.0, −30.0]) vs random neurons +0.0%; verdict: cannot be judged" in line
+    # the report's summary table shows the interval and the verdict
+    from cnalens.report.sections.debias import summary_table
+
+    html = summary_table({"metric": metric})
+    assert "95% interval" in html and "[-70.0%, -30.0%]" in html.replace("−", "-")
+    assert "cannot be judged" in html
     summ = pd.DataFrame([{"variant": v, "acc": a, "acc_lo": lo, "acc_hi": hi, "n": 50,
                           "deep_pruned": 0.95} for v, a, lo, hi in
                          (("cna_pruned_lora", 0.8, 0.67, 0.89),

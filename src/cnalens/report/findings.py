@@ -528,13 +528,23 @@ def debias_findings(meta: dict[str, Any]) -> list[str]:
         if m.get("by") != "total" or is_missing(m.get("cna_change")):
             continue
         rand = m.get("random_change")
-        better = not is_missing(rand) and m["cna_change"] < min(rand, 0.0)
+        lo, hi = m.get("cna_change_lo"), m.get("cna_change_hi")
+        ci = ("" if is_missing(lo) or is_missing(hi)
+              else f" [{signed(100 * lo, 1)}, {signed(100 * hi, 1)}]")
+        verdict = m.get("verdict")
+        if is_missing(rand):
+            tail = ""
+        elif verdict is not None:  # the one rule: the interval against the random control
+            tail = (f" vs random neurons {signed(100 * rand, 1)}%; verdict: {verdict} "
+                    "(the paper: the CNA edit shrinks the gap, random neurons do not).")
+        else:  # an older debias.json without the interval: point estimates only
+            better = m["cna_change"] < min(rand, 0.0)
+            tail = (f" vs random neurons {signed(100 * rand, 1)}%; "
+                    + ("the CNA edit shrinks it more than random neurons." if better else
+                       "the CNA edit does no better than random."))
         out.append(f"Bias edit ({m['split']} pairs, n = {m['n']}): mean |gap| "
-                   f"{m['before']:.2f} → {m['cna']:.2f} ({signed(100 * m['cna_change'], 1)}%)"
-                   + ("" if is_missing(rand) else
-                      f" vs random neurons {signed(100 * rand, 1)}%; "
-                      + ("the CNA edit shrinks it more than random neurons." if better else
-                         "the CNA edit does no better than random.")))
+                   f"{m['before']:.2f} → {m['cna']:.2f} ({signed(100 * m['cna_change'], 1)}%"
+                   f"{ci})" + tail)
     return out
 
 
